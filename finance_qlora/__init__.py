@@ -1,0 +1,1 @@
+"""finance-qlora: QLoRA fine-tuning of LLMs on Finance-Alpaca, orchestrated with Prefect."""

@@ -1,0 +1,99 @@
+"""Load the tokenizer and the base model in 4-bit (optionally with a saved adapter)."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finance_qlora import builtin_models
+from finance_qlora.config import ModelConfig
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """bf16 on Ampere and newer, fp16 on older GPUs such as the T4, fp32 on the CPU."""
+    if name != "auto":
+        return _DTYPES[name]
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def device_map() -> dict[str, Any]:
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+
+
+def quantization_config(cfg: ModelConfig):
+    from transformers import BitsAndBytesConfig
+
+    if not cfg.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(cfg.compute_dtype),
+    )
+
+
+def load_tokenizer(cfg: ModelConfig, token: str | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        builtin_models.resolve(cfg.name),
+        revision=cfg.revision,
+        token=token,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if tokenizer.pad_token is None:
+        # LLaMA-2 has no pad token; <unk> keeps EOS (which the model must learn) out of padding.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, token: str | None = None, adapter_dir: Path | None = None):
+    """The base model (4-bit if configured), with the adapter at `adapter_dir` applied."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        builtin_models.resolve(cfg.name),
+        revision=cfg.revision,
+        token=token,
+        quantization_config=quantization_config(cfg),
+        dtype=compute_dtype(cfg.compute_dtype),
+        device_map=device_map(),
+        trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=True,
+    )
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    return model
+
+
+def release_memory() -> None:
+    """Give GPU memory back between tasks (several tasks share one worker process)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def loaded(
+    cfg: ModelConfig, token: str | None = None, adapter_dir: Path | None = None
+) -> Iterator[tuple[Any, Any]]:
+    model = load_model(cfg, token, adapter_dir)
+    tokenizer = load_tokenizer(cfg, token)
+    try:
+        model.eval()
+        yield model, tokenizer
+    finally:
+        del model
+        release_memory()

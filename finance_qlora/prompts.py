@@ -1,0 +1,64 @@
+"""The Alpaca prompt template: one template for training, baseline eval and final eval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from finance_qlora.files import atomic_dir, fingerprint, read_jsonl, write_jsonl
+from finance_qlora.records import PromptRecord, SplitRecord
+
+# Bump when the template text changes: it is part of every cache key downstream.
+TEMPLATE_VERSION = "alpaca-v1"
+
+_HEADER_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+)
+_HEADER_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+)
+RESPONSE_MARKER = "### Response:\n"
+# A model that keeps going after its answer usually starts a new "### " section.
+SECTION_MARKER = "### "
+
+
+def build_prompt(instruction: str, input_text: str = "") -> str:
+    """The prompt up to and including the response marker; the answer follows it."""
+    instruction = instruction.strip()
+    input_text = input_text.strip()
+    if input_text:
+        return (
+            f"{_HEADER_WITH_INPUT}### Instruction:\n{instruction}\n\n"
+            f"### Input:\n{input_text}\n\n{RESPONSE_MARKER}"
+        )
+    return f"{_HEADER_NO_INPUT}### Instruction:\n{instruction}\n\n{RESPONSE_MARKER}"
+
+
+def to_prompt_completion(row: dict[str, Any]) -> dict[str, str]:
+    """A Finance-Alpaca row as TRL's prompt/completion pair (TRL appends EOS to the completion)."""
+    return {
+        "prompt": build_prompt(row["instruction"], row.get("input") or ""),
+        "completion": row["output"].strip(),
+    }
+
+
+def cut_answer(text: str) -> str:
+    """The answer alone: generation stops at EOS; this also cuts at the next '### ' section."""
+    head, _, _ = text.partition(SECTION_MARKER)
+    return head.strip()
+
+
+def write_prompts(splits: SplitRecord, out_dir: Path) -> PromptRecord:
+    """Both splits as prompt/completion pairs, written atomically."""
+    with atomic_dir(out_dir) as tmp:
+        for name, path in (("train", splits.train_path), ("test", splits.test_path)):
+            write_jsonl(tmp / f"{name}.jsonl", map(to_prompt_completion, read_jsonl(path)))
+    return PromptRecord(
+        folder=out_dir,
+        fingerprint=fingerprint(out_dir),
+        train_rows=splits.train_rows,
+        test_rows=splits.test_rows,
+        template=TEMPLATE_VERSION,
+    )

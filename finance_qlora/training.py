@@ -1,0 +1,148 @@
+"""QLoRA: a 4-bit base model, LoRA adapters (PEFT), one supervised pass with TRL's SFTTrainer.
+
+The data set is prompt/completion pairs, so SFTTrainer computes the loss on the completion
+only and appends EOS to it: the model learns to answer and to stop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
+from finance_qlora.errors import ConfigError
+from finance_qlora.files import atomic_dir, fingerprint, read_jsonl
+from finance_qlora.modeling import compute_dtype, load_model, load_tokenizer, release_memory
+from finance_qlora.records import TrainRecord
+
+FINAL = "final"
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint that the Trainer finished writing (its trainer_state.json is last)."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def lora_config(lora: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def check_targets(model, targets: list[str]) -> None:
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names and t != "all-linear"]
+    if missing:
+        raise ConfigError(
+            f"lora.target_modules: {', '.join(missing)} not in the model; "
+            f"choose among e.g. q_proj, k_proj, v_proj, o_proj or all-linear"
+        )
+
+
+def sft_config(train: TrainSettings, dtype: torch.dtype, out_dir: Path):
+    from trl import SFTConfig
+
+    on_gpu = torch.cuda.is_available()
+    return SFTConfig(
+        output_dir=str(out_dir),
+        num_train_epochs=train.epochs,
+        learning_rate=train.learning_rate,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        max_length=train.max_seq_length,
+        warmup_steps=train.warmup_ratio,  # below 1: a fraction of all steps
+        lr_scheduler_type=train.lr_scheduler,
+        gradient_checkpointing=train.gradient_checkpointing,
+        optim=train.optimizer,
+        logging_steps=train.logging_steps,
+        seed=train.seed,
+        data_seed=train.seed,
+        # fp16 uses AMP loss scaling with the LoRA weights kept in fp32 (the T4 path).
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        use_cpu=not on_gpu,
+        completion_only_loss=True,
+        save_strategy="steps" if train.checkpoint_steps else "no",
+        save_steps=train.checkpoint_steps or 500,
+        save_total_limit=2,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def train_adapter(
+    prompts_path: Path,
+    model_cfg: ModelConfig,
+    lora: LoraSettings,
+    train: TrainSettings,
+    out_dir: Path,
+    token: str | None = None,
+    on_log: Callable[[int, int, float], None] | None = None,
+) -> TrainRecord:
+    """Train LoRA adapters on prompt/completion pairs; resume from a checkpoint in `out_dir`."""
+    from datasets import Dataset
+    from peft import prepare_model_for_kbit_training
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    class Report(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss is {loss} at step {state.global_step}; "
+                    "lower train.learning_rate or check the data"
+                )
+            if loss is not None and on_log is not None:
+                on_log(state.global_step, state.max_steps, loss)
+
+    rows = read_jsonl(prompts_path)
+    dataset = Dataset.from_list(
+        [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    )
+    model = load_model(model_cfg, token)
+    check_targets(model, lora.target_modules)
+    if model_cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=train.gradient_checkpointing
+        )
+    started = time.perf_counter()
+    try:
+        trainer = SFTTrainer(
+            model=model,
+            args=sft_config(train, compute_dtype(model_cfg.compute_dtype), out_dir),
+            train_dataset=dataset,
+            processing_class=load_tokenizer(model_cfg, token),
+            peft_config=lora_config(lora),
+            callbacks=[Report()],
+        )
+        trainer.train(resume_from_checkpoint=str(latest_checkpoint(out_dir) or "") or None)
+        final = out_dir / FINAL
+        with atomic_dir(final) as tmp:
+            trainer.model.save_pretrained(tmp, safe_serialization=True)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        steps = trainer.state.global_step
+    finally:
+        del model
+        trainer = None
+        release_memory()
+    return TrainRecord(
+        folder=final,
+        fingerprint=fingerprint(final),
+        losses=losses,
+        steps=steps,
+        seconds=time.perf_counter() - started,
+    )
