@@ -1,0 +1,82 @@
+import pytest
+from pydantic import ValidationError
+
+from finance_qlora.config import (
+    PRESETS,
+    ConfigOverrides,
+    merge_assignments,
+    parse_assignment,
+    resolve_config,
+)
+from finance_qlora.errors import ConfigError
+
+
+def test_default_preset_is_the_reference_recipe():
+    config = resolve_config()
+    assert config.preset == "llama2-7b-t4"
+    assert config.model.name == "meta-llama/Llama-2-7b-hf"
+    assert config.data.dataset == "gbharti/finance-alpaca"
+    assert (config.data.train_size, config.data.test_size) == (1000, 300)
+    assert config.model.load_in_4bit and config.model.quant_type == "nf4"
+    assert config.model.double_quant
+    assert (config.lora.r, config.lora.alpha, config.lora.dropout) == (16, 16, 0.05)
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+    assert (config.train.epochs, config.train.learning_rate) == (1, 2e-4)
+    assert config.train.max_seq_length == 512
+    assert config.generation.max_new_tokens == 128
+
+
+def test_every_preset_validates():
+    for name in PRESETS:
+        assert resolve_config(name).preset == name
+
+
+def test_overrides_apply_and_change_the_key():
+    base = resolve_config("tiny-cpu")
+    changed = resolve_config("tiny-cpu", {"train": {"learning_rate": 1e-3}})
+    assert changed.train.learning_rate == 1e-3
+    assert changed.train.epochs == base.train.epochs  # the rest of the preset stays
+    assert changed.key() != base.key()
+    moved = resolve_config("tiny-cpu", {"output_dir": "/elsewhere"})
+    assert moved.key() == base.key()  # where results go is not what they are
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"train": {"learning_rate": -1}}, "train.learning_rate"),
+        ({"data": {"test_size": 0}}, "data.test_size"),
+        ({"lora": {"dropout": 1.5}}, "lora.dropout"),
+        ({"train": {"epoch": 2}}, "train.epoch"),
+    ],
+)
+def test_bad_values_name_the_field_in_one_line(overrides, field):
+    with pytest.raises(ConfigError) as info:
+        resolve_config("tiny-cpu", overrides)
+    message = str(info.value)
+    assert message.startswith(field) and "\n" not in message
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset 'gpt-5'.*tiny-cpu"):
+        resolve_config("gpt-5")
+
+
+def test_command_line_assignments():
+    assert parse_assignment("train.learning_rate=1e-4") == {"train": {"learning_rate": 1e-4}}
+    assert parse_assignment("model.name=meta-llama/Llama-2-13b-hf") == {
+        "model": {"name": "meta-llama/Llama-2-13b-hf"}
+    }
+    merged = merge_assignments(["lora.r=8", 'lora.target_modules=["q_proj"]', "lora.alpha=32"])
+    assert merged == {"lora": {"r": 8, "target_modules": ["q_proj"], "alpha": 32}}
+    with pytest.raises(ConfigError, match="expected section.field=value"):
+        parse_assignment("train.learning_rate")
+
+
+def test_flow_overrides_schema_keeps_constraints():
+    assert ConfigOverrides.model_validate({"train": {"epochs": 2}}).train.epochs == 2
+    for bad in ({"train": {"epochs": -1}}, {"trian": {}}, {"preset": "tiny-cpu"}):
+        with pytest.raises(ValidationError):
+            ConfigOverrides.model_validate(bad)
+    schema = ConfigOverrides.model_json_schema()
+    assert "train" in schema["properties"]

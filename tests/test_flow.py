@@ -1,0 +1,159 @@
+"""The whole flow on `tiny-cpu` through Prefect: real 4-bit QLoRA, generation and ROUGE."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+import flows.finetune as finetune_module
+from finance_qlora.rouge import METRICS
+
+pytestmark = pytest.mark.slow
+
+STEPS = {"load", "format", "evaluate-pretrained", "train", "save-adapter", "evaluate-finetuned"}
+
+
+def run_flow(output_dir: Path, **overrides):
+    state = finetune_module.finetune(
+        preset="tiny-cpu",
+        overrides={"output_dir": str(output_dir), **overrides},
+        return_state=True,
+    )
+    return state, state.result()
+
+
+def task_states(flow_state) -> dict[str, list[str]]:
+    """Task run name (without Prefect's suffix) -> state names, read from the API."""
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    states: dict[str, list[str]] = {}
+    for run in sorted(runs, key=lambda r: r.expected_start_time):
+        name = run.name if run.name.startswith("evaluate-") else run.name.rsplit("-", 1)[0]
+        states.setdefault(name, []).append(run.state.name)
+    return states
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_api, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("flow")
+    state, result = run_flow(output_dir)
+    return output_dir, state, result
+
+
+def test_flow_completes_every_step(first_run):
+    _, state, _ = first_run
+    assert state.is_completed()
+    states = task_states(state)
+    assert STEPS <= set(states)
+    assert all(s == ["Completed"] for s in states.values()), states
+
+
+def test_adapter_files_load_with_peft(first_run):
+    from peft import PeftConfig
+
+    _, _, result = first_run
+    adapter = Path(result["adapter"])
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "finetune_config.json",
+        "training_metrics.json",
+    ):
+        assert (adapter / name).is_file(), name
+    assert sorted(PeftConfig.from_pretrained(str(adapter)).target_modules) == ["q_proj", "v_proj"]
+    assert not list(adapter.parent.glob(".tmp-*"))  # nothing half-written left behind
+
+
+def test_rouge_records_have_four_metrics_in_range(first_run):
+    _, _, result = first_run
+    for label in ("pretrained", "finetuned"):
+        scores = result["rouge"][label]
+        assert set(scores) == set(METRICS)
+        assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert Path(result["report"]).read_text().startswith("## Pretrained vs fine-tuned ROUGE")
+
+
+def test_both_evaluations_saw_byte_identical_prompts(first_run):
+    output_dir, _, _ = first_run
+    tables = [pd.read_parquet(p) for p in sorted(output_dir.glob("eval/*/predictions.parquet"))]
+    assert len(tables) == 2
+    assert tables[0]["prompt"].tolist() == tables[1]["prompt"].tolist()
+    assert tables[0]["reference"].tolist() == tables[1]["reference"].tolist()
+
+
+def test_second_run_is_served_from_cache(first_run):
+    output_dir, first_state, first_result = first_run
+    state, result = run_flow(output_dir)
+    assert state.is_completed()
+    states = task_states(state)
+    assert STEPS <= set(states)
+    assert all(s == ["Cached"] for s in states.values()), states
+    assert result == first_result
+
+
+def test_deleted_adapter_is_recomputed_not_served(first_run):
+    output_dir, _, first_result = first_run
+    shutil.rmtree(first_result["adapter"])
+    state, result = run_flow(output_dir)
+    states = task_states(state)
+    # the cached record was found, its folder was gone, and the step ran again
+    assert states["save-adapter"] == ["Cached", "Completed"]
+    assert states["train"] == ["Cached"]
+    assert Path(result["adapter"], "adapter_model.safetensors").is_file()
+    assert result["rouge"] == first_result["rouge"]
+
+
+def test_transient_failure_is_retried(prefect_api, tmp_path, monkeypatch):
+    import tasks.train
+
+    real = tasks.train.train_adapter
+    calls = []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: injected fault")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.train, "train_adapter", fail_once)
+    monkeypatch.setattr(
+        finetune_module, "train", finetune_module.train.with_options(retry_delay_seconds=0)
+    )
+    state, _ = run_flow(tmp_path)
+    assert state.is_completed()
+    assert len(calls) == 2
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    train_run = next(r for r in runs if r.name.startswith("train"))
+    assert train_run.run_count == 2 and train_run.state.name == "Completed"
+
+
+def test_bad_input_is_not_retried(prefect_api, tmp_path, write_rows):
+    path = write_rows([{"instruction": "Q", "input": "", "answer": "A"}] * 3)
+    state = finetune_module.finetune(
+        preset="tiny-cpu",
+        overrides={"output_dir": str(tmp_path), "data": {"dataset": str(path)}},
+        return_state=True,
+    )
+    assert state.is_failed()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    load_run = next(r for r in runs if r.name.startswith("load"))
+    assert load_run.run_count == 1 and load_run.state.is_failed()
