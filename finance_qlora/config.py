@@ -83,6 +83,13 @@ class BootstrapSettings(_Section):
     seed: int = 0
 
 
+class PromotionSettings(_Section):
+    # The gate: a new adapter becomes champion only if it beats the champion on this metric.
+    metric: Literal["rouge1", "rouge2", "rougeL", "rougeLsum"] = "rougeL"
+    min_delta: float = Field(0.0, ge=0.0)
+    registry_dir: Optional[Path] = None  # default: <output_dir>/registry
+
+
 class FinetuneConfig(_Section):
     preset: PresetName = DEFAULT_PRESET
     data: DataConfig = DataConfig()
@@ -91,16 +98,17 @@ class FinetuneConfig(_Section):
     train: TrainSettings = TrainSettings()
     generation: GenerationSettings = GenerationSettings()
     bootstrap: BootstrapSettings = BootstrapSettings()
+    promotion: PromotionSettings = PromotionSettings()
     output_dir: Path = Path("runs")
 
     def key(self) -> str:
         """A stable digest of everything that changes the results (not where they go)."""
-        payload = self.model_dump(mode="json", exclude={"output_dir", "preset"})
+        payload = self.model_dump(mode="json", exclude={"output_dir", "preset", "promotion"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
     @property
-    def run_dir(self) -> Path:
-        return self.output_dir / f"{self.preset}-{self.key()}"
+    def registry(self) -> Path:
+        return self.promotion.registry_dir or self.output_dir / "registry"
 
 
 PRESETS: dict[str, dict[str, Any]] = {

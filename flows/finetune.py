@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.transactions import transaction
 
 from finance_qlora.config import (
     DEFAULT_PRESET,
@@ -31,6 +32,7 @@ from tasks.compare import compare_rouge
 from tasks.evaluate import evaluate
 from tasks.format import format_prompts
 from tasks.load import load_splits, source_fingerprint
+from tasks.promote import promote
 from tasks.save_adapter import save_adapter
 from tasks.train import train
 
@@ -57,7 +59,7 @@ def intact(step, *args: Any, **kwargs: Any) -> Stored:
 def finetune(
     preset: PresetName = DEFAULT_PRESET, overrides: ConfigOverrides | None = None
 ) -> dict[str, Any]:
-    """Load, format, baseline eval, train, save adapter, final eval; then compare."""
+    """Load, format, baseline eval, train, save adapter, final eval; compare and promote."""
     config = resolve_config(preset, overrides)
     out, model = config.output_dir, config.model
     # Load
@@ -70,15 +72,27 @@ def finetune(
     pretrained = intact(evaluate, "pretrained", prompts, model, config.generation, out)
     # Train
     trained = intact(train, prompts, model, config.lora, config.train, out)
-    # Save adapter
-    adapter = intact(save_adapter, trained, config)
-    # Final eval
-    finetuned = intact(evaluate, "finetuned", prompts, model, config.generation, out, adapter)
-    # Compare
-    comparison = intact(compare_rouge, pretrained, finetuned, adapter, config.bootstrap, out)
-    get_run_logger().info("adapter: %s\n%s", adapter.folder, comparison.markdown)
+    # One transaction: an adapter that loses to the champion is rolled back (its folder removed,
+    # nothing cached), and so is everything after a failure in these steps.
+    with transaction() as txn:
+        # Save adapter
+        adapter = intact(save_adapter, trained, config)
+        # Final eval
+        finetuned = intact(evaluate, "finetuned", prompts, model, config.generation, out, adapter)
+        # Compare
+        comparison = intact(compare_rouge, pretrained, finetuned, config.bootstrap, out)
+        # Promote
+        decision = promote(finetuned, adapter, config.promotion, config.registry)
+        if not decision.is_champion:
+            txn.rollback()
+    get_run_logger().info(
+        "%s\nchampion: %s (%s)", comparison.markdown, decision.adapter, decision.reason
+    )
     return {
         "adapter": str(adapter.folder),
+        "champion": str(decision.adapter),
+        "promoted": decision.promoted,
+        "rolled_back": not decision.is_champion,
         "report": str(comparison.markdown_path),
         "table": comparison.markdown.split("\n### ")[0],
         "rouge": {"pretrained": pretrained.rouge, "finetuned": finetuned.rouge},
@@ -144,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result["table"])
-    print(f"adapter: {result['adapter']}")
+    note = " (rolled back: it did not beat the champion)" if result["rolled_back"] else ""
+    print(f"adapter: {result['adapter']}{note}")
+    print(f"champion: {result['champion']}")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -12,6 +13,8 @@ from typing import Any
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
 
 import finance_qlora
 from finance_qlora.errors import FinanceQLoRAError
@@ -72,16 +75,52 @@ def _plain(value: Any) -> Any:
     return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
 
 
-def hf_token(secret_block: str, model_name: str) -> str | None:
-    """The Hugging Face token from a Prefect Secret block, else HF_TOKEN; never logged."""
-    if model_name.startswith("builtin:") or Path(model_name).exists():
-        return None  # nothing to download
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a flow or task run, else a plain module logger."""
     try:
-        from prefect.blocks.system import Secret
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("finance_qlora")
 
-        return Secret.load(secret_block).get()
+
+_SECRETS: set[str] = set()
+
+
+def redact_in_logs(secret: str) -> None:
+    """From now on, every log record in this process shows `secret` as '***'.
+
+    Done in the record factory, so it holds for every handler: the console, Prefect's API
+    log handler, and any added later."""
+    if not _SECRETS:
+        make_record = logging.getLogRecordFactory()
+
+        def redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = make_record(*args, **kwargs)
+            message = record.getMessage()
+            if any(s in message for s in _SECRETS):
+                for s in _SECRETS:
+                    message = message.replace(s, "***")
+                record.msg, record.args = message, ()
+            return record
+
+        logging.setLogRecordFactory(redacting_factory)
+    _SECRETS.add(secret)
+
+
+def hf_token(secret_block: str, name: str) -> str | None:
+    """The Hugging Face token from a Prefect Secret block, else HF_TOKEN; never logged."""
+    if name.startswith("builtin:"):
+        return None  # built offline: nothing to download
+    from prefect.blocks.system import Secret
+
+    try:
+        token, source = Secret.load(secret_block).get(), f"Secret block {secret_block!r}"
     except ValueError:  # no such block
-        return os.environ.get("HF_TOKEN") or None
+        token, source = os.environ.get("HF_TOKEN") or None, "HF_TOKEN"
+    if token:
+        redact_in_logs(token)
+        run_logger().info("Hugging Face token from %s", source)
+    return token
 
 
 class Progress:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from finance_qlora.config import BootstrapSettings
-from finance_qlora.records import AdapterRecord, ComparisonRecord, EvalRecord
+from finance_qlora.records import ComparisonRecord, EvalRecord
 from finance_qlora.report import compare, rouge_table
 from tasks.common import CACHE_POLICY, step_dir
 
@@ -17,7 +17,6 @@ from tasks.common import CACHE_POLICY, step_dir
 def compare_rouge(
     pretrained: EvalRecord,
     finetuned: EvalRecord,
-    adapter: AdapterRecord,
     bootstrap: BootstrapSettings,
     output_dir: Path,
 ) -> ComparisonRecord:
@@ -26,15 +25,9 @@ def compare_rouge(
     create_table_artifact(
         rouge_table(record.rouge),
         key="rouge",
-        description="ROUGE F1, pretrained vs fine-tuned, with 95% intervals",
+        description="ROUGE F1, pretrained vs fine-tuned, with 95% paired-bootstrap intervals",
     )
     create_markdown_artifact(
         record.markdown, key="rouge-report", description="ROUGE comparison and sample predictions"
-    )
-    create_link_artifact(
-        adapter.folder.resolve().as_uri(),
-        link_text=str(adapter.folder),
-        key="adapter",
-        description="The fine-tuned adapter folder",
     )
     return record
