@@ -108,8 +108,15 @@ def _convert_smollm2(folder: Path) -> None:
 
     gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
+    dequantized = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
+    # transformers refuses to save a model loaded from GGUF; a plain copy of its (already
+    # dequantized, fp32) weights saves like any checkpoint.
+    config = dequantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(dequantized.state_dict())
     tokenizer.save_pretrained(folder)
     model.save_pretrained(folder)

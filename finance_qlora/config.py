@@ -52,6 +52,7 @@ class LoraSettings(_Section):
     r: int = Field(16, gt=0)
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # Module names, or ["all-linear"] for every linear layer but the output head.
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
 
 
@@ -75,6 +76,10 @@ class GenerationSettings(_Section):
     # Greedy decoding, identical for the pretrained and the fine-tuned model.
     max_new_tokens: int = Field(128, gt=0)
     batch_size: int = Field(16, gt=0)
+    # Deterministic guards against answers that repeat one sentence until the token limit;
+    # 1.0 and 0 turn them off (the reference recipe).
+    repetition_penalty: float = Field(1.0, ge=1.0)
+    no_repeat_ngram_size: int = Field(0, ge=0)
 
 
 class BootstrapSettings(_Section):

@@ -17,6 +17,10 @@ class DataError(FinanceQLoRAError):
     """A data file or data set cannot be used as Finance-Alpaca."""
 
 
+class TrainingError(FinanceQLoRAError):
+    """Training cannot succeed as configured (non-finite loss, out of memory at batch 1)."""
+
+
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """Turn pydantic's multi-line report into one line per problem, joined by '; '."""
     parts = []

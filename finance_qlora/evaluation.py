@@ -38,6 +38,8 @@ def evaluate_model(
             generation.max_new_tokens,
             generation.batch_size,
             on_progress,
+            generation.repetition_penalty,
+            generation.no_repeat_ngram_size,
         )
     per_example = score_pairs(predictions, references)
     table = pd.DataFrame(

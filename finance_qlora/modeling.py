@@ -12,6 +12,7 @@ import torch
 
 from finance_qlora import builtin_models
 from finance_qlora.config import ModelConfig
+from finance_qlora.errors import FinanceQLoRAError
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -74,7 +75,15 @@ def load_model(cfg: ModelConfig, token: str | None = None, adapter_dir: Path | N
     if adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        # safetensors only: a pickled adapter_model.bin could run code when loaded
+        if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+            raise FinanceQLoRAError(
+                f"adapter: {adapter_dir} has no adapter_model.safetensors; only safetensors "
+                "adapters are loaded"
+            )
+        model = PeftModel.from_pretrained(
+            model, str(adapter_dir), is_trainable=False, use_safetensors=True
+        )
     return model
 
 

@@ -47,6 +47,7 @@ class TrainRecord(Stored):
     losses: list[float]  # training loss at each logging step
     steps: int
     seconds: float
+    resumed_from: int | None = None  # the checkpoint step a retried training started from
 
 
 class AdapterRecord(Stored):

