@@ -36,8 +36,14 @@ def resolve(name: str) -> str:
         raise ConfigError(f"model.name: unknown {name!r}; built in: {', '.join(builders)}")
     folder = cache_root() / f"{name.removeprefix('builtin:')}-{_BUILD_VERSION[name]}"
     if not (folder / "config.json").is_file():
-        with atomic_dir(folder) as tmp:
-            builders[name](tmp)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a one-off build: no bars on the user's terminal
+        try:
+            with atomic_dir(folder) as tmp:
+                builders[name](tmp)
+        finally:
+            hf_logging.enable_progress_bar()
     return str(folder)
 
 

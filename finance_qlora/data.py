@@ -68,6 +68,10 @@ def read_rows(dataset: str, revision: str | None = None, token: str | None = Non
 
     datasets.disable_progress_bars()
     path = local_path(dataset)
+    # datasets logs its own multi-line report of a parse error; ours is the one line below
+    datasets_log = logging.getLogger("datasets")
+    level = datasets_log.level
+    datasets_log.setLevel(logging.CRITICAL)
     try:
         if path is not None:
             builder = LOCAL_FORMATS[path.suffix.lower()]
@@ -85,6 +89,8 @@ def read_rows(dataset: str, revision: str | None = None, token: str | None = Non
         raise DataError(
             f"data file {path}: malformed {path.suffix[1:]} ({reason}); fix or remove that line"
         ) from None
+    finally:
+        datasets_log.setLevel(level)
     return table.to_list()
 
 

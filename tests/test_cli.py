@@ -1,59 +1,12 @@
-"""`python -m flows.finetune`: bad input exits non-zero with one `error:` line, no traceback."""
+"""`python -m flows.finetune`: the entry point itself (bad inputs: test_bad_inputs.py)."""
 
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from flows.finetune import main
-from tests.conftest import make_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_main(capsys, *argv: str) -> tuple[int, list[str]]:
-    code = main(list(argv))
-    return code, capsys.readouterr().err.strip().splitlines()
-
-
-@pytest.mark.parametrize(
-    "make_args, expected",
-    [
-        (lambda p: ["--preset", "gpt-5"], "preset: unknown preset 'gpt-5'"),
-        (
-            lambda p: ["--preset", "tiny-cpu", "--data", str(p / "nope.jsonl")],
-            "nope.jsonl does not exist",
-        ),
-        (lambda p: ["--preset", "tiny-cpu", "--set", "data.test_size=0"], "data.test_size"),
-        (
-            lambda p: ["--preset", "tiny-cpu", "--set", "data.train_size=5000"],
-            "data.train_size + data.test_size = 5008 exceeds the 40 distinct rows",
-        ),
-        (
-            lambda p: ["--preset", "tiny-cpu", "--set", "train.learning_rate=-0.1"],
-            "train.learning_rate: Input should be greater than 0",
-        ),
-        (
-            lambda p: ["--preset", "tiny-cpu", "--set", "train.learning_rate"],
-            "expected section.field=value",
-        ),
-    ],
-)
-def test_bad_arguments(capsys, tmp_path, make_args, expected):
-    code, err = run_main(capsys, *make_args(tmp_path))
-    assert code == 2
-    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
-
-
-def test_missing_column_in_data_file(capsys, write_rows):
-    rows = [{k: v for k, v in r.items() if k != "output"} for r in make_rows(10)]
-    code, err = run_main(capsys, "--preset", "tiny-cpu", "--data", str(write_rows(rows)))
-    assert code == 2
-    assert err == [
-        f"error: data {write_rows(rows)}: missing column(s) output; "
-        "Finance-Alpaca rows need instruction, input, output"
-    ]
 
 
 def test_show_config_applies_overrides(capsys, tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -235,3 +236,58 @@ def test_redaction_covers_any_logger(caplog):
     redact_in_logs("hf_SecretValue42")
     logging.getLogger("some.library").warning("auth header Bearer %s", "hf_SecretValue42")
     assert "hf_SecretValue42" not in caplog.text and "Bearer ***" in caplog.text
+
+
+def test_retried_training_resumes_from_its_checkpoint(prefect_api, tmp_path, monkeypatch):
+    """A fault after a checkpoint: Prefect retries the train task, which resumes from it and
+    ends with the same adapter as an uninterrupted run of the same seed."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    import tasks.train
+
+    class FailAtStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise RuntimeError("injected fault at step 5")
+
+    checkpoints = {"train": {"checkpoint_steps": 2}}
+    _, whole = run_flow(tmp_path / "whole", **checkpoints)
+
+    real, calls = tasks.train.train_adapter, []
+
+    def crash_once(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs, callbacks=[FailAtStep()] if len(calls) == 1 else [])
+
+    monkeypatch.setattr(tasks.train, "train_adapter", crash_once)
+    monkeypatch.setattr(
+        finetune_module, "train", finetune_module.train.with_options(retry_delay_seconds=0)
+    )
+    state, resumed = run_flow(tmp_path / "resumed", **checkpoints)
+    assert state.is_completed() and len(calls) == 2
+    assert resumed["train_losses"] == pytest.approx(whole["train_losses"], rel=1e-4)
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+        train_run = next(r for r in runs if r.name.startswith("train"))
+        logs = client.read_logs(
+            log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[train_run.id]))
+        )
+    assert train_run.run_count == 2
+    messages = [log.message for log in logs]
+    assert any("injected fault at step 5" in m for m in messages)
+    assert "resumed from the checkpoint at step 4" in messages
+    # the step counter carried on: steps 1-4 before the fault, 5-14 after the retry, none twice
+    steps = [m.split()[1] for m in messages if m.startswith("step ")]
+    assert steps == [f"{i}/14" for i in range(1, 15)]
+
+    a = load_file(Path(whole["adapter"], "adapter_model.safetensors"))
+    b = load_file(Path(resumed["adapter"], "adapter_model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)

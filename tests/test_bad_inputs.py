@@ -1,0 +1,200 @@
+"""Every bad input in the README's table: exit code 2 and one `error:` line naming the field or
+file, before any model is loaded. Each case here is one row of that table."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from flows.finetune import main
+from tests.conftest import make_rows
+
+TINY = ["--preset", "tiny-cpu"]
+
+
+def _jsonl(tmp: Path, rows, name: str = "rows.jsonl") -> str:
+    path = tmp / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def _unwritable(tmp: Path) -> str:
+    if os.geteuid() == 0:  # permissions do not bind root; sysfs refuses even root
+        return "/sys/finance-qlora/runs"
+    locked = tmp / "locked"
+    locked.mkdir(mode=0o555)
+    return str(locked / "runs")
+
+
+def _file_parent(tmp: Path) -> str:
+    (tmp / "a-file").write_text("x")
+    return str(tmp / "a-file" / "runs")
+
+
+# (case, arguments built from tmp_path, expected fragment of the one error line)
+CASES = [
+    (
+        "unknown preset",
+        lambda t: ["--preset", "gpt-5"],
+        "preset: unknown preset 'gpt-5'; choose one of llama2-7b-t4, tiny-cpu, smollm2-135m",
+    ),
+    (
+        "data file missing",
+        lambda t: [*TINY, "--data", str(t / "nope.jsonl")],
+        "nope.jsonl does not exist; pass an existing JSON/JSONL/CSV/Parquet file or a hub id",
+    ),
+    (
+        "unsupported file type",
+        lambda t: [*TINY, "--data", _txt(t)],
+        "unsupported type '.txt'; use .json, .jsonl, .csv or .parquet",
+    ),
+    (
+        "malformed JSONL line",
+        lambda t: [*TINY, "--data", _jsonl(t, [*make_rows(30), '{"instruction": "Q", "inp'])],
+        "malformed jsonl (line 31: Unterminated string",
+    ),
+    (
+        "missing column",
+        lambda t: [*TINY, "--data", _jsonl(t, [{"instruction": "Q", "input": ""}] * 3)],
+        "missing column(s) output; Finance-Alpaca rows need instruction, input, output",
+    ),
+    (
+        "empty output",
+        lambda t: [
+            *TINY,
+            "--data",
+            _jsonl(t, [*make_rows(40), {"instruction": "Q", "input": "", "output": " "}]),
+        ],
+        "row 41 has an empty 'output'; remove or fill that row",
+    ),
+    (
+        "non-string field",
+        lambda t: [*TINY, "--data", _jsonl(t, [{"instruction": "Q", "input": "", "output": 42}])],
+        "row 1 field 'output' is int, not text; fix that row",
+    ),
+    (
+        "duplicate rows across the split",
+        lambda t: [
+            *TINY,
+            "--data",
+            _jsonl(t, make_rows(20) * 2),
+            "--set",
+            "data.train_size=24",
+            "--set",
+            "data.test_size=8",
+        ],
+        "data.train_size + data.test_size = 32 exceeds the 20 distinct rows available",
+    ),
+    (
+        "sample larger than the data",
+        lambda t: [*TINY, "--set", "data.train_size=5000"],
+        "data.train_size + data.test_size = 5008 exceeds the 40 distinct rows available",
+    ),
+    (
+        "test size of 0",
+        lambda t: [*TINY, "--set", "data.test_size=0"],
+        "data.test_size: Input should be greater than 0 (got 0)",
+    ),
+    (
+        "negative learning rate",
+        lambda t: [*TINY, "--set", "train.learning_rate=-0.0002"],
+        "train.learning_rate: Input should be greater than 0 (got -0.0002)",
+    ),
+    (
+        "unknown field",
+        lambda t: [*TINY, "--set", "train.epoch=2"],
+        "train.epoch: Extra inputs are not permitted",
+    ),
+    (
+        "--set without a value",
+        lambda t: [*TINY, "--set", "train.epochs"],
+        "--set 'train.epochs': expected section.field=value",
+    ),
+    (
+        "output folder parent without write permission",
+        lambda t: [*TINY, "--output-dir", _unwritable(t)],
+        "output_dir: cannot write to",
+    ),
+    (
+        "output folder under a file",
+        lambda t: [*TINY, "--output-dir", _file_parent(t)],
+        "output_dir: cannot write to",
+    ),
+    (
+        "LoRA target not in the model",
+        lambda t: [*TINY, "--set", 'lora.target_modules=["query_key_value"]'],
+        "lora.target_modules: query_key_value not in builtin:tiny-llama",
+    ),
+]
+
+
+def _txt(tmp: Path) -> str:
+    (tmp / "rows.txt").write_text("instruction,input,output\n")
+    return str(tmp / "rows.txt")
+
+
+@pytest.mark.parametrize("case, make_args, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_clear_line(capsys, tmp_path, case, make_args, expected):
+    code = main(make_args(tmp_path))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert expected in err[0], err[0]
+
+
+def test_4bit_without_bitsandbytes(capsys, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "bitsandbytes" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert main(TINY) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: model.load_in_4bit: bitsandbytes is not installed on this machine; "
+        "pip install bitsandbytes, or set model.load_in_4bit=false"
+    )
+
+
+def test_gated_model_without_token(capsys, monkeypatch, tmp_path):
+    """The hub's answer is simulated (no network here); the check and its message are real."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(name, **kwargs):
+        url = f"https://huggingface.co/api/models/{name}"
+        response = httpx2.Response(403, request=httpx2.Request("GET", url))
+        raise GatedRepoError(f"Access to model {name} is restricted.", response=response)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "model_info", gated)
+    data = _jsonl(tmp_path, make_rows(40))
+    assert (
+        main(
+            [
+                "--preset",
+                "llama2-7b-t4",
+                "--data",
+                data,
+                "--set",
+                "data.train_size=20",
+                "--set",
+                "data.test_size=5",
+                "--output-dir",
+                str(tmp_path / "runs"),
+            ]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err.strip() == (
+        "error: model.name: meta-llama/Llama-2-7b-hf is gated and no token was given; accept "
+        "its licence on the Hub, then save a token in the Prefect Secret block 'hf-token' or "
+        "set HF_TOKEN"
+    )
