@@ -66,6 +66,14 @@ class TrainSettings(_Section):
     lr_scheduler: str = "constant_with_warmup"
     gradient_checkpointing: bool = True
     optimizer: str = "paged_adamw_8bit"
+    # Length-grouped batches of at most this many padded tokens (batch_size is then ignored);
+    # None: fixed batches of batch_size rows.
+    max_tokens_per_batch: Optional[int] = Field(None, gt=0)
+    # Pad every batch to a multiple of this length (the reference notebook padded to 512).
+    pad_to_multiple_of: Optional[int] = Field(None, gt=0)
+    # Train on base weights dequantized once from NF4 (the same values the 4-bit kernels
+    # compute with, at bf16 speed): "auto" where the GPU has room for them.
+    dequantize: Literal["auto", "always", "never"] = "auto"
     logging_steps: int = Field(10, gt=0)
     # A retried or re-run training resumes from the newest checkpoint; 0 turns them off.
     checkpoint_steps: int = Field(50, ge=0)
@@ -80,6 +88,8 @@ class GenerationSettings(_Section):
     # 1.0 and 0 turn them off (the reference recipe).
     repetition_penalty: float = Field(1.0, ge=1.0)
     no_repeat_ngram_size: int = Field(0, ge=0)
+    # Generate with base weights dequantized once from NF4 where the GPU has room.
+    dequantize: Literal["auto", "always", "never"] = "auto"
 
 
 class BootstrapSettings(_Section):
@@ -117,8 +127,13 @@ class FinetuneConfig(_Section):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The reference recipe: LLaMA-2-7B in NF4 on one 16 GB T4.
-    "llama2-7b-t4": {},
+    # The reference recipe: LLaMA-2-7B in NF4 on one 16 GB T4 (fp16, no FlashAttention).
+    # 4,096 padded tokens per micro-batch x 4 accumulation = about 16k tokens per step; with
+    # activation checkpointing this peaks near 8 GiB on the T4 profile (benchmarks/).
+    "llama2-7b-t4": {
+        "train": {"max_tokens_per_batch": 4096},
+        "generation": {"batch_size": 32},
+    },
     # Embedded default for laptops and CI: a 2-layer, 64-wide Llama with random weights and a
     # BPE tokenizer trained in code, on 40 hand-written rows; the whole flow runs in seconds.
     "tiny-cpu": {

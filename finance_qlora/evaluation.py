@@ -30,7 +30,7 @@ def evaluate_model(
     rows = read_jsonl(prompts_path)
     prompts = [r["prompt"] for r in rows]
     references = [r["completion"] for r in rows]
-    with loaded(model_cfg, token, adapter_dir) as (model, tokenizer):
+    with loaded(model_cfg, token, adapter_dir, generation.dequantize) as (model, tokenizer):
         predictions = generate_answers(
             model,
             tokenizer,

@@ -87,6 +87,56 @@ def load_model(cfg: ModelConfig, token: str | None = None, adapter_dir: Path | N
     return model
 
 
+def dequantize_4bit_layers(model, dtype: torch.dtype) -> int:
+    """Replace each bitsandbytes 4-bit linear layer by a plain one holding its weights,
+    dequantized once: the same matrix the 4-bit kernels rebuild on every call, kept in
+    `dtype`. Costs 2 bytes a parameter (bf16/fp16) instead of about 0.5. Returns the count."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    replaced = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                data, state = child.weight.data, child.weight.quant_state
+                if getattr(state, "packing_format_for_cpu", False):
+                    # bitsandbytes repacks weights for its AVX512 CPU kernel on first use
+                    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+                    data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+                weight = dequantize_4bit(data, state).to(dtype)
+                linear = torch.nn.Linear(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    device=weight.device,
+                    dtype=dtype,
+                )
+                linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+                if child.bias is not None:
+                    linear.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
+                setattr(module, name, linear)
+                replaced += 1
+    release_memory()
+    return replaced
+
+
+def has_room_to_dequantize(model) -> bool:
+    """On a GPU with the dequantized weights (2 bytes a parameter) fitting twice in free memory;
+    never on the CPU, where the 4-bit path is what tests and CI exercise."""
+    if not torch.cuda.is_available():
+        return False
+    free, _ = torch.cuda.mem_get_info()
+    params = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
+    return 2 * 2 * params < free
+
+
+def maybe_dequantize(model, mode: str, dtype: torch.dtype) -> bool:
+    if mode == "never" or (mode == "auto" and not has_room_to_dequantize(model)):
+        return False
+    return dequantize_4bit_layers(model, dtype) > 0
+
+
 def release_memory() -> None:
     """Give GPU memory back between tasks (several tasks share one worker process)."""
     gc.collect()
@@ -96,9 +146,14 @@ def release_memory() -> None:
 
 @contextmanager
 def loaded(
-    cfg: ModelConfig, token: str | None = None, adapter_dir: Path | None = None
+    cfg: ModelConfig,
+    token: str | None = None,
+    adapter_dir: Path | None = None,
+    dequantize: str = "never",
 ) -> Iterator[tuple[Any, Any]]:
     model = load_model(cfg, token, adapter_dir)
+    if cfg.load_in_4bit:
+        maybe_dequantize(model, dequantize, compute_dtype(cfg.compute_dtype))
     tokenizer = load_tokenizer(cfg, token)
     try:
         model.eval()

@@ -47,6 +47,7 @@ class TrainRecord(Stored):
     losses: list[float]  # training loss at each logging step
     steps: int
     seconds: float
+    tokens: int = 0  # real (unpadded) training tokens read, epochs included
     resumed_from: int | None = None  # the checkpoint step a retried training started from
 
 

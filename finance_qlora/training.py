@@ -14,10 +14,17 @@ from pathlib import Path
 
 import torch
 
+from finance_qlora.batching import TokenBudgetSampler
 from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
 from finance_qlora.errors import ConfigError, TrainingError
 from finance_qlora.files import atomic_dir, fingerprint, read_jsonl
-from finance_qlora.modeling import compute_dtype, load_model, load_tokenizer, release_memory
+from finance_qlora.modeling import (
+    compute_dtype,
+    load_model,
+    load_tokenizer,
+    maybe_dequantize,
+    release_memory,
+)
 from finance_qlora.records import TrainRecord
 
 FINAL = "final"
@@ -67,6 +74,7 @@ def sft_config(train: TrainSettings, dtype: torch.dtype, out_dir: Path):
         per_device_train_batch_size=train.batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         max_length=train.max_seq_length,
+        pad_to_multiple_of=train.pad_to_multiple_of,
         warmup_steps=train.warmup_ratio,  # below 1: a fraction of all steps
         lr_scheduler_type=train.lr_scheduler,
         gradient_checkpointing=train.gradient_checkpointing,
@@ -112,14 +120,16 @@ def train_adapter(
             )
         except torch.OutOfMemoryError:
             release_memory()
-            if settings.batch_size == 1:
+            budget = settings.max_tokens_per_batch  # halved like the batch, down to one row
+            if settings.batch_size == 1 and (budget is None or budget <= settings.max_seq_length):
                 raise TrainingError(
                     "train.batch_size: out of GPU memory even at batch 1; lower "
                     "train.max_seq_length or turn on train.gradient_checkpointing"
                 ) from None
             settings = settings.model_copy(
                 update={
-                    "batch_size": settings.batch_size // 2,
+                    "batch_size": max(settings.batch_size // 2, 1),
+                    "max_tokens_per_batch": budget and max(budget // 2, settings.max_seq_length),
                     "gradient_accumulation_steps": settings.gradient_accumulation_steps * 2,
                 }
             )
@@ -128,6 +138,78 @@ def train_adapter(
                 settings.batch_size,
                 settings.gradient_accumulation_steps,
             )
+
+
+def token_budget_trainer_class():
+    """TRL's SFTTrainer, with length-grouped token-budget batches when asked for."""
+    from torch.utils.data import DataLoader
+    from trl import SFTTrainer
+
+    class TokenBudgetSFTTrainer(SFTTrainer):
+        def __init__(self, *args, max_tokens_per_batch: int | None = None, **kwargs):
+            self.max_tokens_per_batch = max_tokens_per_batch
+            super().__init__(*args, **kwargs)
+
+        def get_train_dataloader(self):
+            if not self.max_tokens_per_batch:
+                return super().get_train_dataloader()
+            dataset = self._remove_unused_columns(self.train_dataset, description="Training")
+            lengths = [len(ids) for ids in dataset["input_ids"]]
+            sampler = TokenBudgetSampler(lengths, self.max_tokens_per_batch, self.args.seed)
+            loader = DataLoader(
+                dataset,
+                batch_sampler=sampler,
+                collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory,
+            )
+            return self.accelerator.prepare(loader)
+
+    return TokenBudgetSFTTrainer
+
+
+def build_trainer(
+    prompts_path: Path,
+    model_cfg: ModelConfig,
+    lora: LoraSettings,
+    train: TrainSettings,
+    out_dir: Path,
+    token: str | None = None,
+    callbacks: list | None = None,
+):
+    """The 4-bit model (dequantized where the GPU has room), LoRA, and the SFT trainer."""
+    from datasets import Dataset
+    from peft import prepare_model_for_kbit_training
+
+    rows = read_jsonl(prompts_path)
+    dataset = Dataset.from_list(
+        [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    )
+    dtype = compute_dtype(model_cfg.compute_dtype)
+    model = load_model(model_cfg, token)
+    check_targets(model, lora.target_modules)
+    if model_cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=train.gradient_checkpointing
+        )
+        if maybe_dequantize(model, train.dequantize, dtype):
+            log.info("training on base weights dequantized once from NF4")
+    trainer = token_budget_trainer_class()(
+        model=model,
+        args=sft_config(train, dtype, out_dir),
+        train_dataset=dataset,
+        processing_class=load_tokenizer(model_cfg, token),
+        peft_config=lora_config(lora),
+        callbacks=callbacks or [],
+        max_tokens_per_batch=train.max_tokens_per_batch,
+    )
+    if dtype != torch.bfloat16:
+        # TRL stores QLoRA adapters in bf16; fp16 loss scaling (T4) and the CPU need fp32
+        # adapter weights. The optimizer is created later, in train(), so it sees fp32.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return trainer
 
 
 def _train_once(
@@ -140,10 +222,7 @@ def _train_once(
     on_log: Callable[[int, int, float], None] | None,
     callbacks: list,
 ) -> TrainRecord:
-    from datasets import Dataset
-    from peft import prepare_model_for_kbit_training
     from transformers import TrainerCallback
-    from trl import SFTTrainer
 
     class Report(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -156,44 +235,24 @@ def _train_once(
             if loss is not None and on_log is not None:
                 on_log(state.global_step, state.max_steps, loss)
 
-    rows = read_jsonl(prompts_path)
-    dataset = Dataset.from_list(
-        [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
-    )
-    model = load_model(model_cfg, token)
-    check_targets(model, lora.target_modules)
-    if model_cfg.load_in_4bit:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=train.gradient_checkpointing
-        )
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
+    trainer = build_trainer(
+        prompts_path, model_cfg, lora, train, out_dir, token, [Report(), *callbacks]
+    )
     started = time.perf_counter()
-    dtype = compute_dtype(model_cfg.compute_dtype)
     try:
-        trainer = SFTTrainer(
-            model=model,
-            args=sft_config(train, dtype, out_dir),
-            train_dataset=dataset,
-            processing_class=load_tokenizer(model_cfg, token),
-            peft_config=lora_config(lora),
-            callbacks=[Report(), *callbacks],
-        )
-        if dtype != torch.bfloat16:
-            # TRL stores QLoRA adapters in bf16; fp16 loss scaling (T4) and the CPU need fp32
-            # adapter weights. The optimizer is created later, in train(), so it sees fp32.
-            for param in trainer.model.parameters():
-                if param.requires_grad:
-                    param.data = param.data.float()
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        seconds = time.perf_counter() - started
         final = out_dir / FINAL
         with atomic_dir(final) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         steps = trainer.state.global_step
+        # Real (unpadded) tokens the model read: what "useful tokens/s" counts.
+        tokens = round(sum(map(len, trainer.train_dataset["input_ids"])) * train.epochs)
     finally:
-        del model
         trainer = None
         release_memory()
     return TrainRecord(
@@ -201,6 +260,7 @@ def _train_once(
         fingerprint=fingerprint(final),
         losses=losses,
         steps=steps,
-        seconds=time.perf_counter() - started,
+        seconds=seconds,
+        tokens=tokens,
         resumed_from=int(checkpoint.name.split("-")[1]) if checkpoint else None,
     )
