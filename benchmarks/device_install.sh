@@ -8,7 +8,7 @@ wanted=()
 for dir in "$@"; do
   for wheel in "$dir"/*.whl; do
     name=$(basename "$wheel"); dist=${name%%-*}; version=$(echo "$name" | cut -d- -f2)
-    have=$(python3 -m pip show "$dist" 2>/dev/null | awk '/^Version:/ {print $2}')
+    have=$(python3 -m pip show "$dist" 2>/dev/null | awk "/^Version:/ {print \$2}" || true)
     if [ "$have" != "$version" ]; then wanted+=("$wheel"); echo "install $dist $version (have: ${have:-none})"; fi
   done
 done

@@ -188,12 +188,17 @@ def build_trainer(
     dtype = compute_dtype(model_cfg.compute_dtype)
     model = load_model(model_cfg, token)
     check_targets(model, lora.target_modules)
-    if model_cfg.load_in_4bit:
+    if model_cfg.load_in_4bit and maybe_dequantize(model, train.dequantize, dtype):
+        # Plain bf16 LoRA from here on: no fp32 upcast of norms and embeddings, which the
+        # 4-bit path needs for stability and which would slow every layer down.
+        log.info("training on base weights dequantized once from NF4")
+        if train.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+    elif model_cfg.load_in_4bit:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=train.gradient_checkpointing
         )
-        if maybe_dequantize(model, train.dequantize, dtype):
-            log.info("training on base weights dequantized once from NF4")
     trainer = token_budget_trainer_class()(
         model=model,
         args=sft_config(train, dtype, out_dir),
