@@ -39,7 +39,8 @@ CASES = [
     (
         "unknown preset",
         lambda t: ["--preset", "gpt-5"],
-        "preset: unknown preset 'gpt-5'; choose one of llama2-7b-t4, tiny-cpu, smollm2-135m",
+        "preset: unknown preset 'gpt-5'; choose one of llama2-7b-t4, llama2-7b-h100, tiny-cpu, "
+        "smollm2-135m",
     ),
     (
         "data file missing",
