@@ -36,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from finance_qlora.builtin_models import train_bpe_tokenizer  # noqa: E402
 from finance_qlora.config import resolve_config  # noqa: E402
 from finance_qlora.data import write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl, write_jsonl  # noqa: E402
@@ -66,25 +67,11 @@ ARCHS = {
 
 def build_model(arch: str, folder: Path, texts: list[str]) -> None:
     """Random weights in bf16 on the GPU, saved as a local Hugging Face folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
     vocab = 32000 if arch == "llama2-7b" else 512
-    bpe.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=vocab,
-            special_tokens=["<unk>", "<s>", "</s>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    # no pad token, like LLaMA-2's: load_tokenizer pads with <unk>
+    tokenizer = train_bpe_tokenizer(texts, vocab, pad_token=None)
     tokenizer.save_pretrained(folder)
     config = LlamaConfig(
         vocab_size=vocab,

@@ -47,35 +47,43 @@ def resolve(name: str) -> str:
     return str(folder)
 
 
-def _build_tiny_llama(folder: Path) -> None:
-    import torch
+def train_bpe_tokenizer(corpus: list[str], vocab_size: int, pad_token: str | None = "<pad>"):
+    """A byte-level BPE trained on `corpus` in seconds: a stand-in tokenizer with no hub."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    from finance_qlora.data import BUILTIN_DATA
-    from finance_qlora.prompts import build_prompt
-
-    rows = read_jsonl(BUILTIN_DATA["builtin:tiny-finance-alpaca"])
-    corpus = [build_prompt(r["instruction"], r["input"]) + r["output"] for r in rows]
+    specials = ["<unk>", "<s>", "</s>", *([pad_token] if pad_token else [])]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(
         corpus,
         trainers.BpeTrainer(
-            vocab_size=512,
-            special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+            vocab_size=vocab_size,
+            special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         ),
     )
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
-        pad_token="<pad>",
+        pad_token=pad_token,
     )
+
+
+def _build_tiny_llama(folder: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finance_qlora.data import BUILTIN_DATA
+    from finance_qlora.prompts import build_prompt
+
+    rows = read_jsonl(BUILTIN_DATA["builtin:tiny-finance-alpaca"])
+    corpus = [build_prompt(r["instruction"], r["input"]) + r["output"] for r in rows]
+    tokenizer = train_bpe_tokenizer(corpus, vocab_size=512)
     tokenizer.save_pretrained(folder)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

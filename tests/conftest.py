@@ -64,3 +64,17 @@ def make_rows(n: int, with_input_every: int = 3) -> list[dict[str, str]]:
         }
         for i in range(n)
     ]
+
+
+def task_run_states(client, flow_run_id) -> dict[str, list[str]]:
+    """Task run name (without Prefect's random suffix) -> its state names, oldest first."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = client.read_task_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+    )
+    states: dict[str, list[str]] = {}
+    for run in sorted(runs, key=lambda r: r.expected_start_time):
+        name = run.name if run.name.startswith("evaluate-") else run.name.rsplit("-", 1)[0]
+        states.setdefault(name, []).append(run.state.name)
+    return states

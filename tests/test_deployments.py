@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import task_run_states
+
 ROOT = Path(__file__).resolve().parents[1]
 POOLS = ROOT / "deployments" / "work-pools"
 STEPS = {"load", "format", "evaluate-pretrained", "train", "save-adapter", "evaluate-finetuned"}
@@ -202,19 +204,6 @@ def test_server_rejects_bad_parameters(deployed, params, message):
     assert result.returncode != 0 and "Validation failed" in output and message in output
 
 
-def _flow_run_tasks(client, flow_run_id) -> dict[str, list[str]]:
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    runs = client.read_task_runs(
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-    )
-    states: dict[str, list[str]] = {}
-    for run in sorted(runs, key=lambda r: r.expected_start_time):
-        name = run.name if run.name.startswith("evaluate-") else run.name.rsplit("-", 1)[0]
-        states.setdefault(name, []).append(run.state.name)
-    return states
-
-
 def test_smoke_deployment_runs_end_to_end_on_a_worker(deployed, client, tmp_path):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -255,9 +244,9 @@ def test_smoke_deployment_runs_end_to_end_on_a_worker(deployed, client, tmp_path
     assert first.state.is_completed() and second.state.is_completed()
     assert first.name.startswith("tiny-cpu: builtin:tiny-llama")
 
-    first_tasks = _flow_run_tasks(client, first.id)
+    first_tasks = task_run_states(client, first.id)
     assert all(first_tasks[step] == ["Completed"] for step in STEPS), first_tasks
-    second_tasks = _flow_run_tasks(client, second.id)
+    second_tasks = task_run_states(client, second.id)
     assert all(second_tasks[step] == ["Cached"] for step in STEPS), second_tasks
 
     artifacts = client.read_artifacts(

@@ -14,6 +14,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 import flows.finetune as finetune_module
 from finance_qlora.rouge import METRICS
+from tests.conftest import task_run_states
 
 pytestmark = pytest.mark.slow
 
@@ -30,17 +31,8 @@ def run_flow(output_dir: Path, **overrides):
 
 
 def task_states(flow_state) -> dict[str, list[str]]:
-    """Task run name (without Prefect's suffix) -> state names, read from the API."""
-    flow_run_id = flow_state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    states: dict[str, list[str]] = {}
-    for run in sorted(runs, key=lambda r: r.expected_start_time):
-        name = run.name if run.name.startswith("evaluate-") else run.name.rsplit("-", 1)[0]
-        states.setdefault(name, []).append(run.state.name)
-    return states
+        return task_run_states(client, flow_state.state_details.flow_run_id)
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +136,34 @@ def test_transient_failure_is_retried(prefect_api, tmp_path, monkeypatch):
     assert train_run.run_count == 2 and train_run.state.name == "Completed"
 
 
-def test_bad_input_is_not_retried(prefect_api, tmp_path, write_rows):
+def test_bad_input_fails_fast_and_is_not_retried(prefect_api, tmp_path, write_rows):
+    from prefect import flow
+
+    from finance_qlora.config import DataConfig
+    from tasks.load import load_splits
+
     path = write_rows([{"instruction": "Q", "input": "", "answer": "A"}] * 3)
+    # The flow checks its input before any task runs ...
     state = finetune_module.finetune(
         preset="tiny-cpu",
         overrides={"output_dir": str(tmp_path), "data": {"dataset": str(path)}},
         return_state=True,
     )
+    assert state.is_failed() and "missing column(s) output" in state.message
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    assert runs == []
+
+    # ... and the load task itself, which retries hub trouble, does not retry bad data.
+    @flow
+    def load_only():
+        return load_splits(DataConfig(dataset=str(path)), "x", tmp_path, "hf-token")
+
+    state = load_only(return_state=True)
     assert state.is_failed()
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
@@ -158,8 +171,8 @@ def test_bad_input_is_not_retried(prefect_api, tmp_path, write_rows):
                 id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
             )
         )
-    load_run = next(r for r in runs if r.name.startswith("load"))
-    assert load_run.run_count == 1 and load_run.state.is_failed()
+    assert [(r.run_count, r.state.name) for r in runs] == [(1, "Failed")]
+    assert load_splits.retries == 3
 
 
 def test_first_run_promotes_its_adapter(first_run):
