@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from finance_qlora import builtin_models
@@ -72,10 +73,14 @@ def check_lora_targets(config: FinetuneConfig, token: str | None = None) -> None
         )
 
 
+def is_hub_model(name: str) -> bool:
+    return not (name.startswith("builtin:") or Path(name).exists())
+
+
 def check_hub_access(config: FinetuneConfig, token: str | None) -> None:
     """A gated or private hub model needs a token; offline, nothing can be told: skip."""
     name = config.model.name
-    if name.startswith("builtin:") or Path(name).exists() or os.environ.get("HF_HUB_OFFLINE"):
+    if not is_hub_model(name) or os.environ.get("HF_HUB_OFFLINE"):
         return
     from huggingface_hub import model_info
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
@@ -96,10 +101,11 @@ def check_hub_access(config: FinetuneConfig, token: str | None) -> None:
         return
 
 
-def preflight(config: FinetuneConfig, token: str | None = None) -> None:
-    """Every check, cheapest first."""
+def preflight(config: FinetuneConfig, get_token: Callable[[], str | None] = lambda: None) -> None:
+    """Every check, cheapest first; the token is looked up only for a hub model."""
     check_output_dir(config.output_dir)
     check_quantization(config)
     check_local_data(config)
+    token = get_token() if is_hub_model(config.model.name) else None
     check_hub_access(config, token)
     check_lora_targets(config, token)

@@ -9,7 +9,6 @@ Runs on Prefect's local embedded API unless PREFECT_API_URL points at a server.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -64,7 +63,7 @@ def finetune(
     """Load, format, baseline eval, train, save adapter, final eval; compare and promote."""
     config = resolve_config(preset, overrides)
     out, model = config.output_dir, config.model
-    preflight(config, hf_token(model.hf_token_secret, model.name))
+    preflight(config, lambda: hf_token(model.hf_token_secret, model.name))
     # Load
     splits = intact(
         load_splits, config.data, source_fingerprint(config.data), out, model.hf_token_secret
@@ -144,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         if show:
             print(config.model_dump_json(indent=2))
             return 0
-        preflight(config, token=os.environ.get("HF_TOKEN"))  # bad input fails before Prefect
+        # Bad input fails here, before the flow starts (the token is looked up, in the Secret
+        # block or HF_TOKEN, only for a hub model).
+        preflight(config, lambda: hf_token(config.model.hf_token_secret, config.model.name))
         result = finetune(preset=preset, overrides=overrides)
     except FinanceQLoRAError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -173,6 +173,12 @@ def test_gated_model_without_token(capsys, monkeypatch, tmp_path):
         response = httpx2.Response(403, request=httpx2.Request("GET", url))
         raise GatedRepoError(f"Access to model {name} is restricted.", response=response)
 
+    from prefect.blocks.system import Secret
+
+    def no_block(name, **kwargs):
+        raise ValueError(f"Unable to find block document named {name}")
+
+    monkeypatch.setattr(Secret, "load", no_block)  # no Secret block saved, no HF_TOKEN set
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(huggingface_hub, "model_info", gated)
