@@ -30,6 +30,21 @@ def run_flow(output_dir: Path, **overrides):
     return state, state.result()
 
 
+def sent_logs(flow_run_id=None, task_run_id=None) -> list[str]:
+    """Log messages of a run, read from the API after the background log sender is drained
+    (logs are sent in batches, so the newest may still be on their way)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTaskRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    log_filter = LogFilter(
+        flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]) if flow_run_id else None,
+        task_run_id=LogFilterTaskRunId(any_=[task_run_id]) if task_run_id else None,
+    )
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(log_filter=log_filter)]
+
+
 def task_states(flow_state) -> dict[str, list[str]]:
     with get_client(sync_client=True) as client:
         return task_run_states(client, flow_state.state_details.flow_run_id)
@@ -213,8 +228,6 @@ def test_hf_token_never_reaches_logs_or_artifacts(prefect_api, tmp_path):
     from prefect.client.schemas.filters import (
         ArtifactFilter,
         ArtifactFilterFlowRunId,
-        LogFilter,
-        LogFilterFlowRunId,
     )
 
     from finance_qlora.builtin_models import resolve
@@ -226,14 +239,11 @@ def test_hf_token_never_reaches_logs_or_artifacts(prefect_api, tmp_path):
     state, result = run_flow(tmp_path, model=model)
     assert state.is_completed()
     flow_run_id = state.state_details.flow_run_id
+    messages = sent_logs(flow_run_id=flow_run_id)
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
-        )
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
-    messages = [log.message for log in logs]
     assert any("Hugging Face token from Secret block 'hf-token-test'" in m for m in messages)
     assert not [m for m in messages if token in m]
     assert artifacts and not [a for a in artifacts if token in json.dumps(a.data, default=str)]
@@ -254,7 +264,6 @@ def test_redaction_covers_any_logger(caplog):
 def test_retried_training_resumes_from_its_checkpoint(prefect_api, tmp_path, monkeypatch):
     """A fault after a checkpoint: Prefect retries the train task, which resumes from it and
     ends with the same adapter as an uninterrupted run of the same seed."""
-    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
@@ -289,11 +298,8 @@ def test_retried_training_resumes_from_its_checkpoint(prefect_api, tmp_path, mon
             )
         )
         train_run = next(r for r in runs if r.name.startswith("train"))
-        logs = client.read_logs(
-            log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[train_run.id]))
-        )
     assert train_run.run_count == 2
-    messages = [log.message for log in logs]
+    messages = sent_logs(task_run_id=train_run.id)
     assert any("injected fault at step 5" in m for m in messages)
     assert "resumed from the checkpoint at step 4" in messages
     # the step counter carried on: steps 1-4 before the fault, 5-14 after the retry, none twice
