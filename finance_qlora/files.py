@@ -27,8 +27,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     except OSError as exc:
         raise ConfigError(
-            f"output_dir: cannot write under {final.parent} ({exc.strerror}); "
-            "choose a writable folder with --output-dir"
+            f"cannot write under {final.parent} ({exc.strerror}); choose a writable folder "
+            "(--output-dir for results, FINANCE_QLORA_CACHE for built-in models)"
         ) from None
     try:
         yield tmp

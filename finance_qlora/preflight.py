@@ -12,6 +12,7 @@ from finance_qlora import builtin_models
 from finance_qlora.config import FinetuneConfig
 from finance_qlora.data import check_rows, drop_duplicates, local_path, read_rows, split_rows
 from finance_qlora.errors import ConfigError
+from finance_qlora.training import check_targets
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -64,13 +65,7 @@ def check_lora_targets(config: FinetuneConfig, token: str | None = None) -> None
         model = AutoModelForCausalLM.from_config(
             model_config, trust_remote_code=config.model.trust_remote_code
         )
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        raise ConfigError(
-            f"lora.target_modules: {', '.join(missing)} not in {config.model.name}; "
-            "choose among e.g. q_proj, k_proj, v_proj, o_proj, or all-linear"
-        )
+    check_targets(model, targets, config.model.name)
 
 
 def is_hub_model(name: str) -> bool:

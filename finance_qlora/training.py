@@ -53,13 +53,16 @@ def lora_config(lora: LoraSettings):
     )
 
 
-def check_targets(model, targets: list[str]) -> None:
+def check_targets(model, targets: list[str], model_name: str) -> None:
+    """The LoRA target modules exist in `model` (a loaded model or one on the meta device)."""
+    if targets == ["all-linear"]:
+        return
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names and t != "all-linear"]
+    missing = [t for t in targets if t not in names]
     if missing:
         raise ConfigError(
-            f"lora.target_modules: {', '.join(missing)} not in the model; "
-            f"choose among e.g. q_proj, k_proj, v_proj, o_proj or all-linear"
+            f"lora.target_modules: {', '.join(missing)} not in {model_name}; "
+            "choose among e.g. q_proj, k_proj, v_proj, o_proj, or all-linear"
         )
 
 
@@ -187,7 +190,7 @@ def build_trainer(
     )
     dtype = compute_dtype(model_cfg.compute_dtype)
     model = load_model(model_cfg, token)
-    check_targets(model, lora.target_modules)
+    check_targets(model, lora.target_modules, model_cfg.name)
     if model_cfg.load_in_4bit and maybe_dequantize(model, train.dequantize, dtype):
         # Plain bf16 LoRA from here on: no fp32 upcast of norms and embeddings, which the
         # 4-bit path needs for stability and which would slow every layer down.
