@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from finance_qlora.config import resolve_config  # noqa: E402
 from finance_qlora.data import write_splits  # noqa: E402
-from finance_qlora.files import read_jsonl, write_jsonl  # noqa: E402
+from finance_qlora.files import fingerprint, read_jsonl, write_jsonl  # noqa: E402
 from finance_qlora.rouge import METRICS  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "finance_alpaca_sample.jsonl"
@@ -207,7 +207,8 @@ def main() -> None:
     write_jsonl(fit_rows, read_jsonl(splits.train_path))
     args.results.mkdir(parents=True, exist_ok=True)
     search = args.results / f"smollm2-{args.protocol}-validation.json"
-    validation = scored_candidates(search, protocol)  # a cut-off search goes on where it stopped
+    rows = fingerprint(fit_rows)
+    validation = scored_candidates(search, protocol, rows)  # a cut-off search goes on
     for recipe in protocol["candidates"] if protocol["validation"] else []:
         if any(v["recipe"] == recipe for v in validation):
             continue
@@ -230,7 +231,7 @@ def main() -> None:
                 "date": datetime.now(UTC).date().isoformat(),
             }
         )
-        write_search(search, protocol, validation, command)
+        write_search(search, protocol, validation, command, rows)
         print(f"validation {recipe}: ROUGE-L {validation[-1]['rougeL']:.4f}", flush=True)
 
     for name, targets in (("qv", QV), ("all-linear", ALL)):
@@ -280,12 +281,13 @@ def main() -> None:
         print(markdown(record), flush=True)
 
 
-def scored_candidates(path: Path, protocol: dict) -> list[dict]:
+def scored_candidates(path: Path, protocol: dict, rows: str) -> list[dict]:
     """Candidates already scored by an earlier run of the same search (same rows, same recipes)."""
     if not path.exists():
         return []
     search = json.loads(path.read_text())
-    if (search["fit_rows"], search["validation_rows"]) != (
+    if (search.get("rows_sha256"), search["fit_rows"], search["validation_rows"]) != (
+        rows,
         protocol["train"] - protocol["validation"],
         protocol["validation"],
     ):
@@ -293,7 +295,9 @@ def scored_candidates(path: Path, protocol: dict) -> list[dict]:
     return [v for v in search["candidates"] if v["recipe"] in protocol["candidates"]]
 
 
-def write_search(path: Path, protocol: dict, validation: list[dict], command: str) -> None:
+def write_search(
+    path: Path, protocol: dict, validation: list[dict], command: str, rows: str
+) -> None:
     done = [v["recipe"] for v in validation]
     earlier = json.loads(path.read_text()) if path.exists() else {}
     search = {
@@ -303,6 +307,7 @@ def write_search(path: Path, protocol: dict, validation: list[dict], command: st
         "command": command,
         "stage": "recipe search: fit and validation rows carved (seed 0) from the training rows "
         "of the train/test split; the test rows are not used",
+        "rows_sha256": rows,  # the training rows that fit and validation rows are carved from
         "fit_rows": protocol["train"] - protocol["validation"],
         "validation_rows": protocol["validation"],
         "max_new_tokens": protocol["max_new_tokens"],

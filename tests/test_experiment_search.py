@@ -21,13 +21,13 @@ def test_search_keeps_scored_candidates_and_notes(tmp_path):
     path = tmp_path / "smollm2-gpu-validation.json"
     path.write_text(json.dumps({"history": "cut off after one candidate"}))
 
-    experiment.write_search(path, protocol, [{"recipe": first, "rougeL": 0.2}], "cmd")
+    experiment.write_search(path, protocol, [{"recipe": first, "rougeL": 0.2}], "cmd", "rows-a")
     search = json.loads(path.read_text())
     assert search["history"] == "cut off after one candidate"
     assert (search["fit_rows"], search["validation_rows"]) == (800, 200)
     assert second in search["not_run"] and first not in search["not_run"]
 
-    scored = experiment.scored_candidates(path, protocol)
+    scored = experiment.scored_candidates(path, protocol, "rows-a")
     assert [v["recipe"] for v in scored] == [first]
 
 
@@ -35,14 +35,15 @@ def test_search_from_other_rows_or_recipes_is_not_reused(tmp_path):
     experiment = load_experiment()
     protocol = experiment.PROTOCOLS["gpu"]
     path = tmp_path / "smollm2-gpu-validation.json"
-    assert experiment.scored_candidates(path, protocol) == []  # no earlier run
+    assert experiment.scored_candidates(path, protocol, "rows-a") == []  # no earlier run
 
     unknown = {"targets": ["q_proj"], "lr": 1.0, "epochs": 9, "r": 2}
     scored = [{"recipe": protocol["candidates"][0], "rougeL": 0.2}, {"recipe": unknown}]
-    experiment.write_search(path, protocol, scored, "cmd")
-    assert [v["recipe"] for v in experiment.scored_candidates(path, protocol)] == [
+    experiment.write_search(path, protocol, scored, "cmd", "rows-a")
+    assert [v["recipe"] for v in experiment.scored_candidates(path, protocol, "rows-a")] == [
         protocol["candidates"][0]
     ]
-    # the same file read by a protocol with other row counts: nothing carries over
+    # the same file read with other training rows, or other row counts: nothing carries over
+    assert experiment.scored_candidates(path, protocol, "rows-b") == []
     other = {**protocol, "validation": 100}
-    assert experiment.scored_candidates(path, other) == []
+    assert experiment.scored_candidates(path, other, "rows-a") == []
