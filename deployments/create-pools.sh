@@ -7,6 +7,7 @@
 #              with a concurrency limit of 1: one GPU, one training at a time.
 # cpu-process: a plain process pool for the smoke-cpu deployment.
 set -euo pipefail
+prefect() { ${PREFECT:-command prefect} "$@"; }  # PREFECT="python -m prefect" without a venv
 here="$(cd "$(dirname "$0")" && pwd)"
 type="${1:-process}"
 case "$type" in

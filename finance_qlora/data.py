@@ -1,97 +1,219 @@
-"""Finance-Alpaca rows: read from the hub or a local file, check, and split into train/test."""
+"""Finance-Alpaca rows: resolved to a version, read (hub, local file or a URL on a store),
+checked, and split into train/test."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
 from finance_qlora.errors import DataError
 from finance_qlora.files import atomic_dir, fingerprint, write_jsonl
-from finance_qlora.records import SplitRecord
+from finance_qlora.records import DataVersion, SplitRecord
+from finance_qlora.store import REMOTE_SCHEMES
 
 COLUMNS = ("instruction", "input", "output")
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+FORMATS = (".json", ".jsonl", ".csv", ".parquet")
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN_DATA = {"builtin:tiny-finance-alpaca": ASSETS / "tiny_finance_alpaca.jsonl"}
 
 log = logging.getLogger(__name__)
 
 
+def is_store_url(dataset: str) -> bool:
+    return urlsplit(dataset).scheme.lower() in REMOTE_SCHEMES | {"file"}
+
+
 def local_path(dataset: str) -> Path | None:
-    """The file behind `dataset`, or None when it names a hub data set."""
+    """The local file behind `dataset`; None for a hub id or a URL on a store."""
     if dataset in BUILTIN_DATA:
         return BUILTIN_DATA[dataset]
     if dataset.startswith("builtin:"):
         raise DataError(f"data.dataset: unknown {dataset!r}; built in: {', '.join(BUILTIN_DATA)}")
-    path = Path(dataset).expanduser()
-    if path.suffix.lower() in LOCAL_FORMATS or path.exists() or dataset.startswith((".", "/")):
-        if not path.is_file():
-            raise DataError(
-                f"data file {dataset} does not exist; pass an existing "
-                "JSON/JSONL/CSV/Parquet file or a hub id"
-            )
-        if path.suffix.lower() not in LOCAL_FORMATS:
-            raise DataError(
-                f"data file {dataset}: unsupported type {path.suffix!r}; "
-                "use .json, .jsonl, .csv or .parquet"
-            )
-        return path
-    return None
+    if is_store_url(dataset) and not dataset.startswith("file://"):
+        return None
+    path = Path(dataset.removeprefix("file://")).expanduser()
+    looks_local = path.suffix.lower() in FORMATS or dataset.startswith((".", "/", "~", "file:"))
+    if not (looks_local or os.path.lexists(path)):
+        return None  # a hub id
+    try:
+        kind = path.stat().st_mode
+    except FileNotFoundError:
+        raise DataError(
+            f"data file {dataset} does not exist; pass an existing "
+            "JSON/JSONL/CSV/Parquet file, a URL on your store or a hub id"
+        ) from None
+    except OSError as exc:  # a symbolic link loop, a permission problem
+        raise DataError(f"data file {dataset}: cannot be opened ({exc.strerror})") from None
+    if stat.S_ISDIR(kind):
+        raise DataError(f"data file {dataset} is a folder; pass one data file inside it")
+    if not stat.S_ISREG(kind):
+        raise DataError(f"data file {dataset} is not a regular file (a pipe or device?)")
+    suffix_error(dataset, path.suffix)
+    return path
 
 
-def _first_bad_json_line(path: Path) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+def file_suffix(dataset: str) -> str:
+    path = local_path(dataset)
+    return (path if path is not None else Path(urlsplit(dataset).path)).suffix
+
+
+def suffix_error(dataset: str, suffix: str) -> None:
+    if suffix.lower() not in FORMATS:
+        raise DataError(
+            f"data file {dataset}: unsupported type {suffix!r}; use .json, .jsonl, .csv or .parquet"
+        )
+
+
+def resolve_version(
+    dataset: str,
+    revision: str | None = None,
+    token: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> DataVersion:
+    """Name the exact rows to read: a file by its content's sha256, a hub data set by the
+    commit sha its revision points at now. Later reads check they got this version."""
+    path = local_path(dataset)
+    if path is not None or is_store_url(dataset):
+        return DataVersion(
+            source=dataset, version=f"sha256:{sha256(_file_bytes(dataset, options))}"
+        )
+    sha = hub_revision(dataset, revision, token)
+    return DataVersion(source=dataset, version=f"hub:{dataset}@{sha}", revision=sha)
+
+
+def hub_revision(dataset: str, revision: str | None, token: str | None) -> str:
+    """The commit sha of a hub data set; a missing, gated or offline one is bad input."""
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True", "YES", "yes"):
+        raise DataError(
+            f"data.dataset: {dataset} is not a local file, and the Hub is offline "
+            "(HF_HUB_OFFLINE); pass a data file or a URL on your store"
+        )
+    from huggingface_hub import dataset_info
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return dataset_info(dataset, revision=revision, token=token).sha
+    except GatedRepoError:
+        raise DataError(
+            f"data.dataset: {dataset} is gated; accept its terms on the Hub and give a token"
+        ) from None
+    except RepositoryNotFoundError:
+        raise DataError(
+            f"data.dataset: {dataset} is neither a file here nor a data set on the Hub "
+            "(or it is private and no token was given)"
+        ) from None
+    except RevisionNotFoundError:
+        raise DataError(f"data.revision: {revision!r} not found in {dataset}") from None
+
+
+def _file_bytes(dataset: str, options: dict[str, Any] | None = None) -> bytes:
+    path = local_path(dataset)
+    if path is not None:
+        return path.read_bytes()
+    import fsspec
+
+    suffix_error(dataset, file_suffix(dataset))
+    try:
+        with fsspec.open(dataset, "rb", **(options or {})) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"data file {dataset} does not exist on the store") from None
+    except PermissionError as exc:
+        raise DataError(f"data file {dataset}: access denied ({exc}); check credentials") from None
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def parse_rows(data: bytes, suffix: str, source: str) -> list[dict[str, Any]]:
+    """Rows of a JSON Lines, JSON (a list of objects), CSV or Parquet file's bytes. Text columns
+    stay text (a CSV cell "2024" is the string "2024", an empty cell is "")."""
+    suffix = suffix.lower()
+    if not data.strip():
+        raise DataError(f"data file {source} is empty; pass a file with Finance-Alpaca rows")
+    if suffix in (".csv", ".parquet"):
+        import pandas as pd
+
         try:
-            json.loads(text)
+            if suffix == ".csv":
+                table = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+            else:
+                table = pd.read_parquet(io.BytesIO(data))
+        except Exception as exc:  # pandas and pyarrow word parse errors in many types
+            reason = " ".join(str(exc).split())[:160]
+            raise DataError(f"data file {source}: malformed {suffix[1:]} ({reason})") from None
+        return table.to_dict(orient="records")
+    text = data.decode("utf-8", errors="replace")
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
         except json.JSONDecodeError as exc:
-            return f"line {exc.lineno}: {exc.msg}"
-        return "unreadable content"
+            raise DataError(
+                f"data file {source}: malformed json (line {exc.lineno}: {exc.msg}); fix it"
+            ) from None
+        if not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"data file {source}: a JSON list of objects is expected")
+        return rows
+    rows = []
     for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                if not isinstance(json.loads(line), dict):
-                    return f"line {number}: not a JSON object"
-            except json.JSONDecodeError as exc:
-                return f"line {number}: {exc.msg}"
-    return "unreadable content"
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"data file {source}: malformed {suffix[1:]} (line {number}: {exc.msg}); "
+                "fix or remove that line"
+            ) from None
+        if not isinstance(row, dict):
+            raise DataError(
+                f"data file {source}: malformed {suffix[1:]} (line {number}: not a JSON "
+                "object); fix or remove that line"
+            )
+        rows.append(row)
+    return rows
 
 
-def read_rows(dataset: str, revision: str | None = None, token: str | None = None) -> list[dict]:
-    """All rows of a hub data set or local file, as plain dicts."""
-    import datasets  # heavy import, only where data is read
+def read_version(
+    source: DataVersion, token: str | None = None, options: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The rows of exactly `source.version`: the bytes hashed are the bytes parsed."""
+    if source.revision is None:
+        data = _file_bytes(source.source, options)
+        if f"sha256:{sha256(data)}" != source.version:
+            raise DataError(f"data file {source.source} changed while this run read it; run again")
+        return parse_rows(data, file_suffix(source.source), source.source)
+    import datasets  # heavy import, only where hub data is read
 
     datasets.disable_progress_bars()
-    path = local_path(dataset)
-    # datasets logs its own multi-line report of a parse error; ours is the one line below
-    datasets_log = logging.getLogger("datasets")
-    level = datasets_log.level
-    datasets_log.setLevel(logging.CRITICAL)
-    try:
-        if path is not None:
-            builder = LOCAL_FORMATS[path.suffix.lower()]
-            table = datasets.load_dataset(builder, data_files=str(path), split="train")
-        else:
-            table = datasets.load_dataset(dataset, revision=revision, split="train", token=token)
-    except (OSError, ConnectionError) as exc:
-        if path is not None:
-            raise DataError(f"data file {path}: cannot be read ({exc})") from None
-        raise  # hub trouble is transient: let the task retry it
-    except Exception as exc:  # datasets wraps parse errors in many types
-        if path is None:
-            raise
-        reason = _first_bad_json_line(path) if path.suffix in (".json", ".jsonl") else exc
-        raise DataError(
-            f"data file {path}: malformed {path.suffix[1:]} ({reason}); fix or remove that line"
-        ) from None
-    finally:
-        datasets_log.setLevel(level)
+    table = datasets.load_dataset(
+        source.source, revision=source.revision, split="train", token=token
+    )
     return table.to_list()
+
+
+def read_rows(
+    dataset: str,
+    revision: str | None = None,
+    token: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> list[dict]:
+    """All rows of a hub data set or a data file, as plain dicts."""
+    return read_version(resolve_version(dataset, revision, token, options), token, options)
 
 
 def check_rows(rows: list[dict[str, Any]], source: str) -> list[dict[str, str]]:
@@ -159,20 +281,24 @@ def split_rows(
 
 
 def write_splits(
-    dataset: str,
-    revision: str | None,
+    source: DataVersion,
     train_size: int,
     test_size: int,
     seed: int,
     out_dir: Path,
     token: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> SplitRecord:
     """Read, check, de-duplicate and split; write train.jsonl and test.jsonl atomically."""
-    rows = drop_duplicates(check_rows(read_rows(dataset, revision, token), dataset))
+    rows = drop_duplicates(check_rows(read_version(source, token, options), source.source))
     train, test = split_rows(rows, train_size, test_size, seed)
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "train.jsonl", train)
         write_jsonl(tmp / "test.jsonl", test)
     return SplitRecord(
-        folder=out_dir, fingerprint=fingerprint(out_dir), train_rows=len(train), test_rows=len(test)
+        folder=out_dir,
+        fingerprint=fingerprint(out_dir),
+        train_rows=len(train),
+        test_rows=len(test),
+        data_version=source.version,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -56,15 +55,10 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def fingerprint(*paths: Path) -> str:
-    """sha256 over the bytes of files, or of every file under folders, in a stable order."""
-    digest = hashlib.sha256()
-    for root in paths:
-        root = Path(root)
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-        for file in files:
-            digest.update(str(file.relative_to(root) if root.is_dir() else file.name).encode())
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()
+def fingerprint(path: Path) -> str:
+    """A file's sha256, or a folder's: the digest of its manifest (every file's name and
+    sha256), the same value the durable store checks (`finance_qlora.store`)."""
+    from finance_qlora.store import folder_manifest, manifest_digest, sha256_file
+
+    path = Path(path)
+    return manifest_digest(folder_manifest(path)) if path.is_dir() else sha256_file(path)

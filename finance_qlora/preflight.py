@@ -4,36 +4,44 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 from finance_qlora import builtin_models
 from finance_qlora.config import FinetuneConfig
-from finance_qlora.data import check_rows, drop_duplicates, local_path, read_rows, split_rows
+from finance_qlora.data import (
+    check_rows,
+    drop_duplicates,
+    hub_revision,
+    is_store_url,
+    local_path,
+    read_rows,
+    split_rows,
+)
 from finance_qlora.errors import ConfigError
+from finance_qlora.store import Store
 from finance_qlora.training import check_targets
 
 
-def check_output_dir(output_dir: Path) -> None:
-    """The output folder exists or can be made, and a file can be written in it."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-check-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            f"output_dir: cannot write to {output_dir} ({exc.strerror or exc}); "
-            "choose a writable folder with --output-dir"
-        ) from None
-
-
-def check_local_data(config: FinetuneConfig) -> None:
-    """A local data file is read and checked whole (a hub data set is checked when loaded)."""
+def check_data(config: FinetuneConfig, token: str | None, options: dict[str, Any]) -> None:
+    """A data file (local or on a store) is read and checked whole; a hub data set is looked up
+    (a missing one is bad input; an unreachable hub is left to the load step's retries)."""
     data = config.data
-    if local_path(data.dataset) is not None:
-        rows = drop_duplicates(check_rows(read_rows(data.dataset), data.dataset))
-        split_rows(rows, data.train_size, data.test_size, data.seed)
+    if local_path(data.dataset) is not None or is_store_url(data.dataset):
+        same_store = urlsplit(data.dataset).scheme in config.output_dir
+        rows = read_rows(data.dataset, options=options if same_store else None)
+        split_rows(drop_duplicates(check_rows(rows, data.dataset)), *_sizes(config))
+        return
+    try:
+        hub_revision(data.dataset, data.revision, token)
+    except (OSError, ConnectionError, TimeoutError):
+        return
+
+
+def _sizes(config: FinetuneConfig) -> tuple[int, int, int]:
+    return config.data.train_size, config.data.test_size, config.data.seed
 
 
 def check_quantization(config: FinetuneConfig) -> None:
@@ -96,11 +104,19 @@ def check_hub_access(config: FinetuneConfig, token: str | None) -> None:
         return
 
 
-def preflight(config: FinetuneConfig, get_token: Callable[[], str | None] = lambda: None) -> None:
-    """Every check, cheapest first; the token is looked up only for a hub model."""
-    check_output_dir(config.output_dir)
+def preflight(
+    config: FinetuneConfig,
+    get_token: Callable[[], str | None] = lambda: None,
+    store_options: dict[str, Any] | None = None,
+) -> None:
+    """Every check, cheapest first, before anything is written; the token is looked up only
+    for a hub model or data set."""
+    store = Store(config.output_dir, store_options or {})  # a malformed URL fails here
     check_quantization(config)
-    check_local_data(config)
-    token = get_token() if is_hub_model(config.model.name) else None
+    hub_data = local_path(config.data.dataset) is None and not is_store_url(config.data.dataset)
+    hub = is_hub_model(config.model.name) or hub_data
+    token = get_token() if hub else None
+    check_data(config, token, store.options)
     check_hub_access(config, token)
     check_lora_targets(config, token)
+    store.check_writable()

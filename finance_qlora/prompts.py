@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 from finance_qlora.files import atomic_dir, fingerprint, read_jsonl, write_jsonl
 from finance_qlora.records import PromptRecord, SplitRecord
-
-# Bump when the template text changes: it is part of every cache key downstream.
-TEMPLATE_VERSION = "alpaca-v1"
 
 _HEADER_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -22,6 +20,13 @@ _HEADER_NO_INPUT = (
 RESPONSE_MARKER = "### Response:\n"
 # A model that keeps going after its answer usually starts a new "### " section.
 SECTION_MARKER = "### "
+
+
+def template_digest() -> str:
+    """sha256 of the template's text: records and the champion's protocol name the template by
+    what it says, so an edit is noticed without a version to bump."""
+    text = "\x00".join((_HEADER_WITH_INPUT, _HEADER_NO_INPUT, build_prompt("{i}", "{x}")))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def build_prompt(instruction: str, input_text: str = "") -> str:
@@ -60,5 +65,8 @@ def write_prompts(splits: SplitRecord, out_dir: Path) -> PromptRecord:
         fingerprint=fingerprint(out_dir),
         train_rows=splits.train_rows,
         test_rows=splits.test_rows,
-        template=TEMPLATE_VERSION,
+        data_version=splits.data_version,
+        template=template_digest(),
+        train_sha256=fingerprint(out_dir / "train.jsonl"),
+        test_sha256=fingerprint(out_dir / "test.jsonl"),
     )

@@ -1,44 +1,61 @@
-"""Small records that tasks pass to each other: paths, fingerprints and numbers, never models."""
+"""Small records that tasks pass to each other: locations, fingerprints and numbers, never
+models. `folder` is a folder in the durable store (a path or a URL); `fingerprint` is the
+digest of its manifest, so a record says exactly which bytes it stands for."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
 from finance_qlora.bootstrap import PairedInterval
-from finance_qlora.files import fingerprint
 
 
 class Stored(BaseModel):
-    """A record of files written to `folder`, with the sha256 of its contents."""
-
-    folder: Path
+    folder: str
     fingerprint: str
 
-    def intact(self) -> bool:
-        """False when the folder was deleted or changed since the record was made: a cached
-        record like this must be recomputed, not handed back."""
-        return self.folder.is_dir() and fingerprint(self.folder) == self.fingerprint
+    @field_validator("folder", mode="before")
+    @classmethod
+    def _as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, Path) else value
+
+    @property
+    def path(self) -> Path:
+        """The folder on this machine (valid once the task layer has materialized it)."""
+        return Path(self.folder)
+
+
+class DataVersion(BaseModel):
+    """What the load step reads, resolved to an immutable version before anything is cached:
+    a hub data set at its commit sha, a file (local or on a store) by its content's sha256."""
+
+    source: str  # the data set as the user named it
+    version: str  # "sha256:<hex>" or "hub:<id>@<commit sha>"
+    revision: str | None = None  # the commit sha, for a hub data set
 
 
 class SplitRecord(Stored):
     train_rows: int
     test_rows: int
+    data_version: str = ""
 
     @property
     def train_path(self) -> Path:
-        return self.folder / "train.jsonl"
+        return self.path / "train.jsonl"
 
     @property
     def test_path(self) -> Path:
-        return self.folder / "test.jsonl"
+        return self.path / "test.jsonl"
 
 
 class PromptRecord(SplitRecord):
     """Prompt/completion pairs; in the test split the completion is the ROUGE reference."""
 
-    template: str
+    template: str  # sha256 of the template text, so a record says which prompts it holds
+    train_sha256: str = ""  # each split's own fingerprint: training depends on train only,
+    test_sha256: str = ""  # evaluation on test only
 
 
 class TrainRecord(Stored):
@@ -56,18 +73,18 @@ class AdapterRecord(Stored):
 
 
 class EvalRecord(Stored):
-    label: str  # "pretrained" or "finetuned"
+    label: str  # "pretrained", "finetuned" or "champion"
     rows: int
     rouge: dict[str, float]  # mean F1 over test rows
     max_new_tokens: int
 
     @property
     def predictions_parquet(self) -> Path:
-        return self.folder / "predictions.parquet"
+        return self.path / "predictions.parquet"
 
     @property
     def predictions_csv(self) -> Path:
-        return self.folder / "predictions.csv"
+        return self.path / "predictions.csv"
 
 
 class ComparisonRecord(Stored):
@@ -77,8 +94,22 @@ class ComparisonRecord(Stored):
 
     @property
     def json_path(self) -> Path:
-        return self.folder / "comparison.json"
+        return self.path / "comparison.json"
 
     @property
     def markdown_path(self) -> Path:
-        return self.folder / "comparison.md"
+        return self.path / "comparison.md"
+
+
+RECORD_TYPES: dict[str, type[BaseModel]] = {
+    cls.__name__: cls
+    for cls in (
+        DataVersion,
+        SplitRecord,
+        PromptRecord,
+        TrainRecord,
+        AdapterRecord,
+        EvalRecord,
+        ComparisonRecord,
+    )
+}

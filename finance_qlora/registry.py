@@ -1,108 +1,122 @@
-"""The champion registry: the best adapter so far, with its metrics, and the promotion gate.
+"""The champion registry in the durable store, and the promotion gate.
 
-<registry>/champion.json          which adapter is champion, its ROUGE and when
-<registry>/adapters/<name>/       promoted adapters (copied, so run folders can be cleaned)
-<registry>/decisions.jsonl        every gate decision, promoted or not
+<store>/registry/champion.json          the champion: its adapter, scores and protocol
+<store>/registry/decisions/<time>.json  every gate decision, promoted or not
+
+Adapters are immutable folders in the store (`<store>/adapters/<name>/`, manifest last); the
+champion file points at one and is written last, in one put, so an interrupted write never
+becomes the champion.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
+import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 
 from pydantic import BaseModel
 
-from finance_qlora.files import atomic_dir
+from finance_qlora.bootstrap import Interval
+from finance_qlora.records import AdapterRecord
+from finance_qlora.store import Store
 
-CHAMPION = "champion.json"
+CHAMPION = ("registry", "champion.json")
+
+
+class Protocol(BaseModel):
+    """What a score was measured on: scores are comparable only when all of this is equal."""
+
+    test_sha256: str  # the test prompts
+    template: str  # the prompt template (sha256 of its text)
+    generation: dict  # decoding settings
+    base_model: str  # name@revision
+    data_version: str  # the data the adapter was trained and tested on
 
 
 class Champion(BaseModel):
-    adapter: Path
+    adapter: AdapterRecord
     metric: str
-    score: float
+    score: float  # on `protocol`'s test prompts, when promoted
     rouge: dict[str, float]
+    protocol: Protocol
     promoted_at: str
 
 
 class Decision(BaseModel):
-    promoted: bool  # this run made the candidate champion
-    is_champion: bool  # the candidate is champion after the decision (now or already)
+    promoted: bool
     metric: str
     candidate: float
-    champion: float | None  # None: there was no champion yet
-    adapter: Path  # the champion adapter after the decision
+    pretrained: float
+    delta: Interval  # candidate minus pretrained, with its bootstrap interval
+    champion: float | None  # the champion on the candidate's prompts; None: no champion
+    candidate_adapter: str
+    adapter: str | None  # the champion adapter after the decision; None: still no champion
     reason: str
+    protocol: Protocol
 
 
-def read_champion(registry: Path) -> Champion | None:
-    path = registry / CHAMPION
-    return Champion.model_validate_json(path.read_text()) if path.is_file() else None
+def read_champion(store: Store) -> Champion | None:
+    text = store.read_text(*CHAMPION)
+    return Champion.model_validate_json(text) if text else None
 
 
 def decide(
-    candidate: dict[str, float], metric: str, champion: Champion | None, min_delta: float = 0.0
+    metric: str,
+    candidate: float,
+    delta: Interval,
+    champion: float | None,
+    min_delta: float = 0.0,
+    beat_pretrained: bool = True,
 ) -> tuple[bool, str]:
-    """Promote only a strict improvement on `metric` (by more than `min_delta`)."""
-    score = candidate[metric]
+    """A candidate must beat the pretrained model (its delta interval above zero) and the
+    champion, scored on the same prompts, by more than `min_delta`."""
+    if beat_pretrained and delta.low <= 0.0:
+        return False, (
+            f"{metric} {candidate:.4f} does not beat the pretrained model: the delta "
+            f"{delta.mean:+.4f} has a 95% interval [{delta.low:+.4f}, {delta.high:+.4f}] "
+            "that is not above zero"
+        )
     if champion is None:
-        return True, f"no champion yet; {metric} {score:.4f}"
-    if champion.metric != metric:
-        return True, f"champion was chosen on {champion.metric}; now judged on {metric}"
-    if score > champion.score + min_delta:
-        return True, f"{metric} {score:.4f} beats the champion's {champion.score:.4f}"
-    return False, f"{metric} {score:.4f} does not beat the champion's {champion.score:.4f}"
-
-
-def _write_json_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-
-
-def promote_if_better(
-    adapter: Path, rouge: dict[str, float], metric: str, registry: Path, min_delta: float = 0.0
-) -> Decision:
-    registry.mkdir(parents=True, exist_ok=True)
-    champion = read_champion(registry)
-    kept = registry / "adapters" / adapter.name
-    if champion is not None and champion.adapter == kept:
-        # A re-run that reproduced the champion (same weights, same folder name).
-        promoted, reason = False, "this adapter is already the champion"
-    else:
-        promoted, reason = decide(rouge, metric, champion, min_delta)
-    if promoted:
-        if not kept.exists():
-            with atomic_dir(kept) as tmp:
-                shutil.copytree(adapter, tmp, dirs_exist_ok=True)
-        new = Champion(
-            adapter=kept,
-            metric=metric,
-            score=rouge[metric],
-            rouge=rouge,
-            promoted_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        beaten = "beats the pretrained model" if beat_pretrained else "(pretrained not required)"
+        return True, f"no champion yet; {metric} {candidate:.4f} {beaten}"
+    if candidate > champion + min_delta:
+        return True, (
+            f"{metric} {candidate:.4f} beats the champion's {champion:.4f} on the same prompts"
+            + (f" by more than {min_delta}" if min_delta else "")
         )
-        _write_json_atomically(registry / CHAMPION, new.model_dump_json(indent=2))
-    decision = Decision(
-        promoted=promoted,
-        is_champion=promoted or champion.adapter == kept,
-        metric=metric,
-        candidate=rouge[metric],
-        champion=champion.score if champion else None,
-        adapter=kept if promoted else champion.adapter,
-        reason=reason,
+    return False, (
+        f"{metric} {candidate:.4f} does not beat the champion's {champion:.4f} on the same "
+        "prompts" + (f" by more than {min_delta}" if min_delta else "")
     )
-    with open(registry / "decisions.jsonl", "a", encoding="utf-8") as log:
-        log.write(
-            json.dumps(
-                {
-                    "at": datetime.now(UTC).isoformat(timespec="seconds"),
-                    **decision.model_dump(mode="json"),
-                }
-            )
-            + "\n"
+
+
+def record_decision(
+    store: Store,
+    decision: Decision,
+    candidate: AdapterRecord,
+    rouge: dict[str, float],
+) -> None:
+    """Write the decision, then (if promoted) the champion pointer, last, and only once the
+    adapter it points at is complete in the store."""
+    if decision.promoted and not store.intact(candidate.folder, candidate.fingerprint):
+        raise RuntimeError(f"adapter {candidate.folder} is incomplete in the store; not promoted")
+    now = datetime.now(UTC)
+    name = f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}.json"  # sorts by time
+    store.write_text(decision.model_dump_json(indent=2), "registry", "decisions", name)
+    if decision.promoted:
+        champion = Champion(
+            adapter=candidate,
+            metric=decision.metric,
+            score=decision.candidate,
+            rouge=rouge,
+            protocol=decision.protocol,
+            promoted_at=now.isoformat(timespec="seconds"),
         )
-    return decision
+        store.write_text(champion.model_dump_json(indent=2), *CHAMPION)
+
+
+def decisions(store: Store) -> list[Decision]:
+    names = [n for n in store.listdir("registry", "decisions") if n.endswith(".json")]
+    return [
+        Decision.model_validate_json(store.read_text("registry", "decisions", n) or "{}")
+        for n in names
+    ]

@@ -9,13 +9,12 @@ Runs on Prefect's local embedded API unless PREFECT_API_URL points at a server.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from prefect.transactions import transaction
 
 from finance_qlora.config import (
     DEFAULT_PRESET,
@@ -27,12 +26,20 @@ from finance_qlora.config import (
 )
 from finance_qlora.errors import FinanceQLoRAError
 from finance_qlora.preflight import preflight
-from finance_qlora.records import Stored
-from tasks.common import hf_token
+from finance_qlora.records import AdapterRecord
+from finance_qlora.registry import Champion, Protocol, read_champion
+from tasks.common import (
+    RecordSerializer,
+    StoreRef,
+    hf_token,
+    result_storage,
+    storage_options,
+    store_of,
+)
 from tasks.compare import compare_rouge
 from tasks.evaluate import evaluate
 from tasks.format import format_prompts
-from tasks.load import load_splits, source_fingerprint
+from tasks.load import data_version, load_splits
 from tasks.promote import promote
 from tasks.save_adapter import save_adapter
 from tasks.train import train
@@ -44,16 +51,20 @@ def _run_name() -> str:
     return f"{config.preset}: {config.model.name} on {config.data.dataset}"
 
 
-def intact(step, *args: Any, **kwargs: Any) -> Stored:
-    """Run a task; if its (cached) record points at files that are gone or changed, run it
-    again with the cache refreshed instead of handing back something that no longer exists."""
-    record = step(*args, **kwargs)
-    if not record.intact():
-        get_run_logger().warning(
-            "%s: cached files at %s changed or vanished; recomputing", step.name, record.folder
-        )
-        record = step.with_options(refresh_cache=True)(*args, **kwargs)
-    return record
+class Steps:
+    """Runs tasks with their results kept in the store, and notes which were served from it."""
+
+    def __init__(self, store: StoreRef):
+        self.storage = result_storage(store)
+        self.cached: list[str] = []
+
+    def __call__(self, step, *args: Any) -> Any:
+        state = step.with_options(
+            persist_result=True, result_storage=self.storage, result_serializer=RecordSerializer()
+        )(*args, return_state=True)
+        if state.is_completed() and state.name == "Cached":
+            self.cached.append(step.name + (f"-{args[0]}" if step.name == "evaluate" else ""))
+        return state.result()
 
 
 @flow(name="finance-qlora", flow_run_name=_run_name)
@@ -62,44 +73,74 @@ def finetune(
 ) -> dict[str, Any]:
     """Load, format, baseline eval, train, save adapter, final eval; compare and promote."""
     config = resolve_config(preset, overrides)
-    out, model = config.output_dir, config.model
-    preflight(config, lambda: hf_token(model.hf_token_secret, model.name))
+    model, token_block = config.model, config.model.hf_token_secret
+    store = StoreRef(url=config.output_dir, secret=config.output_dir_secret)
+    preflight(config, lambda: hf_token(token_block, model.name), store_of(store).options)
+    run = Steps(store)
     # Load
-    splits = intact(
-        load_splits, config.data, source_fingerprint(config.data), out, model.hf_token_secret
-    )
+    source = data_version(store, config.data, token_block)
+    splits = run(load_splits, store, config.data, source, token_block)
     # Format
-    prompts = intact(format_prompts, splits)
+    prompts = run(format_prompts, store, splits)
     # Baseline eval
-    pretrained = intact(evaluate, "pretrained", prompts, model, config.generation, out)
+    pretrained = run(evaluate, "pretrained", store, prompts, model, config.generation)
     # Train
-    trained = intact(train, prompts, model, config.lora, config.train, out)
-    # One transaction: an adapter that loses to the champion is rolled back (its folder removed,
-    # nothing cached), and so is everything after a failure in these steps.
-    with transaction() as txn:
-        # Save adapter
-        adapter = intact(save_adapter, trained, config)
-        # Final eval
-        finetuned = intact(evaluate, "finetuned", prompts, model, config.generation, out, adapter)
-        # Compare
-        comparison = intact(compare_rouge, pretrained, finetuned, config.bootstrap, out)
-        # Promote
-        decision = promote(finetuned, adapter, config.promotion, config.registry)
-        if not decision.is_champion:
-            txn.rollback()
-    get_run_logger().info(
-        "%s\nchampion: %s (%s)", comparison.markdown, decision.adapter, decision.reason
+    trained = run(train, store, prompts, model, config.lora, config.train)
+    # Save adapter
+    adapter = run(save_adapter, store, trained, model, config.lora, config.train, source)
+    # Final eval
+    finetuned = run(evaluate, "finetuned", store, prompts, model, config.generation, adapter)
+    # Compare
+    comparison = run(compare_rouge, store, pretrained, finetuned, config.bootstrap)
+    # Promote: the champion is scored on these same prompts before the gate judges
+    protocol = Protocol(
+        test_sha256=prompts.test_sha256,
+        template=prompts.template,
+        generation=config.generation.model_dump(mode="json"),
+        base_model=f"{model.name}@{model.revision or 'default'}",
+        data_version=source.version,
     )
-    return {
-        "adapter": str(adapter.folder),
-        "champion": str(decision.adapter),
+    champion = read_champion(store_of(store))
+    champion_eval = None
+    if rescorable(champion, adapter, protocol):
+        champion_eval = run(
+            evaluate, "champion", store, prompts, model, config.generation, champion.adapter
+        )
+    decision = promote(
+        store, adapter, finetuned, comparison, champion, champion_eval, config.promotion, protocol
+    )
+    logger = get_run_logger()
+    if "load" in run.cached and not decision.promoted and decision.adapter == adapter.folder:
+        logger.info("no new data since %s; champion unchanged", source.version)
+    logger.info("%s\nchampion: %s (%s)", comparison.markdown, decision.adapter, decision.reason)
+    summary = {
+        "flow_run": str(flow_run.get_id()),
+        "data_version": source.version,
+        "adapter": adapter.folder,
+        "champion": decision.adapter,
         "promoted": decision.promoted,
-        "rolled_back": not decision.is_champion,
-        "report": str(comparison.markdown_path),
-        "table": comparison.markdown.split("\n### ")[0],
-        "rouge": {"pretrained": pretrained.rouge, "finetuned": finetuned.rouge},
+        "decision": decision.model_dump(mode="json"),
+        "cached_steps": run.cached,
+        "report": f"{comparison.folder}/comparison.md",
+        "rouge": {
+            "pretrained": pretrained.rouge,
+            "finetuned": finetuned.rouge,
+            "champion": champion_eval.rouge if champion_eval else None,
+        },
         "train_losses": trained.losses,
     }
+    # What each run did, kept beside its results: the weekly history outlives the server.
+    store_of(store).write_text(json.dumps(summary, indent=2), "runs", f"{summary['flow_run']}.json")
+    return summary | {"table": comparison.markdown.split("\n### ")[0]}
+
+
+def rescorable(champion: Champion | None, adapter: AdapterRecord, protocol: Protocol) -> bool:
+    """A champion other than this candidate, trained on the same base model."""
+    return (
+        champion is not None
+        and champion.adapter.fingerprint != adapter.fingerprint
+        and champion.protocol.base_model == protocol.base_model
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, dict[str, Any]]:
@@ -114,7 +155,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, dict[str, Any]]:
         help=f"one of {', '.join(PRESETS)} (default {DEFAULT_PRESET})",
     )
     parser.add_argument("--data", help="a local JSON/JSONL/CSV/Parquet file or a hub id")
-    parser.add_argument("--output-dir", type=Path, help="where results go (default ./runs)")
+    parser.add_argument(
+        "--output-dir", help="the durable store: a folder or s3://, gs://, az:// URL (default runs)"
+    )
     parser.add_argument(
         "--set",
         dest="assignments",
@@ -130,8 +173,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, dict[str, Any]]:
     overrides = merge_assignments(args.assignments)
     if args.data:
         overrides.setdefault("data", {})["dataset"] = args.data
-    if args.output_dir:
-        overrides["output_dir"] = str(args.output_dir)
+    if args.output_dir is not None:
+        overrides["output_dir"] = args.output_dir
     return args.preset, overrides | ({"_show": True} if args.show_config else {})
 
 
@@ -145,15 +188,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         # Bad input fails here, before the flow starts (the token is looked up, in the Secret
         # block or HF_TOKEN, only for a hub model).
-        preflight(config, lambda: hf_token(config.model.hf_token_secret, config.model.name))
+        token_block = config.model.hf_token_secret
+        preflight(
+            config,
+            lambda: hf_token(token_block, config.model.name),
+            storage_options(config.output_dir_secret),
+        )
         result = finetune(preset=preset, overrides=overrides)
     except FinanceQLoRAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result["table"])
-    note = " (rolled back: it did not beat the champion)" if result["rolled_back"] else ""
-    print(f"adapter: {result['adapter']}{note}")
-    print(f"champion: {result['champion']}")
+    print(f"data: {result['data_version']}")
+    print(f"adapter: {result['adapter']}")
+    print(f"champion: {result['champion']} ({result['decision']['reason']})")
     return 0
 
 

@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from finance_qlora.config import BootstrapSettings
 from finance_qlora.records import ComparisonRecord, EvalRecord
 from finance_qlora.report import compare, rouge_table
-from tasks.common import CACHE_POLICY, step_dir
+from tasks.common import Step, StoreRef, local, publish, step_key, store_of
 
 
-@task(name="compare", cache_policy=CACHE_POLICY, persist_result=True)
+@task(
+    name="compare",
+    cache_policy=Step(kind="reports", code=("finance_qlora.report", "finance_qlora.bootstrap")),
+)
 def compare_rouge(
+    store: StoreRef,
     pretrained: EvalRecord,
     finetuned: EvalRecord,
     bootstrap: BootstrapSettings,
-    output_dir: Path,
 ) -> ComparisonRecord:
-    out = step_dir(output_dir, "reports", pretrained.fingerprint, finetuned.fingerprint, bootstrap)
-    record = compare(pretrained, finetuned, bootstrap, out)
+    key = step_key()
+    staging = store_of(store).staging("reports", key) / "report"
+    record = compare(local(store, pretrained), local(store, finetuned), bootstrap, staging)
     create_table_artifact(
         rouge_table(record.rouge),
         key="rouge",
@@ -30,4 +32,4 @@ def compare_rouge(
     create_markdown_artifact(
         record.markdown, key="rouge-report", description="ROUGE comparison and sample predictions"
     )
-    return record
+    return publish(store, record, "reports", key)

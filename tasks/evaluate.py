@@ -1,8 +1,7 @@
-"""Steps 3 and 6: one evaluation task, run for the pretrained and the fine-tuned model."""
+"""Steps 3 and 6: one evaluation task, run for the pretrained model, the fine-tuned one and,
+at the gate, the champion adapter on the same prompts."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from prefect import task
 
@@ -10,42 +9,56 @@ from finance_qlora.config import GenerationSettings, ModelConfig
 from finance_qlora.evaluation import evaluate_model
 from finance_qlora.records import AdapterRecord, EvalRecord, PromptRecord
 from tasks.common import (
-    CACHE_POLICY,
     GPU_RETRIES,
     GPU_RETRY_DELAY_S,
     Progress,
+    Step,
+    StoreRef,
     hf_token,
+    local,
+    publish,
     retry_unless_bad_input,
-    step_dir,
+    step_key,
+    store_of,
+)
+
+EVALUATION_CODE = (
+    "finance_qlora.evaluation",
+    "finance_qlora.generation",
+    "finance_qlora.modeling",
+    "finance_qlora.builtin_models",
+    "finance_qlora.rouge",
+    "finance_qlora.prompts",  # cut_answer
 )
 
 
 @task(
     name="evaluate",
     task_run_name="evaluate-{label}",
-    cache_policy=CACHE_POLICY,
-    persist_result=True,
+    # Evaluation reads the test prompts only: new training rows alone do not re-score.
+    cache_policy=Step(kind="eval", code=EVALUATION_CODE, uses={"prompts": lambda p: p.test_sha256}),
     retries=GPU_RETRIES,
     retry_delay_seconds=GPU_RETRY_DELAY_S,
     retry_condition_fn=retry_unless_bad_input,
 )
 def evaluate(
     label: str,
+    store: StoreRef,
     prompts: PromptRecord,
     model: ModelConfig,
     generation: GenerationSettings,
-    output_dir: Path,
     adapter: AdapterRecord | None = None,
 ) -> EvalRecord:
-    adapter_id = adapter.fingerprint if adapter else None
-    out = step_dir(output_dir, "eval", prompts.fingerprint, model, generation, adapter_id)
-    return evaluate_model(
-        prompts.test_path,
+    key = step_key()
+    staging = store_of(store).staging("eval", key) / "eval"
+    record = evaluate_model(
+        local(store, prompts).test_path,
         model,
         generation,
-        out,
+        staging,
         label,
-        adapter_dir=adapter.folder if adapter else None,
+        adapter_dir=local(store, adapter).path if adapter else None,
         token=hf_token(model.hf_token_secret, model.name),
         on_progress=Progress(f"generate-{label}", f"Answers generated ({label})"),
     )
+    return publish(store, record, "eval", key)

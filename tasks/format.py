@@ -6,9 +6,11 @@ from prefect import task
 
 from finance_qlora.prompts import write_prompts
 from finance_qlora.records import PromptRecord, SplitRecord
-from tasks.common import CACHE_POLICY
+from tasks.common import Step, StoreRef, local, publish, step_key, store_of
 
 
-@task(name="format", cache_policy=CACHE_POLICY, persist_result=True)
-def format_prompts(splits: SplitRecord) -> PromptRecord:
-    return write_prompts(splits, splits.folder.parent / "prompts")
+@task(name="format", cache_policy=Step(kind="prompts", code=("finance_qlora.prompts",)))
+def format_prompts(store: StoreRef, splits: SplitRecord) -> PromptRecord:
+    key = step_key()
+    staging = store_of(store).staging("prompts", key) / "prompts"
+    return publish(store, write_prompts(local(store, splits), staging), "prompts", key)

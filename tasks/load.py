@@ -1,42 +1,67 @@
-"""Step 1: read Finance-Alpaca, check it, and write a seeded disjoint train/test sample."""
+"""Step 1: resolve the data to a version, read it, check it, and write a seeded disjoint
+train/test sample."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from urllib.parse import urlsplit
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from finance_qlora.config import DataConfig
-from finance_qlora.data import local_path, write_splits
-from finance_qlora.files import fingerprint
-from finance_qlora.records import SplitRecord
+from finance_qlora.data import resolve_version, write_splits
+from finance_qlora.records import DataVersion, SplitRecord
 from tasks.common import (
-    CACHE_POLICY,
     HUB_RETRIES,
     HUB_RETRY_DELAY_S,
+    Step,
+    StoreRef,
     hf_token,
+    publish,
     retry_unless_bad_input,
-    step_dir,
+    step_key,
+    store_of,
 )
 
 
-def source_fingerprint(data: DataConfig) -> str:
-    """Identifies the source rows: a local file's bytes, or a hub id at a revision."""
-    path = local_path(data.dataset)
-    return fingerprint(path) if path else f"hub:{data.dataset}@{data.revision or 'main'}"
+def data_options(store: StoreRef, dataset: str) -> dict:
+    """A data file on the store's kind of file system is read with the store's credentials."""
+    scheme = urlsplit(dataset).scheme
+    return store_of(store).options if scheme and scheme in store.url else {}
 
 
 @task(
-    name="load",
-    cache_policy=CACHE_POLICY,
-    persist_result=True,
+    name="data-version",
+    cache_policy=NO_CACHE,  # the point: ask again every run what the data is now
     retries=HUB_RETRIES,
     retry_delay_seconds=HUB_RETRY_DELAY_S,
     retry_condition_fn=retry_unless_bad_input,
 )
-def load_splits(data: DataConfig, source: str, output_dir: Path, token_block: str) -> SplitRecord:
-    out = step_dir(output_dir, "data", data, source) / "splits"
+def data_version(store: StoreRef, data: DataConfig, token_block: str) -> DataVersion:
     token = hf_token(token_block, data.dataset)
-    return write_splits(
-        data.dataset, data.revision, data.train_size, data.test_size, data.seed, out, token
+    return resolve_version(data.dataset, data.revision, token, data_options(store, data.dataset))
+
+
+@task(
+    name="load",
+    cache_policy=Step(kind="data", code=("finance_qlora.data",)),
+    retries=HUB_RETRIES,
+    retry_delay_seconds=HUB_RETRY_DELAY_S,
+    retry_condition_fn=retry_unless_bad_input,
+)
+def load_splits(
+    store: StoreRef, data: DataConfig, source: DataVersion, token_block: str
+) -> SplitRecord:
+    key = step_key()
+    staging = store_of(store).staging("data", key)
+    token = hf_token(token_block, data.dataset)
+    record = write_splits(
+        source,
+        data.train_size,
+        data.test_size,
+        data.seed,
+        staging / "splits",
+        token,
+        data_options(store, source.source),
     )
+    return publish(store, record, "data", key)

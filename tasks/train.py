@@ -2,39 +2,49 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import task
 from prefect.logging import get_run_logger
 
+from finance_qlora.adapter import normalize_adapter_config
 from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
 from finance_qlora.records import PromptRecord, TrainRecord
 from finance_qlora.training import train_adapter
 from tasks.common import (
-    CACHE_POLICY,
     GPU_RETRIES,
     GPU_RETRY_DELAY_S,
     Progress,
+    Step,
+    StoreRef,
     hf_token,
+    local,
+    publish,
     retry_unless_bad_input,
-    step_dir,
+    step_key,
+    store_of,
+)
+
+TRAINING_CODE = (
+    "finance_qlora.training",
+    "finance_qlora.batching",
+    "finance_qlora.modeling",
+    "finance_qlora.builtin_models",
 )
 
 
 @task(
     name="train",
-    cache_policy=CACHE_POLICY,
-    persist_result=True,
+    # Training reads the train prompts only: a new test sample does not retrain.
+    cache_policy=Step(kind="train", code=TRAINING_CODE, uses={"prompts": lambda p: p.train_sha256}),
     retries=GPU_RETRIES,
     retry_delay_seconds=GPU_RETRY_DELAY_S,
     retry_condition_fn=retry_unless_bad_input,
 )
 def train(
+    store: StoreRef,
     prompts: PromptRecord,
     model: ModelConfig,
     lora: LoraSettings,
     settings: TrainSettings,
-    output_dir: Path,
 ) -> TrainRecord:
     logger = get_run_logger()
     progress = Progress("train", "Training steps done")
@@ -43,14 +53,15 @@ def train(
         logger.info("step %d/%d  loss %.4f", step, total, loss)
         progress(step, total)
 
-    # Same inputs, same folder: a retry finds the checkpoints of the failed try there.
-    out = step_dir(output_dir, "train", prompts.fingerprint, model, lora, settings)
+    # Same key, same staging folder: a retry finds the checkpoints of the failed try there.
+    key = step_key()
+    staging = store_of(store).staging("train", key)
     record = train_adapter(
-        prompts.train_path,
+        local(store, prompts).train_path,
         model,
         lora,
         settings,
-        out,
+        staging,
         token=hf_token(model.hf_token_secret, model.name),
         on_log=on_log,
     )
@@ -63,4 +74,5 @@ def train(
         record.losses[0],
         record.losses[-1],
     )
-    return record
+    normalize_adapter_config(record.path, model.name)
+    return publish(store, record, "train", key)  # checkpoints go: they only served retries

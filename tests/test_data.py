@@ -7,11 +7,12 @@ from finance_qlora.data import (
     drop_duplicates,
     local_path,
     read_rows,
+    resolve_version,
     split_rows,
     write_splits,
 )
 from finance_qlora.errors import DataError
-from finance_qlora.files import read_jsonl
+from finance_qlora.files import fingerprint, read_jsonl
 from tests.conftest import make_rows
 
 
@@ -98,12 +99,82 @@ def test_null_input_means_no_input():
 
 def test_write_splits_returns_paths_and_fingerprint(write_rows, tmp_path):
     path = write_rows(make_rows(20))
-    record = write_splits(str(path), None, 12, 5, 0, tmp_path / "splits")
+    source = resolve_version(str(path))
+    record = write_splits(source, 12, 5, 0, tmp_path / "splits")
     assert (record.train_rows, record.test_rows) == (12, 5)
+    assert record.data_version == source.version == f"sha256:{fingerprint(path)}"
     assert len(read_jsonl(record.train_path)) == 12
     assert len(read_jsonl(record.test_path)) == 5
-    assert record.intact()
-    again = write_splits(str(path), None, 12, 5, 0, tmp_path / "splits")
+    assert record.fingerprint == fingerprint(record.path)
+    again = write_splits(source, 12, 5, 0, tmp_path / "splits")
     assert again.fingerprint == record.fingerprint
-    record.test_path.write_text("changed\n")
-    assert not record.intact()
+
+
+def test_an_edited_file_is_read_anew_even_with_the_same_mtime(write_rows, tmp_path):
+    """The bytes hashed are the bytes parsed: no cache keyed by path and modification time."""
+    import os
+
+    path = write_rows(make_rows(10))
+    stamp = os.stat(path)
+    first = read_rows(str(path))
+    changed = make_rows(10)
+    changed[0]["output"] = "A new answer."
+    write_rows(changed)
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # as a copy tool restores it
+    assert os.stat(path).st_mtime_ns == stamp.st_mtime_ns
+    assert read_rows(str(path))[0]["output"] == "A new answer." != first[0]["output"]
+    assert resolve_version(str(path)).version == f"sha256:{fingerprint(path)}"
+
+
+def test_the_version_is_the_content_not_the_path(write_rows, tmp_path):
+    a = write_rows(make_rows(10), "a.jsonl")
+    b = write_rows(make_rows(10), "b.jsonl")
+    assert resolve_version(str(a)).version == resolve_version(str(b)).version
+    write_rows(make_rows(11), "b.jsonl")
+    assert resolve_version(str(a)).version != resolve_version(str(b)).version
+
+
+def test_a_data_file_on_the_store(bucket, write_rows):
+    import s3fs
+
+    local = write_rows(make_rows(12))
+    url = f"{bucket}/incoming/rows.jsonl"
+    s3fs.S3FileSystem(skip_instance_cache=True).put_file(str(local), url)
+    source = resolve_version(url)
+    assert source.version == f"sha256:{fingerprint(local)}" and source.revision is None
+    assert read_rows(url) == read_rows(str(local))
+    with pytest.raises(DataError, match="does not exist on the store"):
+        resolve_version(f"{bucket}/incoming/missing.jsonl")
+
+
+def test_hub_ids_offline_fail_at_once(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("some/nonexistent-hub-id", "myrows"):
+        with pytest.raises(DataError, match="not a local file, and the Hub is offline"):
+            resolve_version(name)
+
+
+def test_csv_text_columns_stay_text(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("instruction,input,output\nWhat is 2024?,2024,A year.\nWhy?,,Because.\n")
+    rows = check_rows(read_rows(str(path)), str(path))
+    assert rows[0]["input"] == "2024" and rows[1]["input"] == ""
+
+
+def test_folders_pipes_and_empty_files_are_named(tmp_path):
+    import os
+
+    with pytest.raises(DataError, match="is a folder"):
+        local_path(str(tmp_path))
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="not a regular file"):
+        local_path(str(fifo))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        read_rows(str(empty))
+    loop = tmp_path / "loop.jsonl"
+    loop.symlink_to(loop)
+    with pytest.raises(DataError, match="cannot be opened"):
+        local_path(str(loop))

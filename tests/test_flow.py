@@ -74,12 +74,16 @@ def test_adapter_files_load_with_peft(first_run):
         "adapter_model.safetensors",
         "adapter_config.json",
         "tokenizer.json",
-        "finetune_config.json",
+        "training_settings.json",
         "training_metrics.json",
     ):
         assert (adapter / name).is_file(), name
-    assert sorted(PeftConfig.from_pretrained(str(adapter)).target_modules) == ["q_proj", "v_proj"]
+    config = PeftConfig.from_pretrained(str(adapter))
+    assert sorted(config.target_modules) == ["q_proj", "v_proj"]
+    assert config.base_model_name_or_path == "builtin:tiny-llama"  # no machine's own path
     assert not list(adapter.parent.glob(".tmp-*"))  # nothing half-written left behind
+    settings = json.loads((adapter / "training_settings.json").read_text())
+    assert set(settings) == {"model", "lora", "train", "data_version"}  # what made the weights
 
 
 def test_rouge_records_have_four_metrics_in_range(first_run):
@@ -106,8 +110,15 @@ def test_second_run_is_served_from_cache(first_run):
     states = task_states(state)
     assert all(states[step] == ["Cached"] for step in STEPS | {"compare"}), states
     assert states["promote"] == ["Completed"]  # the gate always looks at the current champion
-    assert not result.pop("promoted") and first_result["promoted"]  # it already is champion
-    assert result == {k: v for k, v in first_result.items() if k != "promoted"}
+    assert not result["promoted"] and first_result["promoted"]  # it already is champion
+    assert result["decision"]["reason"] == "this adapter is already the champion"
+    assert set(result["cached_steps"]) == STEPS | {"compare"}
+    for key in ("adapter", "champion", "rouge", "table", "data_version", "train_losses"):
+        assert result[key] == first_result[key]
+    assert any(
+        m.startswith(f"no new data since {result['data_version']}; champion unchanged")
+        for m in sent_logs(flow_run_id=state.state_details.flow_run_id)
+    )
 
 
 def test_deleted_adapter_is_recomputed_not_served(first_run):
@@ -115,8 +126,8 @@ def test_deleted_adapter_is_recomputed_not_served(first_run):
     shutil.rmtree(first_result["adapter"])
     state, result = run_flow(output_dir)
     states = task_states(state)
-    # the cached record was found, its folder was gone, and the step ran again
-    assert states["save-adapter"] == ["Cached", "Completed"]
+    # its cached result pointed at a folder that is gone: dropped, and the step ran again
+    assert states["save-adapter"] == ["Completed"]
     assert states["train"] == ["Cached"]
     assert Path(result["adapter"], "adapter_model.safetensors").is_file()
     assert result["rouge"] == first_result["rouge"]
@@ -155,6 +166,9 @@ def test_bad_input_fails_fast_and_is_not_retried(prefect_api, tmp_path, write_ro
     from prefect import flow
 
     from finance_qlora.config import DataConfig
+    from finance_qlora.files import fingerprint
+    from finance_qlora.records import DataVersion
+    from tasks.common import StoreRef
     from tasks.load import load_splits
 
     path = write_rows([{"instruction": "Q", "input": "", "answer": "A"}] * 3)
@@ -176,7 +190,9 @@ def test_bad_input_fails_fast_and_is_not_retried(prefect_api, tmp_path, write_ro
     # ... and the load task itself, which retries hub trouble, does not retry bad data.
     @flow
     def load_only():
-        return load_splits(DataConfig(dataset=str(path)), "x", tmp_path, "hf-token")
+        source = DataVersion(source=str(path), version=f"sha256:{fingerprint(path)}")
+        store = StoreRef(url=str(tmp_path))
+        return load_splits(store, DataConfig(dataset=str(path)), source, "hf-token")
 
     state = load_only(return_state=True)
     assert state.is_failed()
@@ -192,35 +208,28 @@ def test_bad_input_fails_fast_and_is_not_retried(prefect_api, tmp_path, write_ro
 
 def test_first_run_promotes_its_adapter(first_run):
     output_dir, _, result = first_run
-    assert result["promoted"] and not result["rolled_back"]
+    assert result["promoted"] and result["champion"] == result["adapter"]
     champion = json.loads((output_dir / "registry" / "champion.json").read_text())
-    assert Path(champion["adapter"]).name == Path(result["adapter"]).name
+    assert champion["adapter"]["folder"] == result["adapter"]
+    assert champion["protocol"]["data_version"] == result["data_version"]
     assert Path(result["champion"], "adapter_model.safetensors").is_file()
 
 
-def test_adapter_that_loses_to_the_champion_is_rolled_back(prefect_api, tmp_path):
-    registry = tmp_path / "registry"
-    registry.mkdir()
-    champion = {
-        "adapter": str(tmp_path / "best"),
-        "metric": "rougeL",
-        "score": 0.99,
-        "rouge": {"rougeL": 0.99},
-        "promoted_at": "2026-11-01T00:00:00+00:00",
-    }
-    (registry / "champion.json").write_text(json.dumps(champion))
-    before = (registry / "champion.json").read_bytes()
-    state, result = run_flow(tmp_path)
+def test_a_losing_adapter_is_kept_and_the_champion_unchanged(prefect_api, tmp_path):
+    """The champion is re-scored on the candidate's prompts; the loser stays in the store
+    (adapters are immutable) and nothing a run did not create is ever removed."""
+    _, first = run_flow(tmp_path)
+    before = (tmp_path / "registry" / "champion.json").read_bytes()
+    state, second = run_flow(tmp_path, train={"seed": 7}, promotion={"min_delta": 1.0})
     assert state.is_completed()
-    assert task_states(state)["save-adapter"] == ["RolledBack"]
-    assert not result["promoted"] and result["rolled_back"]
-    assert result["champion"] == champion["adapter"]
-    assert not Path(result["adapter"]).exists()  # this run's save was rolled back
-    assert not list((tmp_path / "adapters").glob("*"))
-    assert (registry / "champion.json").read_bytes() == before
-    # nothing of the rolled-back save was cached: the next run saves (and rolls back) again
-    state, _ = run_flow(tmp_path)
-    assert task_states(state)["save-adapter"] == ["RolledBack"]
+    assert task_states(state)["evaluate-champion"] == ["Cached"]  # same prompts as run 1
+    assert not second["promoted"] and second["champion"] == first["adapter"]
+    assert second["adapter"] != first["adapter"]
+    assert Path(second["adapter"], "adapter_model.safetensors").is_file()
+    assert Path(first["adapter"], "adapter_model.safetensors").is_file()
+    assert (tmp_path / "registry" / "champion.json").read_bytes() == before
+    decisions = sorted((tmp_path / "registry" / "decisions").glob("*.json"))
+    assert [json.loads(p.read_text())["promoted"] for p in decisions] == [True, False]
 
 
 def test_hf_token_never_reaches_logs_or_artifacts(prefect_api, tmp_path):
@@ -272,7 +281,7 @@ def test_retried_training_resumes_from_its_checkpoint(prefect_api, tmp_path, mon
     class FailAtStep(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 5:
-                raise RuntimeError("injected fault at step 5")
+                raise RuntimeError("CUDA error: injected fault at step 5")
 
     checkpoints = {"train": {"checkpoint_steps": 2}}
     _, whole = run_flow(tmp_path / "whole", **checkpoints)

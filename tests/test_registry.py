@@ -1,66 +1,100 @@
-"""The promotion gate on plain folders: better becomes champion, worse leaves it untouched."""
+"""The gate and the champion registry in a store: a candidate must beat the pretrained model
+and the champion on the same prompts; the champion pointer is written last."""
 
-import json
+from __future__ import annotations
 
 import pytest
 
-from finance_qlora.registry import CHAMPION, promote_if_better, read_champion
+from finance_qlora.bootstrap import Interval
+from finance_qlora.records import AdapterRecord
+from finance_qlora.registry import (
+    Decision,
+    Protocol,
+    decide,
+    decisions,
+    read_champion,
+    record_decision,
+)
+from finance_qlora.store import Store
+
+PROTOCOL = Protocol(
+    test_sha256="t" * 64,
+    template="p" * 64,
+    generation={"max_new_tokens": 8},
+    base_model="builtin:tiny-llama@default",
+    data_version="sha256:abc",
+)
 
 
-def rouge(value: float) -> dict[str, float]:
-    return {"rouge1": value, "rouge2": value / 2, "rougeL": value, "rougeLsum": value}
+def delta(low: float, mean: float = 0.05) -> Interval:
+    return Interval(mean=mean, low=low, high=mean + 0.05)
 
 
-@pytest.fixture
-def adapter_folder(tmp_path):
-    def make(name: str, content: str):
-        folder = tmp_path / "adapters" / name
-        folder.mkdir(parents=True)
-        (folder / "adapter_model.safetensors").write_text(content)
-        return folder
-
-    return make
-
-
-def test_first_adapter_becomes_champion(tmp_path, adapter_folder):
-    registry = tmp_path / "registry"
-    decision = promote_if_better(adapter_folder("a", "A"), rouge(0.2), "rougeL", registry)
-    assert decision.promoted and decision.is_champion and decision.champion is None
-    champion = read_champion(registry)
-    assert champion.score == 0.2 and champion.adapter == registry / "adapters" / "a"
-    assert (champion.adapter / "adapter_model.safetensors").read_text() == "A"
+def test_must_beat_the_pretrained_model():
+    promoted, reason = decide("rougeL", 0.30, delta(low=-0.01), champion=None)
+    assert not promoted and "does not beat the pretrained model" in reason
+    promoted, _ = decide("rougeL", 0.30, delta(low=0.0), champion=None)
+    assert not promoted  # an interval that touches zero is not "above zero"
+    promoted, reason = decide("rougeL", 0.30, delta(low=0.01), champion=None)
+    assert promoted and "no champion yet" in reason
+    promoted, _ = decide("rougeL", 0.30, delta(low=-0.01), None, beat_pretrained=False)
+    assert promoted
 
 
-def test_better_adapter_replaces_champion(tmp_path, adapter_folder):
-    registry = tmp_path / "registry"
-    promote_if_better(adapter_folder("a", "A"), rouge(0.2), "rougeL", registry)
-    decision = promote_if_better(adapter_folder("b", "B"), rouge(0.3), "rougeL", registry)
-    assert decision.promoted and decision.champion == 0.2
-    assert read_champion(registry).adapter.name == "b"
-    assert (registry / "adapters" / "a").is_dir()  # earlier champions are kept
+def test_must_beat_the_champion_by_min_delta():
+    assert decide("rougeL", 0.31, delta(0.01), champion=0.30)[0]
+    assert not decide("rougeL", 0.30, delta(0.01), champion=0.30)[0]  # a tie keeps it
+    assert not decide("rougeL", 0.305, delta(0.01), champion=0.30, min_delta=0.01)[0]
+    assert decide("rougeL", 0.311, delta(0.01), champion=0.30, min_delta=0.01)[0]
 
 
-def test_worse_or_equal_adapter_leaves_champion_intact(tmp_path, adapter_folder):
-    registry = tmp_path / "registry"
-    promote_if_better(adapter_folder("a", "A"), rouge(0.3), "rougeL", registry)
-    before = (registry / CHAMPION).read_bytes()
-    for name, score in (("b", 0.1), ("c", 0.3)):
-        decision = promote_if_better(adapter_folder(name, name), rouge(score), "rougeL", registry)
-        assert not decision.promoted and not decision.is_champion
-        assert decision.adapter.name == "a"
-        assert not (registry / "adapters" / name).exists()
-    assert (registry / CHAMPION).read_bytes() == before
-    log = [json.loads(line) for line in (registry / "decisions.jsonl").read_text().splitlines()]
-    assert [d["promoted"] for d in log] == [True, False, False]
+def published_adapter(store: Store, tmp_path, name: str) -> AdapterRecord:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_text(name)
+    uri, digest = store.publish(folder, "adapters", name)
+    return AdapterRecord(folder=uri, fingerprint=digest)
 
 
-def test_min_delta_and_rerun_of_the_champion(tmp_path, adapter_folder):
-    registry = tmp_path / "registry"
-    first = adapter_folder("a", "A")
-    promote_if_better(first, rouge(0.30), "rougeL", registry)
-    small_gain = promote_if_better(
-        adapter_folder("b", "B"), rouge(0.305), "rougeL", registry, min_delta=0.01
+def decision(promoted: bool, adapter: AdapterRecord) -> Decision:
+    return Decision(
+        promoted=promoted,
+        metric="rougeL",
+        candidate=0.3,
+        pretrained=0.2,
+        delta=delta(0.01),
+        champion=None,
+        candidate_adapter=adapter.folder,
+        adapter=adapter.folder if promoted else None,
+        reason="test",
+        protocol=PROTOCOL,
     )
-    assert not small_gain.promoted
-    again = promote_if_better(first, rouge(0.30), "rougeL", registry)
-    assert again.is_champion and not again.promoted and "already the champion" in again.reason
+
+
+@pytest.fixture(params=["folder", "s3"])
+def store(request, tmp_path):
+    if request.param == "folder":
+        return Store(str(tmp_path / "store"))
+    return Store(request.getfixturevalue("bucket") + "/runs")
+
+
+def test_promotion_writes_the_pointer_and_every_decision(store, tmp_path):
+    a = published_adapter(store, tmp_path, "a")
+    record_decision(store, decision(True, a), a, {"rougeL": 0.3})
+    champion = read_champion(store)
+    assert champion.adapter == a and champion.protocol == PROTOCOL
+    b = published_adapter(store, tmp_path, "b")
+    record_decision(store, decision(False, b), b, {"rougeL": 0.1})
+    assert read_champion(store).adapter == a
+    assert [d.promoted for d in decisions(store)] == [True, False]
+
+
+def test_an_incomplete_adapter_never_becomes_champion(store, tmp_path):
+    a = published_adapter(store, tmp_path, "a")
+    record_decision(store, decision(True, a), a, {"rougeL": 0.3})
+    before = store.read_text("registry", "champion.json")
+    b = published_adapter(store, tmp_path, "b")
+    store.fs.rm_file(store.path("adapters", "b", "MANIFEST.json"))  # killed mid-upload
+    with pytest.raises(RuntimeError, match="incomplete"):
+        record_decision(store, decision(True, b), b, {"rougeL": 0.9})
+    assert store.read_text("registry", "champion.json") == before
