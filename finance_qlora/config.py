@@ -41,7 +41,7 @@ class ModelConfig(_Section):
     load_in_4bit: bool = True
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    # "auto": bf16 where the GPU supports it, fp16 on older GPUs (T4), fp32 on the CPU.
+    # "auto": bf16 on compute capability 8.0 and newer (Ampere+), fp16 below (T4), fp32 on CPU.
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     trust_remote_code: bool = False
     # Prefect Secret block holding the Hugging Face token; HF_TOKEN is the fallback.

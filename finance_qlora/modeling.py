@@ -23,7 +23,9 @@ def compute_dtype(name: str) -> torch.dtype:
         return _DTYPES[name]
     if not torch.cuda.is_available():
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # By compute capability: is_bf16_supported() is also true on a T4 (7.5), where bf16 is
+    # emulated and slow; native bf16 starts with Ampere (8.0).
+    return torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
 
 
 def device_map() -> dict[str, Any]:
