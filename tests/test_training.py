@@ -68,3 +68,38 @@ def test_unknown_lora_target_is_a_config_error(tmp_path):
     config = resolve_config("tiny-cpu", {"lora": {"target_modules": ["query_key_value"]}})
     with pytest.raises(ConfigError, match="lora.target_modules: query_key_value"):
         train_adapter(prompts, config.model, config.lora, config.train, tmp_path / "out")
+
+
+def test_every_training_example_ends_with_eos_even_when_too_long(tmp_path, caplog):
+    """A row longer than train.max_seq_length keeps its EOS: its answer is cut after a
+    sentence (not mid-word by truncation), and a row that cannot fit is dropped."""
+    from finance_qlora.modeling import load_tokenizer
+    from finance_qlora.training import build_trainer
+
+    config = resolve_config("tiny-cpu")
+    tokenizer = load_tokenizer(config.model)
+    pairs = [to_prompt_completion(r) for r in make_rows(3)]
+    kept = pairs[0]["completion"] + " It pays interest."
+    long = dict(pairs[0], completion=kept + " It ends at maturity, when it is repaid.")
+    pairs.append(long)
+
+    def length(prompt: str, completion: str) -> int:
+        return len(tokenizer(prompt + completion + tokenizer.eos_token)["input_ids"])
+
+    limit = length(long["prompt"], kept)
+    assert length(long["prompt"], long["completion"]) > limit
+    assert limit >= max(length(p["prompt"], p["completion"]) for p in pairs[:3])
+    prompts = tmp_path / "train.jsonl"
+    write_jsonl(prompts, pairs)
+    train = config.train.model_copy(update={"max_seq_length": limit})
+    with caplog.at_level("WARNING", logger="finance_qlora.training"):
+        trainer = build_trainer(prompts, config.model, config.lora, train, tmp_path / "out")
+    examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    batch = trainer.data_collator(examples)
+    eos = tokenizer.eos_token_id
+    for labels in batch["labels"]:
+        answer = labels[labels != -100]
+        assert answer[-1].item() == eos and (answer[:-1] != eos).all()
+    trimmed = tokenizer.decode(batch["input_ids"][3][batch["labels"][3] != -100])
+    assert trimmed == f"{kept}</s>"
+    assert "1 of 4 training rows exceed train.max_seq_length" in caplog.text
