@@ -63,6 +63,8 @@ class TrainSettings(_Section):
     gradient_accumulation_steps: int = Field(4, gt=0)
     max_seq_length: int = Field(512, gt=0)
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    # Any transformers scheduler name: "constant_with_warmup" (the reference recipe) keeps the
+    # rate flat after warm-up; "cosine" or "linear" decay it to zero by the last step.
     lr_scheduler: str = "constant_with_warmup"
     gradient_checkpointing: bool = True
     optimizer: str = "paged_adamw_8bit"

@@ -241,12 +241,13 @@ def build_trainer(
         callbacks=callbacks or [],
         max_tokens_per_batch=train.max_tokens_per_batch,
     )
-    if dtype != torch.bfloat16:
-        # TRL stores QLoRA adapters in bf16; fp16 loss scaling (T4) and the CPU need fp32
-        # adapter weights. The optimizer is created later, in train(), so it sees fp32.
-        for param in trainer.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
+    # TRL casts the adapters of a 4-bit model to bf16, also after dequantizing (the model still
+    # says it is quantized). Trainable weights stay fp32 on every card: fp16 loss scaling needs
+    # it (T4), and in bf16 small updates round away. Mixed precision still computes in
+    # bf16/fp16. The optimizer is created later, in train(), so it sees fp32.
+    for param in trainer.model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
     return trainer
 
 
