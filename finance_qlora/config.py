@@ -89,7 +89,10 @@ class GenerationSettings(_Section):
     # Deterministic guards against answers that repeat one sentence until the token limit;
     # 1.0 and 0 turn them off (the reference recipe).
     repetition_penalty: float = Field(1.0, ge=1.0)
+    # transformers' own: also bans n-grams of the prompt (the question, the template).
     no_repeat_ngram_size: int = Field(0, ge=0)
+    # The project's: bans repeating an n-gram of the generated answer only.
+    block_repeat_ngram: int = Field(0, ge=0)
     # Generate with base weights dequantized once from NF4 where the GPU has room.
     dequantize: Literal["auto", "always", "never"] = "auto"
 

@@ -40,6 +40,7 @@ def evaluate_model(
             on_progress,
             generation.repetition_penalty,
             generation.no_repeat_ngram_size,
+            generation.block_repeat_ngram,
         )
     per_example = score_pairs(predictions, references)
     table = pd.DataFrame(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from finance_qlora.errors import FinanceQLoRAError
 from finance_qlora.modeling import release_memory, stop_token_ids
@@ -20,6 +21,33 @@ class Generated(NamedTuple):
 
     text: str  # the new tokens up to the first end-of-turn id, decoded
     new_tokens: int  # tokens before that id; == max_new_tokens: the answer hit the limit
+
+
+class GeneratedNgramBlocker(LogitsProcessor):
+    """Ban every token that would repeat an n-gram of the answer generated so far.
+
+    Only generated tokens count: transformers' `no_repeat_ngram_size` also bans the prompt's
+    n-grams, so an answer could not quote the question or the template. With left padding
+    every row's answer starts at `prompt_length`.
+    """
+
+    def __init__(self, n: int, prompt_length: int):
+        if n < 1:
+            raise ValueError(f"n-gram size must be at least 1, got {n}")
+        self.n, self.prompt_length = n, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        n = self.n
+        generated = input_ids[:, self.prompt_length :].tolist()
+        for row, ids in enumerate(generated):
+            if len(ids) < n:
+                continue  # no complete n-gram yet
+            prefix = ids[len(ids) - n + 1 :]  # what the next token would complete
+            banned = {
+                ids[i + n - 1] for i in range(len(ids) - n + 1) if ids[i : i + n - 1] == prefix
+            }
+            scores[row, list(banned)] = float("-inf")
+        return scores
 
 
 def _until_stop(ids: list[int], stop: set[int]) -> list[int]:
@@ -40,12 +68,14 @@ def generate_raw(
     on_progress: Callable[[int, int], None] | None = None,
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
+    block_repeat_ngram: int = 0,
 ) -> list[Generated]:
     """One greedy answer per prompt, in the order given, uncut, with its token count.
 
     Sorting by length keeps padding low; left padding puts every prompt's last token at the
     same position so all rows continue from the right place. Generation stops at every
     end-of-turn id of the model (its generation config may list several) and the tokenizer's EOS.
+    `block_repeat_ngram` > 0 bans repeating an n-gram of the answer (`GeneratedNgramBlocker`).
     """
     tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -69,8 +99,13 @@ def generate_raw(
         batch = order[start : start + size]
         encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True)
         encoded = {k: v.to(device) for k, v in encoded.items()}
+        blockers = LogitsProcessorList()
+        if block_repeat_ngram:
+            blockers.append(
+                GeneratedNgramBlocker(block_repeat_ngram, encoded["input_ids"].shape[1])
+            )
         try:
-            output = model.generate(**encoded, **settings)
+            output = model.generate(**encoded, **settings, logits_processor=blockers)
         except torch.OutOfMemoryError:
             # Halve the batch and try the same rows again. Greedy answers can change with the
             # batch's composition (padding changes the kernels' shapes and so the rounding; in
@@ -104,6 +139,7 @@ def generate_answers(
     on_progress: Callable[[int, int], None] | None = None,
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
+    block_repeat_ngram: int = 0,
 ) -> list[str]:
     """One greedy answer per prompt, cut at the next '### ' section (see `generate_raw`)."""
     generated = generate_raw(
@@ -115,5 +151,6 @@ def generate_answers(
         on_progress,
         repetition_penalty,
         no_repeat_ngram_size,
+        block_repeat_ngram,
     )
     return [cut_answer(g.text) for g in generated]
