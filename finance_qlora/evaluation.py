@@ -1,5 +1,9 @@
 """The evaluation protocol, one function for both models: same prompts, greedy decoding,
-same token budget, answers cut at EOS or the next '### ' section, ROUGE from rouge_score."""
+same token budget, answers cut at EOS or the next '### ' section, ROUGE from rouge_score.
+
+predictions.parquet keeps, beside each scored `prediction`, the `raw_prediction` (everything
+generated up to the end-of-turn token, before the cut at '### ') and `new_tokens` (how many
+tokens that was; equal to max_new_tokens when the answer hit the limit)."""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ import pandas as pd
 
 from finance_qlora.config import GenerationSettings, ModelConfig
 from finance_qlora.files import atomic_dir, fingerprint, read_jsonl
-from finance_qlora.generation import generate_answers
+from finance_qlora.generation import generate_raw
 from finance_qlora.modeling import loaded
+from finance_qlora.prompts import cut_answer
 from finance_qlora.records import EvalRecord
 from finance_qlora.rouge import mean_scores, score_pairs
 
@@ -31,7 +36,7 @@ def evaluate_model(
     prompts = [r["prompt"] for r in rows]
     references = [r["completion"] for r in rows]
     with loaded(model_cfg, token, adapter_dir, generation.dequantize) as (model, tokenizer):
-        predictions = generate_answers(
+        generated = generate_raw(
             model,
             tokenizer,
             prompts,
@@ -42,9 +47,17 @@ def evaluate_model(
             generation.no_repeat_ngram_size,
             generation.block_repeat_ngram,
         )
+    predictions = [cut_answer(g.text) for g in generated]
     per_example = score_pairs(predictions, references)
     table = pd.DataFrame(
-        {"prompt": prompts, "reference": references, "prediction": predictions, **per_example}
+        {
+            "prompt": prompts,
+            "reference": references,
+            "prediction": predictions,
+            "raw_prediction": [g.text for g in generated],
+            "new_tokens": [g.new_tokens for g in generated],
+            **per_example,
+        }
     )
     with atomic_dir(out_dir) as tmp:
         table.to_parquet(tmp / "predictions.parquet", index=False)

@@ -8,7 +8,7 @@ from finance_qlora.evaluation import evaluate_model
 from finance_qlora.files import write_jsonl
 from finance_qlora.generation import generate_answers
 from finance_qlora.modeling import loaded
-from finance_qlora.prompts import to_prompt_completion
+from finance_qlora.prompts import cut_answer, to_prompt_completion
 from finance_qlora.report import paired_examples
 from finance_qlora.rouge import METRICS
 from tests.conftest import make_rows
@@ -37,6 +37,10 @@ def test_two_evaluations_give_identical_scores(config, prompts_path, tmp_path):
     a, b = pd.read_parquet(first.predictions_parquet), pd.read_parquet(second.predictions_parquet)
     assert a["prediction"].tolist() == b["prediction"].tolist()
     assert pd.read_csv(first.predictions_csv).shape[0] == 7
+    # the uncut text and its token count are kept beside the scored answer
+    assert a["prediction"].tolist() == [cut_answer(t) for t in a["raw_prediction"]]
+    assert a["new_tokens"].between(0, config.generation.max_new_tokens).all()
+    assert (a["new_tokens"] > 0).any()
 
 
 def test_batched_generation_equals_one_at_a_time(config, prompts_path):
