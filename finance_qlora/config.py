@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from finance_qlora.errors import ConfigError, describe_validation_error
 
@@ -97,6 +97,21 @@ class GenerationSettings(_Section):
     dequantize: Literal["auto", "always", "never"] = "auto"
 
 
+class EvaluationSettings(_Section):
+    # 🤗 evaluate metrics for both models' answers. "rouge": the project's ROUGE, a local
+    # evaluate module that loads offline (the comparison, the bootstrap and the promotion gate
+    # use it); any other name: evaluate.load(name) from the Hugging Face Hub, where reachable,
+    # saved in the evaluation's metrics.json.
+    metrics: list[str] = Field(default_factory=lambda: ["rouge"], min_length=1)
+
+    @field_validator("metrics")
+    @classmethod
+    def _rouge_is_kept(cls, metrics: list[str]) -> list[str]:
+        if "rouge" not in metrics:
+            raise ValueError("must include 'rouge' (the comparison and the promotion gate use it)")
+        return metrics
+
+
 class BootstrapSettings(_Section):
     resamples: int = Field(1000, gt=0)
     confidence: float = Field(0.95, gt=0.0, lt=1.0)
@@ -117,6 +132,7 @@ class FinetuneConfig(_Section):
     lora: LoraSettings = LoraSettings()
     train: TrainSettings = TrainSettings()
     generation: GenerationSettings = GenerationSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
     bootstrap: BootstrapSettings = BootstrapSettings()
     promotion: PromotionSettings = PromotionSettings()
     output_dir: Path = Path("runs")

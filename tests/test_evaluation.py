@@ -61,3 +61,19 @@ def test_comparison_refuses_different_prompts(config, prompts_path, tmp_path):
     other = evaluate_model(other_path, config.model, config.generation, tmp_path / "b", "y")
     with pytest.raises(ValueError, match="same prompts"):
         paired_examples(base, other)
+
+
+def test_metrics_named_in_the_configuration_are_saved(config, prompts_path, tmp_path):
+    import json
+
+    from finance_qlora.config import EvaluationSettings
+    from finance_qlora.rouge import ROUGE_MODULE
+
+    # any name evaluate.load takes: here a local module, as no hub is reachable in tests
+    evaluation = EvaluationSettings(metrics=["rouge", str(ROUGE_MODULE)])
+    record = evaluate_model(
+        prompts_path, config.model, config.generation, tmp_path / "a", "x", evaluation=evaluation
+    )
+    saved = json.loads((record.folder / "metrics.json").read_text())
+    assert saved["rouge"] == record.rouge
+    assert saved[str(ROUGE_MODULE)] == record.rouge
