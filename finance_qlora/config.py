@@ -12,7 +12,7 @@ import json
 import os
 from typing import Annotated, Any, Literal, Optional, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from finance_qlora.errors import ConfigError, describe_validation_error
 
@@ -40,7 +40,7 @@ class ModelConfig(_Section):
     load_in_4bit: bool = True
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    # "auto": bf16 where the GPU supports it, fp16 on older GPUs (T4), fp32 on the CPU.
+    # "auto": bf16 on compute capability 8.0 and newer (Ampere+), fp16 below (T4), fp32 on CPU.
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     trust_remote_code: bool = False
     # Prefect Secret block holding the Hugging Face token; HF_TOKEN is the fallback.
@@ -62,6 +62,8 @@ class TrainSettings(_Section):
     gradient_accumulation_steps: int = Field(4, gt=0)
     max_seq_length: int = Field(512, gt=0)
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    # Any transformers scheduler name: "constant_with_warmup" (the reference recipe) keeps the
+    # rate flat after warm-up; "cosine" or "linear" decay it to zero by the last step.
     lr_scheduler: str = "constant_with_warmup"
     gradient_checkpointing: bool = True
     optimizer: str = "paged_adamw_8bit"
@@ -86,9 +88,27 @@ class GenerationSettings(_Section):
     # Deterministic guards against answers that repeat one sentence until the token limit;
     # 1.0 and 0 turn them off (the reference recipe).
     repetition_penalty: float = Field(1.0, ge=1.0)
+    # transformers' own: also bans n-grams of the prompt (the question, the template).
     no_repeat_ngram_size: int = Field(0, ge=0)
+    # The project's: bans repeating an n-gram of the generated answer only.
+    block_repeat_ngram: int = Field(0, ge=0)
     # Generate with base weights dequantized once from NF4 where the GPU has room.
     dequantize: Literal["auto", "always", "never"] = "auto"
+
+
+class EvaluationSettings(_Section):
+    # 🤗 evaluate metrics for both models' answers. "rouge": the project's ROUGE, a local
+    # evaluate module that loads offline (the comparison, the bootstrap and the promotion gate
+    # use it); any other name: evaluate.load(name) from the Hugging Face Hub, where reachable,
+    # saved in the evaluation's metrics.json.
+    metrics: list[str] = Field(default_factory=lambda: ["rouge"], min_length=1)
+
+    @field_validator("metrics")
+    @classmethod
+    def _rouge_is_kept(cls, metrics: list[str]) -> list[str]:
+        if "rouge" not in metrics:
+            raise ValueError("must include 'rouge' (the comparison and the promotion gate use it)")
+        return metrics
 
 
 class BootstrapSettings(_Section):
@@ -113,6 +133,7 @@ class FinetuneConfig(_Section):
     lora: LoraSettings = LoraSettings()
     train: TrainSettings = TrainSettings()
     generation: GenerationSettings = GenerationSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
     bootstrap: BootstrapSettings = BootstrapSettings()
     promotion: PromotionSettings = PromotionSettings()
     # The durable store: everything that must outlive a run (step outputs, adapters, reports,

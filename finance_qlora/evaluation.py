@@ -1,19 +1,58 @@
 """The evaluation protocol, one function for both models: same prompts, greedy decoding,
-same token budget, answers cut at EOS or the next '### ' section, ROUGE from rouge_score."""
+same token budget, answers cut at EOS or the next '### ' section, ROUGE-1/2/L/Lsum through
+🤗 evaluate (the project's local module, rouge_score inside), and any other evaluate metric
+named in evaluation.metrics.
+
+predictions.parquet keeps, beside each scored `prediction`, the `raw_prediction` (everything
+generated up to the end-of-turn token, before the cut at '### ') and `new_tokens` (how many
+tokens that was; equal to max_new_tokens when the answer hit the limit)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from finance_qlora.config import GenerationSettings, ModelConfig
+from finance_qlora.config import EvaluationSettings, GenerationSettings, ModelConfig
+from finance_qlora.errors import ConfigError
 from finance_qlora.files import atomic_dir, fingerprint, read_jsonl
-from finance_qlora.generation import generate_answers
+from finance_qlora.generation import generate_raw
 from finance_qlora.modeling import loaded
+from finance_qlora.prompts import cut_answer
 from finance_qlora.records import EvalRecord
 from finance_qlora.rouge import mean_scores, score_pairs
+
+
+def load_metric(name: str):
+    """A metric module from the Hugging Face Hub (or a local path), by name, for
+    evaluation.metrics; one ConfigError line when it cannot be loaded."""
+    import evaluate
+    from datasets import DownloadConfig
+    from huggingface_hub import constants
+
+    # evaluate has its own offline switch; HF_HUB_OFFLINE means the same: cached modules only.
+    offline = constants.HF_HUB_OFFLINE or evaluate.config.HF_EVALUATE_OFFLINE
+    try:
+        return evaluate.load(
+            name,
+            keep_in_memory=True,
+            download_config=DownloadConfig(local_files_only=offline),
+        )
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        hub = "offline (HF_HUB_OFFLINE)" if offline else "online"
+        raise ConfigError(
+            f"evaluation.metrics: cannot load {name!r} with evaluate.load ({reason}); the hub is "
+            f"{hub}: name a metric it can reach, or keep only 'rouge'"
+        ) from None
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays in a metric's result, as JSON."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def evaluate_model(
@@ -25,13 +64,18 @@ def evaluate_model(
     adapter_dir: Path | None = None,
     token: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    evaluation: EvaluationSettings | None = None,
 ) -> EvalRecord:
-    """Generate an answer for every test prompt, score it, and save per-example predictions."""
+    """Generate an answer for every test prompt, score it, and save per-example predictions;
+    every metric of `evaluation.metrics` goes to metrics.json."""
+    names = (evaluation or EvaluationSettings()).metrics
+    # before any answer is generated: a bad name costs no GPU time
+    others = {name: load_metric(name) for name in dict.fromkeys(names) if name != "rouge"}
     rows = read_jsonl(prompts_path)
     prompts = [r["prompt"] for r in rows]
     references = [r["completion"] for r in rows]
     with loaded(model_cfg, token, adapter_dir, generation.dequantize) as (model, tokenizer):
-        predictions = generate_answers(
+        generated = generate_raw(
             model,
             tokenizer,
             prompts,
@@ -40,18 +84,39 @@ def evaluate_model(
             on_progress,
             generation.repetition_penalty,
             generation.no_repeat_ngram_size,
+            generation.block_repeat_ngram,
         )
+    predictions = [cut_answer(g.text) for g in generated]
     per_example = score_pairs(predictions, references)
     table = pd.DataFrame(
-        {"prompt": prompts, "reference": references, "prediction": predictions, **per_example}
+        {
+            "prompt": prompts,
+            "reference": references,
+            "prediction": predictions,
+            "raw_prediction": [g.text for g in generated],
+            "new_tokens": [g.new_tokens for g in generated],
+            **per_example,
+        }
     )
+    rouge = mean_scores(per_example)
+    results: dict[str, Any] = {"rouge": rouge}
+    for name, metric in others.items():
+        try:
+            results[name] = metric.compute(predictions=predictions, references=references)
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(
+                f"evaluation.metrics: {name!r} cannot score text answers against text "
+                f"references ({reason}); remove it"
+            ) from None
     with atomic_dir(out_dir) as tmp:
         table.to_parquet(tmp / "predictions.parquet", index=False)
         table.to_csv(tmp / "predictions.csv", index=False)
+        (tmp / "metrics.json").write_text(json.dumps(results, indent=2, default=_plain))
     return EvalRecord(
         label=label,
         rows=len(rows),
-        rouge=mean_scores(per_example),
+        rouge=rouge,
         max_new_tokens=generation.max_new_tokens,
         folder=out_dir,
         fingerprint=fingerprint(out_dir),

@@ -4,18 +4,62 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from finance_qlora.errors import FinanceQLoRAError
-from finance_qlora.modeling import release_memory
+from finance_qlora.modeling import release_memory, stop_token_ids
 from finance_qlora.prompts import cut_answer
 
 log = logging.getLogger(__name__)
 
 
+class Generated(NamedTuple):
+    """One answer as generated, before the cut at the next '### ' section."""
+
+    text: str  # the new tokens up to the first end-of-turn id, decoded
+    new_tokens: int  # tokens before that id; == max_new_tokens: the answer hit the limit
+
+
+class GeneratedNgramBlocker(LogitsProcessor):
+    """Ban every token that would repeat an n-gram of the answer generated so far.
+
+    Only generated tokens count: transformers' `no_repeat_ngram_size` also bans the prompt's
+    n-grams, so an answer could not quote the question or the template. With left padding
+    every row's answer starts at `prompt_length`.
+    """
+
+    def __init__(self, n: int, prompt_length: int):
+        if n < 1:
+            raise ValueError(f"n-gram size must be at least 1, got {n}")
+        self.n, self.prompt_length = n, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        n = self.n
+        generated = input_ids[:, self.prompt_length :].tolist()
+        for row, ids in enumerate(generated):
+            if len(ids) < n:
+                continue  # no complete n-gram yet
+            prefix = ids[len(ids) - n + 1 :]  # what the next token would complete
+            banned = {
+                ids[i + n - 1] for i in range(len(ids) - n + 1) if ids[i : i + n - 1] == prefix
+            }
+            scores[row, list(banned)] = float("-inf")
+        return scores
+
+
+def _until_stop(ids: list[int], stop: set[int]) -> list[int]:
+    """The tokens before the first end-of-turn id (the rest is that id and padding)."""
+    for i, token in enumerate(ids):
+        if token in stop:
+            return ids[:i]
+    return ids
+
+
 @torch.inference_mode()
-def generate_answers(
+def generate_raw(
     model,
     tokenizer,
     prompts: list[str],
@@ -24,16 +68,20 @@ def generate_answers(
     on_progress: Callable[[int, int], None] | None = None,
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
-) -> list[str]:
-    """One greedy answer per prompt, in the order given.
+    block_repeat_ngram: int = 0,
+) -> list[Generated]:
+    """One greedy answer per prompt, in the order given, uncut, with its token count.
 
     Sorting by length keeps padding low; left padding puts every prompt's last token at the
-    same position so all rows continue from the right place.
+    same position so all rows continue from the right place. Generation stops at every
+    end-of-turn id of the model (its generation config may list several) and the tokenizer's EOS.
+    `block_repeat_ngram` > 0 bans repeating an n-gram of the answer (`GeneratedNgramBlocker`).
     """
     tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: list[str] = [""] * len(prompts)
+    answers: list[Generated] = [Generated("", 0)] * len(prompts)
     device = next(model.parameters()).device
+    stop = stop_token_ids(model, tokenizer)
     settings = {
         "max_new_tokens": max_new_tokens,
         "do_sample": False,  # greedy: the same answer every time, for both models
@@ -44,17 +92,25 @@ def generate_answers(
         "repetition_penalty": repetition_penalty,
         "no_repeat_ngram_size": no_repeat_ngram_size,
         "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": stop,
     }
     start, size = 0, batch_size
     while start < len(order):
         batch = order[start : start + size]
         encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True)
         encoded = {k: v.to(device) for k, v in encoded.items()}
+        blockers = LogitsProcessorList()
+        if block_repeat_ngram:
+            blockers.append(
+                GeneratedNgramBlocker(block_repeat_ngram, encoded["input_ids"].shape[1])
+            )
         try:
-            output = model.generate(**encoded, **settings)
+            output = model.generate(**encoded, **settings, logits_processor=blockers)
         except torch.OutOfMemoryError:
-            # Halve the batch and try the same rows again (greedy answers do not depend on it).
+            # Halve the batch and try the same rows again. Greedy answers can change with the
+            # batch's composition (padding changes the kernels' shapes and so the rounding; in
+            # fp16/bf16 a near-tie between two tokens can flip), so a run that backed off is
+            # not bit-identical to one that did not.
             release_memory()
             if size == 1:
                 raise FinanceQLoRAError(
@@ -64,11 +120,37 @@ def generate_answers(
             size //= 2
             log.warning("out of GPU memory: generating %d prompts at a time", size)
             continue
-        new_tokens = output[:, encoded["input_ids"].shape[1] :]
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        for i, text in zip(batch, texts, strict=True):
-            answers[i] = cut_answer(text)
+        new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
+        for i, ids in zip(batch, new_tokens, strict=True):
+            ids = _until_stop(ids, set(stop))
+            answers[i] = Generated(tokenizer.decode(ids, skip_special_tokens=True), len(ids))
         start += len(batch)
         if on_progress is not None:
             on_progress(start, len(order))
     return answers
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    on_progress: Callable[[int, int], None] | None = None,
+    repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    block_repeat_ngram: int = 0,
+) -> list[str]:
+    """One greedy answer per prompt, cut at the next '### ' section (see `generate_raw`)."""
+    generated = generate_raw(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        batch_size,
+        on_progress,
+        repetition_penalty,
+        no_repeat_ngram_size,
+        block_repeat_ngram,
+    )
+    return [cut_answer(g.text) for g in generated]

@@ -12,7 +12,7 @@ import torch
 
 from finance_qlora import builtin_models
 from finance_qlora.config import ModelConfig
-from finance_qlora.errors import FinanceQLoRAError
+from finance_qlora.errors import ConfigError, FinanceQLoRAError
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -23,7 +23,9 @@ def compute_dtype(name: str) -> torch.dtype:
         return _DTYPES[name]
     if not torch.cuda.is_available():
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # By compute capability: is_bf16_supported() is also true on a T4 (7.5), where bf16 is
+    # emulated and slow; native bf16 starts with Ampere (8.0).
+    return torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
 
 
 def device_map() -> dict[str, Any]:
@@ -56,6 +58,40 @@ def load_tokenizer(cfg: ModelConfig, token: str | None = None):
         # LLaMA-2 has no pad token; <unk> keeps EOS (which the model must learn) out of padding.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
+
+
+def generation_eos_ids(model) -> list[int]:
+    """The ids the model itself ends a turn with: its generation config's (an int or a list),
+    else its config's."""
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    if ids is None:
+        ids = getattr(model.config, "eos_token_id", None)
+    if ids is None:
+        return []
+    return [int(i) for i in ([ids] if isinstance(ids, int) else ids)]
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every end-of-turn id: the model's, and the tokenizer's EOS (what training appends)."""
+    ids = generation_eos_ids(model)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def check_special_tokens(model, tokenizer, model_name: str) -> None:
+    """Refuse a tokenizer whose EOS the model does not end on: training would teach the model
+    to stop on a token its generation does not stop at (or the other way round)."""
+    eos = tokenizer.eos_token_id
+    ids = generation_eos_ids(model)
+    if eos is None or eos not in ids:
+        raise ConfigError(
+            f"model.name: {model_name}: the tokenizer's EOS {tokenizer.eos_token!r} (id {eos}) is "
+            f"not among the model's generation EOS ids {ids}; make the tokenizer's eos_token and "
+            "generation_config.json's eos_token_id agree (a builtin model: delete its folder under "
+            "FINANCE_QLORA_CACHE to rebuild it)"
+        )
 
 
 def load_model(cfg: ModelConfig, token: str | None = None, adapter_dir: Path | None = None):
@@ -152,9 +188,10 @@ def loaded(
     dequantize: str = "never",
 ) -> Iterator[tuple[Any, Any]]:
     model = load_model(cfg, token, adapter_dir)
+    tokenizer = load_tokenizer(cfg, token)
+    check_special_tokens(model, tokenizer, cfg.name)
     if cfg.load_in_4bit:
         maybe_dequantize(model, dequantize, compute_dtype(cfg.compute_dtype))
-    tokenizer = load_tokenizer(cfg, token)
     try:
         model.eval()
         yield model, tokenizer

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,44 @@ def cut_answer(text: str) -> str:
     """The answer alone: generation stops at EOS; this also cuts at the next '### ' section."""
     head, _, _ = text.partition(SECTION_MARKER)
     return head.strip()
+
+
+# A sentence ends at . ! or ? before whitespace, or at a line break.
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def sentence_prefixes(text: str) -> list[str]:
+    """`text` cut after each of its sentences but the last, longest first."""
+    cuts = {text[: m.start()].rstrip() for m in _SENTENCE_BREAK.finditer(text.rstrip())}
+    return sorted((c for c in cuts if c), key=len, reverse=True)
+
+
+def fit_completion(completion: str, length: Callable[[str], int], max_length: int) -> str | None:
+    """The completion, or its longest sentence prefix, whose row fits `max_length` tokens;
+    `length(c)` is the tokenized length of prompt + c + EOS. None when not even the first
+    sentence fits. Truncating the row instead would cut mid-word and drop the EOS, and the
+    model would learn never to stop on long answers."""
+    if length(completion) <= max_length:
+        return completion
+    return next((c for c in sentence_prefixes(completion) if length(c) <= max_length), None)
+
+
+def fit_rows(
+    rows: list[dict[str, str]], length: Callable[[str, str], int], max_length: int
+) -> tuple[list[dict[str, str]], int, int]:
+    """Prompt/completion pairs that fit `max_length` with their EOS (see `fit_completion`);
+    `length(prompt, completion)` counts tokens with the EOS. Returns (rows, trimmed, dropped)."""
+    kept: list[dict[str, str]] = []
+    trimmed = dropped = 0
+    for row in rows:
+        prompt = row["prompt"]
+        completion = fit_completion(row["completion"], lambda c, p=prompt: length(p, c), max_length)
+        if completion is None:
+            dropped += 1
+            continue
+        trimmed += completion != row["completion"]
+        kept.append({"prompt": prompt, "completion": completion})
+    return kept, trimmed, dropped
 
 
 def write_prompts(splits: SplitRecord, out_dir: Path) -> PromptRecord:

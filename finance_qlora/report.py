@@ -1,8 +1,11 @@
-"""Pretrained vs fine-tuned: the ROUGE table with paired-bootstrap intervals, and examples."""
+"""Pretrained vs fine-tuned: the ROUGE table with paired-bootstrap intervals, answer statistics
+for both models (loops on the uncut text, answers that hit the token limit, lengths), and
+examples."""
 
 from __future__ import annotations
 
 import json
+import statistics
 from collections import Counter
 from pathlib import Path
 
@@ -31,12 +34,35 @@ def paired_examples(pretrained: EvalRecord, finetuned: EvalRecord) -> pd.DataFra
         raise ValueError("the two evaluations did not use the same prompts in the same order")
     table = before[["prompt", "reference"]].copy()
     for label, frame in (("pretrained", before), ("finetuned", after)):
-        table[f"{label}_prediction"] = frame["prediction"]
+        for column in ("prediction", "raw_prediction", "new_tokens"):
+            table[f"{label}_{column}"] = frame[column]
         for metric in METRICS:
             table[f"{label}_{metric}"] = frame[metric]
     for metric in METRICS:
         table[f"delta_{metric}"] = table[f"finetuned_{metric}"] - table[f"pretrained_{metric}"]
     return table
+
+
+def _words(texts: pd.Series) -> dict[str, float]:
+    counts = [len(str(t).split()) for t in texts]
+    return {"mean": statistics.fmean(counts), "median": float(statistics.median(counts))}
+
+
+def answer_stats(table: pd.DataFrame, max_new_tokens: dict[str, int]) -> dict[str, dict]:
+    """The same statistics for both models. Loops are counted on the raw text (the cut at the
+    next '### ' section would hide the loops of a model that starts new sections); an answer
+    that never produced an end-of-turn token hit max_new_tokens; lengths in words of the scored
+    (cut) answers, beside the references'."""
+    stats: dict[str, dict] = {}
+    for label, limit in max_new_tokens.items():
+        stats[label] = {
+            "loop_share": float(table[f"{label}_raw_prediction"].map(has_loop).mean()),
+            "hit_max_new_tokens_share": float((table[f"{label}_new_tokens"] >= limit).mean()),
+            "max_new_tokens": limit,
+            "words": _words(table[f"{label}_prediction"]),
+        }
+    stats["reference"] = {"words": _words(table["reference"])}
+    return stats
 
 
 def rouge_table(rouge: dict[str, PairedInterval]) -> list[dict[str, str]]:
@@ -56,7 +82,7 @@ def rouge_table(rouge: dict[str, PairedInterval]) -> list[dict[str, str]]:
     ]
 
 
-def _markdown(rouge, table: pd.DataFrame, loops: dict[str, float], settings, examples: int) -> str:
+def _markdown(rouge, table: pd.DataFrame, stats: dict[str, dict], settings, examples: int) -> str:
     pct = round(settings.confidence * 100)
     lines = [
         f"## Pretrained vs fine-tuned ROUGE ({len(table)} test rows)",
@@ -71,10 +97,22 @@ def _markdown(rouge, table: pd.DataFrame, loops: dict[str, float], settings, exa
         f"| {r['metric']} | {r['pretrained']} | {r['finetuned']} | {r['delta']} |"
         for r in rouge_table(rouge)
     ]
+    before, after, reference = stats["pretrained"], stats["finetuned"], stats["reference"]
+
+    def words(s: dict) -> str:
+        return f"{s['words']['mean']:.1f} / {s['words']['median']:.1f}"
+
+    limits = sorted({before["max_new_tokens"], after["max_new_tokens"]})
     lines += [
         "",
-        f"Answers with a repeated 4-gram loop: pretrained {loops['pretrained']:.1%}, "
-        f"fine-tuned {loops['finetuned']:.1%}.",
+        "| answers | pretrained | fine-tuned | reference |",
+        "|---|---|---|---|",
+        f"| with a repeated 4-gram loop (uncut text) | {before['loop_share']:.1%} | "
+        f"{after['loop_share']:.1%} | |",
+        f"| that hit max_new_tokens ({', '.join(map(str, limits))}) | "
+        f"{before['hit_max_new_tokens_share']:.1%} | {after['hit_max_new_tokens_share']:.1%} | |",
+        f"| length in words, mean / median | {words(before)} | {words(after)} | "
+        f"{words(reference)} |",
         "",
     ]
     ranked = table.sort_values("delta_rougeL", ascending=False)
@@ -124,16 +162,16 @@ def compare(
         )
         for metric in METRICS
     }
-    loops = {
-        label: float(table[f"{label}_prediction"].map(has_loop).mean())
-        for label in ("pretrained", "finetuned")
-    }
-    markdown = _markdown(rouge, table, loops, settings, examples)
+    limits = {"pretrained": pretrained.max_new_tokens, "finetuned": finetuned.max_new_tokens}
+    stats = answer_stats(table, limits)
+    loops = {label: stats[label]["loop_share"] for label in limits}
+    markdown = _markdown(rouge, table, stats, settings, examples)
     summary = {
         "test_rows": len(table),
         "max_new_tokens": finetuned.max_new_tokens,
         "bootstrap": settings.model_dump(),
-        "loop_share": loops,
+        "loop_share": loops,  # on the uncut text
+        "answer_stats": stats,
         "rouge": {m: iv.model_dump() for m, iv in rouge.items()},
     }
     with atomic_dir(out_dir) as tmp:

@@ -1,4 +1,5 @@
-"""ROUGE-1/2/L/Lsum with `rouge_score`: per-example F1 and their means.
+"""ROUGE-1/2/L/Lsum through 🤗 `evaluate`: the project's local metric module
+(`evaluate_modules/finance_rouge.py`, `rouge_score` with stemming), per-example F1 and means.
 
 ROUGE-Lsum treats each newline-separated line as a sentence (rouge_score's own convention), so
 no sentence splitter, and nothing to download, is needed.
@@ -7,27 +8,30 @@ no sentence splitter, and nothing to download, is needed.
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+# Loaded by path: offline, no hub (see evaluate.load).
+ROUGE_MODULE = Path(__file__).parent / "evaluate_modules" / "finance_rouge.py"
 
 
 @lru_cache(maxsize=1)
-def _scorer():
-    from rouge_score import rouge_scorer
+def rouge_metric():
+    import evaluate
 
-    return rouge_scorer.RougeScorer(list(METRICS), use_stemmer=True)
+    return evaluate.load(str(ROUGE_MODULE), keep_in_memory=True)
 
 
 def score_pairs(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
     """Per-example F-measures, one list per metric."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    scores: dict[str, list[float]] = {m: [] for m in METRICS}
-    for prediction, reference in zip(predictions, references, strict=True):
-        result = _scorer().score(reference, prediction)  # rouge_score takes (target, prediction)
-        for metric in METRICS:
-            scores[metric].append(result[metric].fmeasure)
-    return scores
+    if not predictions:
+        return {m: [] for m in METRICS}
+    scores = rouge_metric().compute(
+        predictions=predictions, references=references, use_aggregator=False
+    )
+    return {m: list(scores[m]) for m in METRICS}
 
 
 def mean_scores(per_example: dict[str, list[float]]) -> dict[str, float]:

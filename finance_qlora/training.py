@@ -19,12 +19,14 @@ from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
 from finance_qlora.errors import ConfigError, TrainingError
 from finance_qlora.files import atomic_dir, fingerprint, read_jsonl
 from finance_qlora.modeling import (
+    check_special_tokens,
     compute_dtype,
     load_model,
     load_tokenizer,
     maybe_dequantize,
     release_memory,
 )
+from finance_qlora.prompts import fit_rows
 from finance_qlora.records import TrainRecord
 
 FINAL = "final"
@@ -171,6 +173,34 @@ def token_budget_trainer_class():
     return TokenBudgetSFTTrainer
 
 
+def fit_to_length(rows: list[dict], tokenizer, max_seq_length: int) -> list[dict[str, str]]:
+    """Rows that fit train.max_seq_length with their EOS: a long answer is cut at a sentence
+    boundary, a row that cannot fit is dropped (TRL would cut it mid-word, EOS lost)."""
+
+    def length(prompt: str, completion: str) -> int:
+        # exactly what TRL tokenizes: prompt + completion + EOS, as one text
+        return len(tokenizer(text=prompt + completion + tokenizer.eos_token)["input_ids"])
+
+    pairs = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    kept, trimmed, dropped = fit_rows(pairs, length, max_seq_length)
+    if trimmed or dropped:
+        log.warning(
+            "%d of %d training rows exceed train.max_seq_length=%d tokens: %d answers cut at a "
+            "sentence boundary (EOS kept), %d rows dropped",
+            trimmed + dropped,
+            len(rows),
+            max_seq_length,
+            trimmed,
+            dropped,
+        )
+    if not kept:
+        raise ConfigError(
+            f"train.max_seq_length: no training row fits in {max_seq_length} tokens with its "
+            "first sentence and EOS; raise train.max_seq_length"
+        )
+    return kept
+
+
 def build_trainer(
     prompts_path: Path,
     model_cfg: ModelConfig,
@@ -184,13 +214,13 @@ def build_trainer(
     from datasets import Dataset
     from peft import prepare_model_for_kbit_training
 
+    tokenizer = load_tokenizer(model_cfg, token)
     rows = read_jsonl(prompts_path)
-    dataset = Dataset.from_list(
-        [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
-    )
+    dataset = Dataset.from_list(fit_to_length(rows, tokenizer, train.max_seq_length))
     dtype = compute_dtype(model_cfg.compute_dtype)
     model = load_model(model_cfg, token)
     check_targets(model, lora.target_modules, model_cfg.name)
+    check_special_tokens(model, tokenizer, model_cfg.name)
     if model_cfg.load_in_4bit and maybe_dequantize(model, train.dequantize, dtype):
         # Plain bf16 LoRA from here on: no fp32 upcast of norms and embeddings, which the
         # 4-bit path needs for stability and which would slow every layer down.
@@ -206,17 +236,18 @@ def build_trainer(
         model=model,
         args=sft_config(train, dtype, out_dir),
         train_dataset=dataset,
-        processing_class=load_tokenizer(model_cfg, token),
+        processing_class=tokenizer,
         peft_config=lora_config(lora),
         callbacks=callbacks or [],
         max_tokens_per_batch=train.max_tokens_per_batch,
     )
-    if dtype != torch.bfloat16:
-        # TRL stores QLoRA adapters in bf16; fp16 loss scaling (T4) and the CPU need fp32
-        # adapter weights. The optimizer is created later, in train(), so it sees fp32.
-        for param in trainer.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
+    # TRL casts the adapters of a 4-bit model to bf16, also after dequantizing (the model still
+    # says it is quantized). Trainable weights stay fp32 on every card: fp16 loss scaling needs
+    # it (T4), and in bf16 small updates round away. Mixed precision still computes in
+    # bf16/fp16. The optimizer is created later, in train(), so it sees fp32.
+    for param in trainer.model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
     return trainer
 
 

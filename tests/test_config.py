@@ -78,3 +78,24 @@ def test_flow_overrides_schema_keeps_constraints():
             ConfigOverrides.model_validate(bad)
     schema = ConfigOverrides.model_json_schema()
     assert "train" in schema["properties"]
+
+
+def test_evaluation_metrics_default_to_rouge_and_keep_it():
+    assert resolve_config("tiny-cpu").evaluation.metrics == ["rouge"]
+    both = resolve_config("tiny-cpu", {"evaluation": {"metrics": ["rouge", "bleu"]}})
+    assert both.evaluation.metrics == ["rouge", "bleu"]
+    with pytest.raises(ConfigError, match=r"^evaluation.metrics: .*must include 'rouge'"):
+        resolve_config("tiny-cpu", {"evaluation": {"metrics": ["bleu"]}})
+
+
+def test_a_metric_that_cannot_be_loaded_is_one_config_line(monkeypatch):
+    from huggingface_hub import constants
+
+    from finance_qlora.evaluation import load_metric
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # cached modules only: no network
+    with pytest.raises(ConfigError) as info:
+        load_metric("finance-qlora-no-such-metric")
+    message = str(info.value)
+    assert message.startswith("evaluation.metrics: cannot load 'finance-qlora-no-such-metric'")
+    assert "offline" in message and "\n" not in message

@@ -8,7 +8,7 @@ from finance_qlora.evaluation import evaluate_model
 from finance_qlora.files import write_jsonl
 from finance_qlora.generation import generate_answers
 from finance_qlora.modeling import loaded
-from finance_qlora.prompts import to_prompt_completion
+from finance_qlora.prompts import cut_answer, to_prompt_completion
 from finance_qlora.report import paired_examples
 from finance_qlora.rouge import METRICS
 from tests.conftest import make_rows
@@ -37,6 +37,10 @@ def test_two_evaluations_give_identical_scores(config, prompts_path, tmp_path):
     a, b = pd.read_parquet(first.predictions_parquet), pd.read_parquet(second.predictions_parquet)
     assert a["prediction"].tolist() == b["prediction"].tolist()
     assert pd.read_csv(first.predictions_csv).shape[0] == 7
+    # the uncut text and its token count are kept beside the scored answer
+    assert a["prediction"].tolist() == [cut_answer(t) for t in a["raw_prediction"]]
+    assert a["new_tokens"].between(0, config.generation.max_new_tokens).all()
+    assert (a["new_tokens"] > 0).any()
 
 
 def test_batched_generation_equals_one_at_a_time(config, prompts_path):
@@ -57,3 +61,19 @@ def test_comparison_refuses_different_prompts(config, prompts_path, tmp_path):
     other = evaluate_model(other_path, config.model, config.generation, tmp_path / "b", "y")
     with pytest.raises(ValueError, match="same prompts"):
         paired_examples(base, other)
+
+
+def test_metrics_named_in_the_configuration_are_saved(config, prompts_path, tmp_path):
+    import json
+
+    from finance_qlora.config import EvaluationSettings
+    from finance_qlora.rouge import ROUGE_MODULE
+
+    # any name evaluate.load takes: here a local module, as no hub is reachable in tests
+    evaluation = EvaluationSettings(metrics=["rouge", str(ROUGE_MODULE)])
+    record = evaluate_model(
+        prompts_path, config.model, config.generation, tmp_path / "a", "x", evaluation=evaluation
+    )
+    saved = json.loads((record.folder / "metrics.json").read_text())
+    assert saved["rouge"] == record.rouge
+    assert saved[str(ROUGE_MODULE)] == record.rouge

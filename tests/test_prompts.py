@@ -2,6 +2,9 @@ from finance_qlora.prompts import (
     RESPONSE_MARKER,
     build_prompt,
     cut_answer,
+    fit_completion,
+    fit_rows,
+    sentence_prefixes,
     to_prompt_completion,
 )
 
@@ -34,3 +37,42 @@ def test_answer_is_cut_at_the_next_section():
     assert cut_answer(" A bond is a loan.\n\n### Instruction:\nMore") == "A bond is a loan."
     assert cut_answer("No section here.\n") == "No section here."
     assert cut_answer("### Response:\nx") == ""
+
+
+def _words_with_eos(text: str) -> int:
+    """A stand-in tokenizer: one token a word, plus one for EOS."""
+    return len(text.split()) + 1
+
+
+def test_long_completion_is_cut_at_a_sentence_boundary_with_room_for_eos():
+    text = "Bonds pay interest. They mature at a set date! Prices move? Yields too.\nMore here"
+    assert sentence_prefixes(text) == [
+        "Bonds pay interest. They mature at a set date! Prices move? Yields too.",
+        "Bonds pay interest. They mature at a set date! Prices move?",
+        "Bonds pay interest. They mature at a set date!",
+        "Bonds pay interest.",
+    ]
+    fits = fit_completion(text, _words_with_eos, max_length=10)
+    assert fits == "Bonds pay interest. They mature at a set date!"  # 9 words + EOS
+    assert fit_completion(text, _words_with_eos, max_length=100) == text  # fits: unchanged
+    assert fit_completion(text, _words_with_eos, max_length=3) is None  # not even a sentence
+    assert fit_completion("One long sentence without a break", _words_with_eos, 4) is None
+
+
+def test_rows_are_trimmed_or_dropped_and_counted():
+    rows = [
+        {"prompt": "Q1 ", "completion": "Short."},
+        {"prompt": "Q2 ", "completion": "First part. Second part is longer."},
+        {"prompt": "Q3 long prompt ", "completion": "Unbreakable answer of many words here."},
+    ]
+
+    def length(prompt: str, completion: str) -> int:
+        return _words_with_eos(prompt + completion)
+
+    kept, trimmed, dropped = fit_rows(rows, length, max_length=5)
+    assert kept == [
+        {"prompt": "Q1 ", "completion": "Short."},
+        {"prompt": "Q2 ", "completion": "First part."},
+    ]
+    assert (trimmed, dropped) == (1, 1)
+    assert all(length(r["prompt"], r["completion"]) <= 5 for r in kept)  # EOS included

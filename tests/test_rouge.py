@@ -41,3 +41,84 @@ def test_means_and_mismatched_lengths():
     assert mean_scores(scores)["rouge1"] == pytest.approx(0.5)
     with pytest.raises(ValueError):
         score_pairs(["a"], ["a", "b"])
+
+
+PAIRS = [  # (prediction, reference)
+    ("Bonds pay interest.\nThey mature later.", "A bond pays interest.\nIt matures later."),
+    ("Stocks are shares of ownership.", "A stock is a share in a company."),
+    ("Investing investors invested", "invest investment"),  # stemming
+    ("b\na", "a\nb"),  # ROUGE-Lsum: one sentence a line
+    ("", "Something."),
+    ("The same answer.", "The same answer."),
+]
+
+
+def _rouge_score_directly() -> dict[str, list[float]]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    results = [scorer.score(reference, prediction) for prediction, reference in PAIRS]
+    return {m: [r[m].fmeasure for r in results] for m in METRICS}
+
+
+def test_evaluate_module_gives_rouge_scores_exactly():
+    import evaluate
+
+    from finance_qlora.rouge import ROUGE_MODULE
+
+    module = evaluate.load(str(ROUGE_MODULE), keep_in_memory=True)
+    predictions, references = [p for p, _ in PAIRS], [r for _, r in PAIRS]
+    expected = _rouge_score_directly()
+    per_example = module.compute(
+        predictions=predictions, references=references, use_aggregator=False
+    )
+    assert {m: per_example[m] for m in METRICS} == expected  # exactly, not approximately
+    means = module.compute(predictions=predictions, references=references)
+    assert means == {m: sum(v) / len(v) for m, v in expected.items()}
+    assert score_pairs(predictions, references) == expected  # what evaluation uses
+
+
+_OFFLINE_LOAD = """
+import json, socket, sys
+
+def no_network(*args, **kwargs):
+    raise OSError("no network in this test")
+
+socket.socket.connect = socket.create_connection = no_network
+import evaluate
+
+module = evaluate.load(sys.argv[1])
+pairs = json.loads(sys.argv[2])
+print(json.dumps(module.compute(
+    predictions=[p for p, _ in pairs], references=[r for _, r in pairs], use_aggregator=False
+)))
+"""
+
+
+def test_evaluate_module_loads_offline_into_an_empty_module_cache(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from finance_qlora.rouge import ROUGE_MODULE
+
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_EVALUATE_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+        HF_MODULES_CACHE=str(tmp_path / "modules"),
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _OFFLINE_LOAD, str(ROUGE_MODULE), json.dumps(PAIRS)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    scores = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {m: scores[m] for m in METRICS} == _rouge_score_directly()
+    assert any((tmp_path / "modules").rglob("finance_rouge.py"))  # loaded from the copy

@@ -1,0 +1,115 @@
+"""Generation on the tiny 4-bit model: where answers stop, and what repeats are blocked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finance_qlora.config import resolve_config
+from finance_qlora.generation import GeneratedNgramBlocker, generate_raw
+from finance_qlora.modeling import load_model, load_tokenizer
+from finance_qlora.prompts import to_prompt_completion
+from tests.conftest import make_rows
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = resolve_config("tiny-cpu")
+    return load_model(config.model).eval(), load_tokenizer(config.model)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return [to_prompt_completion(r)["prompt"] for r in make_rows(3)]
+
+
+@pytest.mark.slow
+def test_generation_stops_at_a_second_end_of_turn_id(tiny, prompts):
+    model, tokenizer = tiny
+    free = generate_raw(model, tokenizer, prompts[:1], 10, batch_size=1)[0]
+    encoded = tokenizer(prompts[:1], return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**encoded, max_new_tokens=10, do_sample=False)
+    ids = output[0, encoded["input_ids"].shape[1] :].tolist()
+    # a plain token the free answer never uses becomes the model's second end-of-turn id
+    second = next(t for t in range(100, len(tokenizer)) if t not in ids)
+    calls = []
+
+    def force_after_three_tokens(module, args, logits):
+        calls.append(1)
+        if len(calls) > 3:  # the prompt, then two decoding steps: three answer tokens
+            logits[..., second] += 1e4
+        return logits
+
+    handle = model.lm_head.register_forward_hook(force_after_three_tokens)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, second]
+    try:
+        cut = generate_raw(model, tokenizer, prompts[:1], 10, batch_size=1)[0]
+    finally:
+        handle.remove()
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    assert free.new_tokens == len(ids) == 10 and tokenizer.eos_token_id not in ids
+    assert cut.new_tokens == 3
+    assert cut.text == tokenizer.decode(ids[:3])  # cut at the second id, which is not shown
+
+
+def _banned(processor, prompt: list[int], generated: list[int], vocab: int = 12) -> set[int]:
+    scores = processor(torch.tensor([prompt + generated]), torch.zeros(1, vocab))
+    return set(torch.nonzero(scores[0] == float("-inf")).flatten().tolist())
+
+
+def test_an_ngram_only_in_the_prompt_is_never_banned():
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    prompt, generated = [5, 6, 7, 9], [5, 6]  # the prompt holds (5, 6, 7); the answer not
+    assert _banned(GeneratedNgramBlocker(3, len(prompt)), prompt, generated) == set()
+    # what transformers' no_repeat_ngram_size does instead: the prompt's 7 is banned
+    assert _banned(NoRepeatNGramLogitsProcessor(3), prompt, generated) == {7}
+    # an n-gram across the prompt/answer boundary is not the answer's either
+    prompt, generated = [9, 5], [6, 7, 5, 6]  # (5, 6, 7) starts in the prompt
+    assert _banned(GeneratedNgramBlocker(3, len(prompt)), prompt, generated) == set()
+
+
+def test_an_ngram_generated_once_is_banned_from_coming_again():
+    prompt = [1, 1]
+    blocker = GeneratedNgramBlocker(3, len(prompt))
+    assert _banned(blocker, prompt, [5, 6, 7, 8, 5, 6]) == {7}
+    assert _banned(blocker, prompt, [5, 6, 7, 5, 6, 8, 5, 6]) == {7, 8}
+    assert _banned(blocker, prompt, [5, 6]) == set()  # no complete n-gram yet
+    assert _banned(GeneratedNgramBlocker(1, 2), prompt, [3, 4]) == {3, 4}
+
+
+def _repeated_ngrams(ids: list[int], n: int) -> int:
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) - len(set(grams))
+
+
+@pytest.mark.slow
+def test_greedy_answers_with_the_blocker_repeat_no_generated_ngram(tiny, prompts):
+    from transformers import LogitsProcessorList
+
+    model, tokenizer = tiny
+    n, new = 3, 40
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    width = encoded["input_ids"].shape[1]
+
+    def answers(processors) -> list[list[int]]:
+        with torch.no_grad():
+            output = model.generate(
+                **encoded,
+                max_new_tokens=new,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                logits_processor=LogitsProcessorList(processors),
+            )
+        return output[:, width:].tolist()
+
+    free, blocked = answers([]), answers([GeneratedNgramBlocker(n, width)])
+    assert all(_repeated_ngrams(ids, n) > 0 for ids in free)  # the random model loops
+    assert all(_repeated_ngrams(ids, n) == 0 for ids in blocked)
+    # the configured path: generation.block_repeat_ngram gives the same answers
+    raw = generate_raw(model, tokenizer, prompts, new, batch_size=3, block_repeat_ngram=n)
+    assert [g.text for g in raw] == [
+        tokenizer.decode(ids, skip_special_tokens=True) for ids in blocked
+    ]
