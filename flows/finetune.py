@@ -83,13 +83,14 @@ def finetune(
     # Format
     prompts = run(format_prompts, store, splits)
     # Baseline eval
-    pretrained = run(evaluate, "pretrained", store, prompts, model, config.generation)
+    scoring = (config.generation, config.evaluation)
+    pretrained = run(evaluate, "pretrained", store, prompts, model, *scoring)
     # Train
     trained = run(train, store, prompts, model, config.lora, config.train)
     # Save adapter
     adapter = run(save_adapter, store, trained, model, config.lora, config.train, source)
     # Final eval
-    finetuned = run(evaluate, "finetuned", store, prompts, model, config.generation, adapter)
+    finetuned = run(evaluate, "finetuned", store, prompts, model, *scoring, adapter)
     # Compare
     comparison = run(compare_rouge, store, pretrained, finetuned, config.bootstrap)
     # Promote: the champion is scored on these same prompts before the gate judges
@@ -103,9 +104,7 @@ def finetune(
     champion = read_champion(store_of(store))
     champion_eval = None
     if rescorable(champion, adapter, protocol):
-        champion_eval = run(
-            evaluate, "champion", store, prompts, model, config.generation, champion.adapter
-        )
+        champion_eval = run(evaluate, "champion", store, prompts, model, *scoring, champion.adapter)
     decision = promote(
         store, adapter, finetuned, comparison, champion, champion_eval, config.promotion, protocol
     )

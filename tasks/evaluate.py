@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from finance_qlora.config import GenerationSettings, ModelConfig
+from finance_qlora.config import EvaluationSettings, GenerationSettings, ModelConfig
 from finance_qlora.evaluation import evaluate_model
 from finance_qlora.records import AdapterRecord, EvalRecord, PromptRecord
 from tasks.common import (
@@ -28,6 +28,7 @@ EVALUATION_CODE = (
     "finance_qlora.modeling",
     "finance_qlora.builtin_models",
     "finance_qlora.rouge",
+    "finance_qlora.evaluate_modules.finance_rouge",
     "finance_qlora.prompts",  # cut_answer
 )
 
@@ -47,6 +48,7 @@ def evaluate(
     prompts: PromptRecord,
     model: ModelConfig,
     generation: GenerationSettings,
+    evaluation: EvaluationSettings,
     adapter: AdapterRecord | None = None,
 ) -> EvalRecord:
     key = step_key()
@@ -60,5 +62,6 @@ def evaluate(
         adapter_dir=local(store, adapter).path if adapter else None,
         token=hf_token(model.hf_token_secret, model.name),
         on_progress=Progress(f"generate-{label}", f"Answers generated ({label})"),
+        evaluation=evaluation,
     )
     return publish(store, record, "eval", key)
