@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import numpy as np
-
 from finance_qlora.errors import DataError
 from finance_qlora.files import atomic_dir, fingerprint, write_jsonl
 from finance_qlora.records import DataVersion, SplitRecord
@@ -265,8 +263,13 @@ def drop_duplicates(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 def split_rows(
     rows: list[dict[str, str]], train_size: int, test_size: int, seed: int
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """A seeded, disjoint sample. Test rows are drawn first, so they stay the same when
-    only train_size changes."""
+    """A seeded, disjoint sample: rows ranked by a seeded hash of their own content, the first
+    `test_size` for test, the next `train_size` for training.
+
+    A row's rank depends on nothing but itself, so the split is stable as data grows: when
+    rows are added, the new test rows are earlier test rows or new rows, never rows that an
+    earlier adapter trained on, and the gate can re-score an old champion fairly on them.
+    Test rows come first, so they stay the same when only train_size changes."""
     if train_size <= 0 or test_size <= 0:
         raise DataError("data.train_size and data.test_size must be positive")
     if train_size + test_size > len(rows):
@@ -274,10 +277,12 @@ def split_rows(
             f"data.train_size + data.test_size = {train_size + test_size} exceeds the "
             f"{len(rows)} distinct rows available; lower them"
         )
-    order = np.random.default_rng(seed).permutation(len(rows))
-    test = [rows[i] for i in order[:test_size]]
-    train = [rows[i] for i in order[test_size : test_size + train_size]]
-    return train, test
+    ranked = sorted(rows, key=lambda row: row_rank(row, seed))
+    return ranked[test_size : test_size + train_size], ranked[:test_size]
+
+
+def row_rank(row: dict[str, str], seed: int) -> str:
+    return hashlib.sha256("\0".join([str(seed), *(row[c] for c in COLUMNS)]).encode()).hexdigest()
 
 
 def write_splits(

@@ -178,3 +178,19 @@ def test_folders_pipes_and_empty_files_are_named(tmp_path):
     loop.symlink_to(loop)
     with pytest.raises(DataError, match="cannot be opened"):
         local_path(str(loop))
+
+
+def test_growing_data_never_moves_trained_rows_into_test():
+    """Week 3's test rows are week 1's test rows or new rows: an old champion is never scored
+    on rows it trained on."""
+    week1 = make_rows(100)
+    week3 = week1 + [
+        {"instruction": f"New question {i}?", "input": "", "output": f"New answer {i}."}
+        for i in range(40)
+    ]
+    train1, test1 = split_rows(week1, 60, 20, seed=0)
+    train3, test3 = split_rows(week3, 60, 20, seed=0)
+    seen = {_key(r) for r in train1}
+    assert not seen & {_key(r) for r in test3}
+    assert {_key(r) for r in test3} <= {_key(r) for r in test1 + week3[100:]}
+    assert test3 != test1  # the new rows do take part
