@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from finance_qlora.builtin_models import train_bpe_tokenizer  # noqa: E402
-from finance_qlora.config import resolve_config  # noqa: E402
-from finance_qlora.data import write_splits  # noqa: E402
+from finance_qlora.config import DataConfig, resolve_config  # noqa: E402
+from finance_qlora.data import resolve_version, write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl, write_jsonl  # noqa: E402
 from finance_qlora.generation import generate_answers  # noqa: E402
 from finance_qlora.modeling import loaded  # noqa: E402
@@ -176,7 +176,8 @@ def main() -> None:
     watch = OutOfMemoryWatch()
     logging.getLogger("finance_qlora").addHandler(watch)
 
-    splits = write_splits(str(args.data), None, 1000, 300, 0, args.work / "splits")
+    rows = DataConfig(dataset=str(args.data), train_size=1000, test_size=300, seed=0)
+    splits = write_splits(resolve_version(rows.dataset), rows, args.work / "splits")
     prompts = write_prompts(splits, args.work / "prompts")
     pairs = read_jsonl(prompts.test_path)
     model_dir = args.work / f"{args.arch}-random"

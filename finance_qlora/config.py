@@ -12,7 +12,15 @@ import json
 import os
 from typing import Annotated, Any, Literal, Optional, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from finance_qlora.errors import ConfigError, describe_validation_error
 
@@ -31,6 +39,16 @@ class DataConfig(_Section):
     train_size: int = Field(1000, gt=0)
     test_size: int = Field(300, gt=0)
     seed: int = 42
+    # Rows carved out of the training split to choose a recipe on (flows/sweep.py); with
+    # evaluate_on="validation" both evaluations score them, and the test rows stay unseen.
+    validation_size: int = Field(0, ge=0)
+    evaluate_on: Literal["test", "validation"] = "test"
+
+    @model_validator(mode="after")
+    def _validation_rows_to_evaluate(self) -> DataConfig:
+        if self.evaluate_on == "validation" and not self.validation_size:
+            raise ValueError("evaluate_on='validation' needs data.validation_size > 0")
+        return self
 
 
 class ModelConfig(_Section):
@@ -198,11 +216,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 assert set(PRESETS) == set(get_args(PresetName))
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -238,7 +256,7 @@ def resolve_config(
         raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if isinstance(overrides, BaseModel):
         overrides = overrides.model_dump(exclude_none=True)
-    values = _deep_merge(PRESETS[preset], overrides or {})
+    values = deep_merge(PRESETS[preset], overrides or {})
     values["preset"] = preset
     try:
         return FinetuneConfig.model_validate(values)
@@ -263,5 +281,5 @@ def parse_assignment(text: str) -> dict[str, Any]:
 def merge_assignments(assignments: list[str]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for text in assignments:
-        merged = _deep_merge(merged, parse_assignment(text))
+        merged = deep_merge(merged, parse_assignment(text))
     return merged

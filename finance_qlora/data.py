@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from finance_qlora.config import DataConfig
 from finance_qlora.errors import DataError
 from finance_qlora.files import atomic_dir, fingerprint, write_jsonl
 from finance_qlora.records import DataVersion, SplitRecord
@@ -261,24 +262,34 @@ def drop_duplicates(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def split_rows(
-    rows: list[dict[str, str]], train_size: int, test_size: int, seed: int
-) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """A seeded, disjoint sample: rows ranked by a seeded hash of their own content, the first
-    `test_size` for test, the next `train_size` for training.
+    rows: list[dict[str, str]],
+    train_size: int,
+    test_size: int,
+    seed: int,
+    validation_size: int = 0,
+) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]]]:
+    """A seeded, disjoint sample (train, test, validation): rows ranked by a seeded hash of
+    their own content; the first `test_size` for test, the next `validation_size` for
+    validation, the next `train_size` for training.
 
     A row's rank depends on nothing but itself, so the split is stable as data grows: when
     rows are added, the new test rows are earlier test rows or new rows, never rows that an
     earlier adapter trained on, and the gate can re-score an old champion fairly on them.
-    Test rows come first, so they stay the same when only train_size changes."""
+    Test rows come first, so they stay the same when only the other sizes change; validation
+    rows are carved from what would otherwise be training rows."""
     if train_size <= 0 or test_size <= 0:
         raise DataError("data.train_size and data.test_size must be positive")
-    if train_size + test_size > len(rows):
+    wanted = train_size + test_size + validation_size
+    if wanted > len(rows):
+        names = "data.train_size + data.test_size" + (
+            " + data.validation_size" if validation_size else ""
+        )
         raise DataError(
-            f"data.train_size + data.test_size = {train_size + test_size} exceeds the "
-            f"{len(rows)} distinct rows available; lower them"
+            f"{names} = {wanted} exceeds the {len(rows)} distinct rows available; lower them"
         )
     ranked = sorted(rows, key=lambda row: row_rank(row, seed))
-    return ranked[test_size : test_size + train_size], ranked[:test_size]
+    held = test_size + validation_size
+    return ranked[held : held + train_size], ranked[:test_size], ranked[test_size:held]
 
 
 def row_rank(row: dict[str, str], seed: int) -> str:
@@ -287,23 +298,25 @@ def row_rank(row: dict[str, str], seed: int) -> str:
 
 def write_splits(
     source: DataVersion,
-    train_size: int,
-    test_size: int,
-    seed: int,
+    data: DataConfig,
     out_dir: Path,
     token: str | None = None,
     options: dict[str, Any] | None = None,
 ) -> SplitRecord:
-    """Read, check, de-duplicate and split; write train.jsonl and test.jsonl atomically."""
+    """Read, check, de-duplicate and split; write train.jsonl and test.jsonl atomically
+    (test.jsonl holds the validation rows when `data.evaluate_on` says so)."""
     rows = drop_duplicates(check_rows(read_version(source, token, options), source.source))
-    train, test = split_rows(rows, train_size, test_size, seed)
+    train, test, validation = split_rows(
+        rows, data.train_size, data.test_size, data.seed, data.validation_size
+    )
+    held = validation if data.evaluate_on == "validation" else test
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "train.jsonl", train)
-        write_jsonl(tmp / "test.jsonl", test)
+        write_jsonl(tmp / "test.jsonl", held)
     return SplitRecord(
         folder=out_dir,
         fingerprint=fingerprint(out_dir),
         train_rows=len(train),
-        test_rows=len(test),
+        test_rows=len(held),
         data_version=source.version,
     )

@@ -32,16 +32,13 @@ def check_data(config: FinetuneConfig, token: str | None, options: dict[str, Any
     if local_path(data.dataset) is not None or is_store_url(data.dataset):
         same_store = urlsplit(data.dataset).scheme in config.output_dir
         rows = read_rows(data.dataset, options=options if same_store else None)
-        split_rows(drop_duplicates(check_rows(rows, data.dataset)), *_sizes(config))
+        rows = drop_duplicates(check_rows(rows, data.dataset))
+        split_rows(rows, data.train_size, data.test_size, data.seed, data.validation_size)
         return
     try:
         hub_revision(data.dataset, data.revision, token)
     except (OSError, ConnectionError, TimeoutError):
         return
-
-
-def _sizes(config: FinetuneConfig) -> tuple[int, int, int]:
-    return config.data.train_size, config.data.test_size, config.data.seed
 
 
 def check_quantization(config: FinetuneConfig) -> None:

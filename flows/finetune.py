@@ -103,6 +103,9 @@ def finetune(
     )
     champion = read_champion(store_of(store))
     champion_eval = None
+    # the candidate may be the champion already (no new data): its scores are the champion's
+    is_champion = champion is not None and champion.adapter.fingerprint == adapter.fingerprint
+    champion_rouge = finetuned.rouge if is_champion else None
     if rescorable(champion, adapter, protocol):
         champion_eval = run(evaluate, "champion", store, prompts, model, *scoring, champion.adapter)
     decision = promote(
@@ -124,7 +127,7 @@ def finetune(
         "rouge": {
             "pretrained": pretrained.rouge,
             "finetuned": finetuned.rouge,
-            "champion": champion_eval.rouge if champion_eval else None,
+            "champion": champion_eval.rouge if champion_eval else champion_rouge,
         },
         "train_losses": trained.losses,
     }

@@ -56,12 +56,6 @@ def load_splits(
     staging = store_of(store).staging("data", key)
     token = hf_token(token_block, data.dataset)
     record = write_splits(
-        source,
-        data.train_size,
-        data.test_size,
-        data.seed,
-        staging / "splits",
-        token,
-        data_options(store, source.source),
+        source, data, staging / "splits", token, data_options(store, source.source)
     )
     return publish(store, record, "data", key)

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from finance_qlora.config import DataConfig
 from finance_qlora.data import (
     check_rows,
     drop_duplicates,
@@ -22,17 +23,17 @@ def _key(row):
 
 def test_split_is_disjoint_seeded_and_sized():
     rows = make_rows(50)
-    train, test = split_rows(rows, 30, 10, seed=3)
+    train, test, _ = split_rows(rows, 30, 10, seed=3)
     assert len(train) == 30 and len(test) == 10
     assert not {_key(r) for r in train} & {_key(r) for r in test}
-    assert split_rows(rows, 30, 10, seed=3) == (train, test)
-    assert split_rows(rows, 30, 10, seed=4) != (train, test)
+    assert split_rows(rows, 30, 10, seed=3)[:2] == (train, test)
+    assert split_rows(rows, 30, 10, seed=4)[:2] != (train, test)
 
 
 def test_test_rows_do_not_move_when_train_size_changes():
     rows = make_rows(50)
-    _, test_small = split_rows(rows, 10, 10, seed=0)
-    _, test_large = split_rows(rows, 40, 10, seed=0)
+    _, test_small, _ = split_rows(rows, 10, 10, seed=0)
+    _, test_large, _ = split_rows(rows, 40, 10, seed=0)
     assert test_small == test_large
 
 
@@ -100,13 +101,14 @@ def test_null_input_means_no_input():
 def test_write_splits_returns_paths_and_fingerprint(write_rows, tmp_path):
     path = write_rows(make_rows(20))
     source = resolve_version(str(path))
-    record = write_splits(source, 12, 5, 0, tmp_path / "splits")
+    data = DataConfig(dataset=str(path), train_size=12, test_size=5, seed=0)
+    record = write_splits(source, data, tmp_path / "splits")
     assert (record.train_rows, record.test_rows) == (12, 5)
     assert record.data_version == source.version == f"sha256:{fingerprint(path)}"
     assert len(read_jsonl(record.train_path)) == 12
     assert len(read_jsonl(record.test_path)) == 5
     assert record.fingerprint == fingerprint(record.path)
-    again = write_splits(source, 12, 5, 0, tmp_path / "splits")
+    again = write_splits(source, data, tmp_path / "splits")
     assert again.fingerprint == record.fingerprint
 
 
@@ -188,9 +190,20 @@ def test_growing_data_never_moves_trained_rows_into_test():
         {"instruction": f"New question {i}?", "input": "", "output": f"New answer {i}."}
         for i in range(40)
     ]
-    train1, test1 = split_rows(week1, 60, 20, seed=0)
-    train3, test3 = split_rows(week3, 60, 20, seed=0)
+    train1, test1, _ = split_rows(week1, 60, 20, seed=0)
+    train3, test3, _ = split_rows(week3, 60, 20, seed=0)
     seen = {_key(r) for r in train1}
     assert not seen & {_key(r) for r in test3}
     assert {_key(r) for r in test3} <= {_key(r) for r in test1 + week3[100:]}
     assert test3 != test1  # the new rows do take part
+
+
+def test_validation_rows_are_carved_from_the_training_split():
+    rows = make_rows(60)
+    train, test, _ = split_rows(rows, 40, 10, seed=0)
+    fit, test_again, validation = split_rows(rows, 30, 10, seed=0, validation_size=10)
+    assert test_again == test  # the test rows are never touched by a search
+    keys = {_key(r) for r in train}
+    assert {_key(r) for r in fit + validation} == keys and not set(map(_key, fit)) & set(
+        map(_key, validation)
+    )
