@@ -40,19 +40,15 @@ def apply(block_slug: str, late_after: int | None = None) -> list[Automation]:
         block = Block.load(block_slug)
     except ValueError as exc:
         raise SystemExit(f"error: --notify {block_slug}: {exc}") from None
-    created = []
-    for automation in load_automations(str(block._block_document_id), late_after):
-        for old in _by_name(automation.name):
-            old.delete()
-        created.append(automation.create())
-    return created
-
-
-def _by_name(name: str) -> list[Automation]:
     from prefect.client.orchestration import get_client
 
+    created = []
     with get_client(sync_client=True) as client:
-        return client.read_automations_by_name(name)
+        for automation in load_automations(str(block._block_document_id), late_after):
+            for old in client.read_automations_by_name(automation.name):
+                client.delete_automation(old.id)
+            created.append(automation.create())
+    return created
 
 
 def main(argv: list[str] | None = None) -> int:
