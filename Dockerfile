@@ -19,4 +19,4 @@ COPY pyproject.toml README.md prefect.yaml ./
 COPY finance_qlora ./finance_qlora
 COPY flows ./flows
 COPY tasks ./tasks
-RUN pip install -e .
+RUN pip install -e ".[s3]"

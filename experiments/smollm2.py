@@ -4,20 +4,14 @@
     python experiments/smollm2.py --protocol cpu    # reduced: about 20 min on 2 CPU cores
     python experiments/smollm2.py --protocol gpu    # 1,000 train / 300 test on one GPU
 
-Every number comes from the flow's own steps, preset `smollm2-135m`: with `--engine prefect`
-(the default) the real Prefect flow `flows.finetune.finetune`; with `--engine functions` the
-same step functions the tasks wrap, in the same order, without Prefect (for the offline GPU
-machine, which has no room in its transfer limit for Prefect's server dependencies).
+A thin client of the Prefect flows: for each LoRA target setting (q/v, the reference recipe,
+and all linear layers) `flows.sweep.sweep` runs the finetune flow for every candidate recipe on
+validation rows carved from the training split, picks the best on validation ROUGE-L, and runs
+the flow once on the real train/test split. Steps are cached in the store (`--work-dir`), so a
+run cut off by a time limit goes on from where it stopped.
 
-1. Recipe search on validation rows only: the flow's own training split is split again
-   (seeded) into fit and validation rows; each candidate recipe (learning rate, epochs, rank,
-   LoRA targets, decoding) runs the whole flow on them and is scored on validation ROUGE-L.
-2. Test, once per LoRA target setting (q/v, the reference recipe, and all linear layers): the
-   best recipe of that setting on validation runs the flow on the real train/test split.
-
-Results go to experiments/results/smollm2-<protocol>-<targets>.{json,md}; the search's scores go
-to smollm2-<protocol>-validation.json after each candidate, and a rerun (say, after a command
-time limit) scores only the candidates that file lacks.
+Results: experiments/results/smollm2-<protocol>-<targets>.{json,md} and -examples.csv (every
+test prompt's answers), and the search's scores in smollm2-<protocol>-validation.json.
 """
 
 from __future__ import annotations
@@ -26,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,10 +33,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 import torch  # noqa: E402
 
-from finance_qlora.config import resolve_config  # noqa: E402
-from finance_qlora.data import write_splits  # noqa: E402
-from finance_qlora.files import fingerprint, read_jsonl, write_jsonl  # noqa: E402
 from finance_qlora.rouge import METRICS  # noqa: E402
+from flows.sweep import sweep  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "finance_alpaca_sample.jsonl"
 RESULTS = ROOT / "experiments" / "results"
@@ -61,12 +54,12 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "candidates": [
             {"targets": QV, "lr": 2e-4, "epochs": 1, "r": 16},  # the plain recipe
             {"targets": QV, "lr": 1e-3, "epochs": 2, "r": 16},
-            {"targets": QV, "lr": 1e-3, "epochs": 2, "r": 16, "no_repeat": 4},
-            {"targets": QV, "lr": 5e-4, "epochs": 3, "r": 32, "no_repeat": 4},
-            {"targets": ALL, "lr": 2e-4, "epochs": 1, "r": 16},
+            {"targets": QV, "lr": 1e-3, "epochs": 2, "r": 16, "schedule": "cosine"},
+            {"targets": QV, "lr": 1e-3, "epochs": 2, "r": 16, "schedule": "cosine", "block": 4},
+            {"targets": ALL, "lr": 2e-4, "epochs": 1, "r": 16},  # the plain recipe
             {"targets": ALL, "lr": 5e-4, "epochs": 2, "r": 16},
-            {"targets": ALL, "lr": 5e-4, "epochs": 2, "r": 16, "no_repeat": 4},
-            {"targets": ALL, "lr": 2e-4, "epochs": 3, "r": 32, "no_repeat": 4},
+            {"targets": ALL, "lr": 5e-4, "epochs": 2, "r": 16, "schedule": "cosine"},
+            {"targets": ALL, "lr": 5e-4, "epochs": 2, "r": 16, "schedule": "cosine", "block": 4},
         ],
     },
     # A minute-scale check of this script itself (not a result).
@@ -93,22 +86,23 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "batch_size": 8,
         "generation_batch": 25,
         "candidates": [
-            {"targets": QV, "lr": 1e-3, "epochs": 2, "r": 16, "no_repeat": 4},
-            {"targets": ALL, "lr": 5e-4, "epochs": 2, "r": 16, "no_repeat": 4},
+            {"targets": QV, "lr": 1e-3, "epochs": 2, "r": 16, "block": 4},
+            {"targets": ALL, "lr": 5e-4, "epochs": 2, "r": 16, "block": 4},
         ],
     },
 }
 
 
-def overrides(
-    protocol: dict, recipe: dict, dataset: Path, train: int, test: int, output_dir: Path
-) -> dict[str, Any]:
+def base_overrides(protocol: dict, dataset: Path, output_dir: Path) -> dict[str, Any]:
+    """What every run of a protocol shares: the rows, the split, the token budgets."""
     return {
-        "data": {"dataset": str(dataset), "train_size": train, "test_size": test, "seed": 0},
-        "lora": {"target_modules": recipe["targets"], "r": recipe["r"], "alpha": recipe["r"]},
+        "data": {
+            "dataset": str(dataset),
+            "train_size": protocol["train"],
+            "test_size": protocol["test"],
+            "seed": 0,
+        },
         "train": {
-            "learning_rate": recipe["lr"],
-            "epochs": recipe["epochs"],
             "batch_size": protocol["batch_size"],
             "max_seq_length": protocol["max_seq_length"],
             # activation checkpointing saves GPU memory; on the CPU it only costs time
@@ -117,65 +111,23 @@ def overrides(
         "generation": {
             "max_new_tokens": protocol["max_new_tokens"],
             "batch_size": protocol["generation_batch"],
-            "no_repeat_ngram_size": recipe.get("no_repeat", 0),
         },
         "output_dir": str(output_dir),
     }
 
 
-def run(
-    protocol: dict, recipe: dict, dataset: Path, train: int, test: int, out: Path, engine: str
-) -> dict:
-    """One whole flow run; returns its comparison report (the JSON the compare step wrote)."""
-    values = overrides(protocol, recipe, dataset, train, test, out)
-    if engine == "prefect":
-        from flows.finetune import finetune
-
-        result = finetune(preset="smollm2-135m", overrides=values)
-        return json.loads(Path(result["report"]).with_suffix(".json").read_text())
-    return run_steps(resolve_config("smollm2-135m", values))
-
-
-_BASELINES: dict[str, Any] = {}  # the pretrained eval, once per (test prompts, decoding)
-
-
-def run_steps(config) -> dict:
-    """The flow's steps as plain function calls (what each Prefect task calls)."""
-    from finance_qlora.adapter import save_adapter
-    from finance_qlora.evaluation import evaluate_model
-    from finance_qlora.prompts import write_prompts
-    from finance_qlora.report import compare
-    from finance_qlora.training import train_adapter
-
-    root = config.output_dir / "steps" / config.key()
-    data = config.data
-    splits = write_splits(
-        data.dataset, data.revision, data.train_size, data.test_size, data.seed, root / "splits"
-    )
-    prompts = write_prompts(splits, root / "prompts")
-    key = f"{prompts.fingerprint}-{config.generation.model_dump_json()}"
-    if key not in _BASELINES:
-        _BASELINES[key] = evaluate_model(
-            prompts.test_path,
-            config.model,
-            config.generation,
-            root / "eval-pretrained",
-            "pretrained",
-        )
-    trained = train_adapter(
-        prompts.train_path, config.model, config.lora, config.train, root / "train"
-    )
-    adapter = save_adapter(trained, config, root / "adapter")
-    finetuned = evaluate_model(
-        prompts.test_path,
-        config.model,
-        config.generation,
-        root / "eval-finetuned",
-        "finetuned",
-        adapter_dir=adapter.folder,
-    )
-    report = compare(_BASELINES[key], finetuned, config.bootstrap, root / "report")
-    return json.loads(report.json_path.read_text())
+def candidate_overrides(recipe: dict) -> dict[str, Any]:
+    """A recipe as overrides of the preset: what the search varies."""
+    return {
+        "lora": {"target_modules": recipe["targets"], "r": recipe["r"], "alpha": recipe["r"]},
+        "train": {
+            "learning_rate": recipe["lr"],
+            "epochs": recipe["epochs"],
+            "lr_scheduler": recipe.get("schedule", "constant_with_warmup"),
+        },
+        # repeats blocked over generated tokens only, for both models alike
+        "generation": {"block_repeat_ngram": recipe.get("block", 0)},
+    }
 
 
 def machine() -> str:
@@ -193,77 +145,49 @@ def main() -> None:
     parser.add_argument("--protocol", choices=PROTOCOLS, required=True)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "experiments")
-    parser.add_argument("--engine", choices=("prefect", "functions"), default="prefect")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     protocol = PROTOCOLS[args.protocol]
-    work = args.work_dir / args.protocol
-    command = f"python experiments/smollm2.py --protocol {args.protocol} --engine {args.engine}"
-
-    # The flow's own train split (same function, same seed), split again for validation.
-    splits = write_splits(
-        str(args.data), None, protocol["train"], protocol["test"], 0, work / "outer-splits"
-    )
-    fit_rows = work / "train-rows.jsonl"
-    write_jsonl(fit_rows, read_jsonl(splits.train_path))
+    command = f"python experiments/smollm2.py --protocol {args.protocol}"
     args.results.mkdir(parents=True, exist_ok=True)
-    search = args.results / f"smollm2-{args.protocol}-validation.json"
-    rows = fingerprint(fit_rows)
-    validation = scored_candidates(search, protocol, rows)  # a cut-off search goes on
-    for recipe in protocol["candidates"] if protocol["validation"] else []:
-        if any(v["recipe"] == recipe for v in validation):
-            continue
-        report = run(
-            protocol,
-            recipe,
-            fit_rows,
-            protocol["train"] - protocol["validation"],
-            protocol["validation"],
-            work / "validation",
-            args.engine,
+    base = base_overrides(protocol, args.data, args.work_dir / args.protocol)
+    searched = []
+    for name, targets in (("qv", QV), ("all-linear", ALL)):
+        recipes = [r for r in protocol["candidates"] if r["targets"] == targets]
+        result = sweep(
+            preset="smollm2-135m",
+            overrides=base,
+            candidates=[candidate_overrides(r) for r in recipes],
+            validation_size=protocol["validation"],
         )
-        validation.append(
+        scored = [
             {
                 "recipe": recipe,
-                "rougeL": report["rouge"]["rougeL"]["finetuned"]["mean"],
-                "rougeL_pretrained": report["rouge"]["rougeL"]["pretrained"]["mean"],
-                "loop_share": report["loop_share"]["finetuned"],
-                "machine": machine(),
-                "date": datetime.now(UTC).date().isoformat(),
+                "rougeL": s["validation"],
+                "rougeL_pretrained": s["validation_pretrained"],
             }
-        )
-        write_search(search, protocol, validation, command, rows)
-        print(f"validation {recipe}: ROUGE-L {validation[-1]['rougeL']:.4f}", flush=True)
-
-    for name, targets in (("qv", QV), ("all-linear", ALL)):
-        scored = [v for v in validation if v["recipe"]["targets"] == targets]
-        if scored:
-            best = max(scored, key=lambda v: v["rougeL"])["recipe"]
-        else:  # no search in this protocol: its one recipe for these targets
-            best = next(r for r in protocol["candidates"] if r["targets"] == targets)
-        report = run(
-            protocol,
-            best,
-            args.data,
-            protocol["train"],
-            protocol["test"],
-            work / "test",
-            args.engine,
-        )
+            for recipe, s in zip(recipes, result["candidates"], strict=False)
+        ]
+        searched += scored
+        best = recipes[[candidate_overrides(r) for r in recipes].index(result["best"])]
+        report_dir = Path(result["test"]["report"]).parent
+        report = json.loads((report_dir / "comparison.json").read_text())
         record = {
             "model": MODEL,
             "lora_targets": targets,
             "train_rows": protocol["train"],
             "test_rows": protocol["test"],
-            "validation_rows": protocol["validation"],
+            "validation_rows": protocol["validation"] if len(recipes) > 1 else 0,
             "machine": machine(),
             "date": datetime.now(UTC).date().isoformat(),
             "command": command,
-            "engine": args.engine,
+            "engine": "prefect (flows.sweep)",
+            "data_version": result["test"]["data_version"],
             "recipe": best,
             "validation": scored,
             "max_new_tokens": protocol["max_new_tokens"],
             "loop_share": report["loop_share"],
+            "answer_stats": report.get("answer_stats"),
             "bootstrap": report["bootstrap"],
         }
         for metric in METRICS:
@@ -278,41 +202,21 @@ def main() -> None:
         stem = args.results / f"smollm2-{args.protocol}-{name}"
         stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
         stem.with_suffix(".md").write_text(markdown(record))
+        shutil.copy(report_dir / "examples.csv", f"{stem}-examples.csv")
         print(markdown(record), flush=True)
-
-
-def scored_candidates(path: Path, protocol: dict, rows: str) -> list[dict]:
-    """Candidates already scored by an earlier run of the same search (same rows, same recipes)."""
-    if not path.exists():
-        return []
-    search = json.loads(path.read_text())
-    if (search.get("rows_sha256"), search["fit_rows"], search["validation_rows"]) != (
-        rows,
-        protocol["train"] - protocol["validation"],
-        protocol["validation"],
-    ):
-        return []
-    return [v for v in search["candidates"] if v["recipe"] in protocol["candidates"]]
-
-
-def write_search(
-    path: Path, protocol: dict, validation: list[dict], command: str, rows: str
-) -> None:
-    done = [v["recipe"] for v in validation]
-    earlier = json.loads(path.read_text()) if path.exists() else {}
     search = {
-        **earlier,  # keeps notes such as how an earlier, cut-off run went
         "model": MODEL,
         "command": command,
-        "stage": "recipe search: fit and validation rows carved (seed 0) from the training rows "
-        "of the train/test split; the test rows are not used",
-        "rows_sha256": rows,  # the training rows that fit and validation rows are carved from
+        "stage": "recipe search: validation rows carved from the training rows of the "
+        "train/test split (flows.sweep); the test rows are not used",
         "fit_rows": protocol["train"] - protocol["validation"],
         "validation_rows": protocol["validation"],
         "max_new_tokens": protocol["max_new_tokens"],
-        "candidates": validation,
-        "not_run": [r for r in protocol["candidates"] if r not in done],
+        "machine": machine(),
+        "date": datetime.now(UTC).date().isoformat(),
+        "candidates": searched,
     }
+    path = args.results / f"smollm2-{args.protocol}-validation.json"
     path.write_text(json.dumps(search, indent=2) + "\n")
 
 
@@ -338,11 +242,25 @@ def markdown(record: dict) -> str:
             f"| {metric} | {m['pretrained']:.4f} | {m['finetuned']:.4f} | "
             f"{m['delta']:+.4f} [{m['delta_ci_low']:+.4f}, {m['delta_ci_high']:+.4f}] |"
         )
-    loops = record["loop_share"]
+    stats = record["answer_stats"]
     lines += [
         "",
-        f"Answers with a repeated 4-gram loop: pretrained {loops['pretrained']:.1%}, "
-        f"fine-tuned {loops['finetuned']:.1%}.",
+        "| answers | pretrained | fine-tuned |",
+        "|---|---|---|",
+        "| with a repeated 4-gram loop (uncut text) | "
+        + " | ".join(f"{stats[m]['loop_share']:.1%}" for m in ("pretrained", "finetuned"))
+        + " |",
+        f"| that hit max_new_tokens ({record['max_new_tokens']}) | "
+        + " | ".join(
+            f"{stats[m]['hit_max_new_tokens_share']:.1%}" for m in ("pretrained", "finetuned")
+        )
+        + " |",
+        "| length in words, mean / median | "
+        + " | ".join(
+            f"{stats[m]['words']['mean']:.1f} / {stats[m]['words']['median']:.0f}"
+            for m in ("pretrained", "finetuned")
+        )
+        + " |",
         "",
     ]
     return "\n".join(lines)
