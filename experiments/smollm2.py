@@ -71,6 +71,7 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         "max_seq_length": 128,
         "batch_size": 8,
         "generation_batch": 8,
+        "logging_steps": 1,
         "candidates": [
             {"targets": QV, "lr": 1e-3, "epochs": 1, "r": 8},
             {"targets": ALL, "lr": 1e-3, "epochs": 1, "r": 8},
@@ -105,6 +106,7 @@ def base_overrides(protocol: dict, dataset: Path, output_dir: Path) -> dict[str,
         "train": {
             "batch_size": protocol["batch_size"],
             "max_seq_length": protocol["max_seq_length"],
+            "logging_steps": protocol.get("logging_steps", 5),
             # activation checkpointing saves GPU memory; on the CPU it only costs time
             "gradient_checkpointing": torch.cuda.is_available(),
         },

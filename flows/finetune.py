@@ -14,19 +14,21 @@ import sys
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from finance_qlora.config import (
     DEFAULT_PRESET,
     PRESETS,
     ConfigOverrides,
+    FinetuneConfig,
     PresetName,
     merge_assignments,
     resolve_config,
 )
 from finance_qlora.errors import FinanceQLoRAError
 from finance_qlora.preflight import preflight
-from finance_qlora.records import AdapterRecord
+from finance_qlora.records import AdapterRecord, DataVersion, PromptRecord
 from finance_qlora.registry import Champion, Protocol, read_champion
 from tasks.common import (
     RecordSerializer,
@@ -93,24 +95,17 @@ def finetune(
     finetuned = run(evaluate, "finetuned", store, prompts, model, *scoring, adapter)
     # Compare
     comparison = run(compare_rouge, store, pretrained, finetuned, config.bootstrap)
-    # Promote: the champion is scored on these same prompts before the gate judges
-    protocol = Protocol(
-        test_sha256=prompts.test_sha256,
-        template=prompts.template,
-        generation=config.generation.model_dump(mode="json"),
-        base_model=f"{model.name}@{model.revision or 'default'}",
-        data_version=source.version,
-    )
+    # Promote: the champion, scored on these same prompts, and the gate
+    protocol = protocol_of(config, prompts, source)
     champion = read_champion(store_of(store))
     champion_eval = None
-    # the candidate may be the champion already (no new data): its scores are the champion's
-    is_champion = champion is not None and champion.adapter.fingerprint == adapter.fingerprint
-    champion_rouge = finetuned.rouge if is_champion else None
     if rescorable(champion, adapter, protocol):
         champion_eval = run(evaluate, "champion", store, prompts, model, *scoring, champion.adapter)
     decision = promote(
         store, adapter, finetuned, comparison, champion, champion_eval, config.promotion, protocol
     )
+    if champion_eval is None and champion and champion.adapter.fingerprint == adapter.fingerprint:
+        champion_eval = finetuned  # no new data: the candidate is the champion
     logger = get_run_logger()
     if "load" in run.cached and not decision.promoted and decision.adapter == adapter.folder:
         logger.info("no new data since %s; champion unchanged", source.version)
@@ -127,13 +122,41 @@ def finetune(
         "rouge": {
             "pretrained": pretrained.rouge,
             "finetuned": finetuned.rouge,
-            "champion": champion_eval.rouge if champion_eval else champion_rouge,
+            "champion": champion_eval.rouge if champion_eval else None,
         },
         "train_losses": trained.losses,
     }
     # What each run did, kept beside its results: the weekly history outlives the server.
     store_of(store).write_text(json.dumps(summary, indent=2), "runs", f"{summary['flow_run']}.json")
+    create_markdown_artifact(run_markdown(summary), key="run-summary", description="This run")
     return summary | {"table": comparison.markdown.split("\n### ")[0]}
+
+
+def protocol_of(config: FinetuneConfig, prompts: PromptRecord, source: DataVersion) -> Protocol:
+    """What this run's scores were measured on."""
+    return Protocol(
+        test_sha256=prompts.test_sha256,
+        template=prompts.template,
+        generation=config.generation.model_dump(mode="json"),
+        base_model=f"{config.model.name}@{config.model.revision or 'default'}",
+        data_version=source.version,
+    )
+
+
+def run_markdown(summary: dict[str, Any]) -> str:
+    cached = ", ".join(summary["cached_steps"]) or "none"
+    return "\n".join(
+        [
+            f"## {'Promoted' if summary['promoted'] else 'Champion kept'}",
+            "",
+            f"- data version: `{summary['data_version']}`",
+            f"- served from the cache: {cached}",
+            f"- candidate adapter: `{summary['adapter']}`",
+            f"- champion: `{summary['champion']}`",
+            f"- why: {summary['decision']['reason']}",
+            f"- report: `{summary['report']}`",
+        ]
+    )
 
 
 def rescorable(champion: Champion | None, adapter: AdapterRecord, protocol: Protocol) -> bool:
