@@ -56,10 +56,12 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
             {"targets": QV, "lr": 1e-3, "epochs": 2, "r": 16},
             {"targets": QV, "lr": 1e-3, "epochs": 2, "r": 16, "schedule": "cosine"},
             {"targets": QV, "lr": 1e-3, "epochs": 2, "r": 16, "schedule": "cosine", "block": 4},
+            {"targets": QV, "lr": 2e-3, "epochs": 3, "r": 16, "schedule": "cosine"},
             {"targets": ALL, "lr": 2e-4, "epochs": 1, "r": 16},  # the plain recipe
             {"targets": ALL, "lr": 5e-4, "epochs": 2, "r": 16},
             {"targets": ALL, "lr": 5e-4, "epochs": 2, "r": 16, "schedule": "cosine"},
             {"targets": ALL, "lr": 5e-4, "epochs": 2, "r": 16, "schedule": "cosine", "block": 4},
+            {"targets": ALL, "lr": 1e-3, "epochs": 3, "r": 16, "schedule": "cosine"},
         ],
     },
     # A minute-scale check of this script itself (not a result).
