@@ -111,6 +111,7 @@ class Store:
             self.fs.pipe_file(target, text.encode())  # one PUT: atomic on object stores
 
     def listdir(self, *parts: str) -> list[str]:
+        self.fs.invalidate_cache(self.path(*parts))  # others write here: list it as it is now
         try:
             return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path(*parts), detail=False))
         except FileNotFoundError:
@@ -163,6 +164,7 @@ class Store:
         path = self._fs_path(uri)
         if self.is_local:
             return os.path.isdir(path) and folder_manifest(Path(path)) == document["files"]
+        self.fs.invalidate_cache(path)
         try:
             listing = self.fs.find(path, detail=True)
         except FileNotFoundError:
