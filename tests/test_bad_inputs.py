@@ -45,7 +45,8 @@ CASES = [
     (
         "data file missing",
         lambda t: [*TINY, "--data", str(t / "nope.jsonl")],
-        "nope.jsonl does not exist; pass an existing JSON/JSONL/CSV/Parquet file or a hub id",
+        "nope.jsonl does not exist; pass an existing JSON/JSONL/CSV/Parquet file, a URL on your "
+        "store or a hub id",
     ),
     (
         "unsupported file type",

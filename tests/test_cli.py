@@ -47,5 +47,5 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: data file {tmp_path / 'missing.csv'} does not exist; "
-        "pass an existing JSON/JSONL/CSV/Parquet file or a hub id"
+        "pass an existing JSON/JSONL/CSV/Parquet file, a URL on your store or a hub id"
     ]

@@ -63,6 +63,6 @@ def test_loops_limits_and_lengths_for_both_models(tmp_path):
     assert (
         "| length in words, mean / median | 2.5 / 2.5 | 7.5 / 7.5 | 4.0 / 4.0 |" in record.markdown
     )
-    examples = pd.read_parquet(record.folder / "examples.parquet")
+    examples = pd.read_parquet(record.path / "examples.parquet")
     assert examples["pretrained_new_tokens"].tolist() == [8, 3]
     assert examples["finetuned_raw_prediction"].tolist() == ["One two three.", LOOP]
