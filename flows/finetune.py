@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
 
@@ -178,6 +179,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # bitsandbytes warns on import on every CPU without the optional `kernels` package; the
+    # configuration check imports it (through transformers), and an error must stay one line.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         preset, overrides = parse_args(argv)
         show = overrides.pop("_show", False)
