@@ -235,6 +235,7 @@ def build_trainer(
     """The 4-bit model (dequantized where the GPU has room), LoRA, and the SFT trainer."""
     from datasets import Dataset
     from peft import prepare_model_for_kbit_training
+    from transformers import PrinterCallback
 
     tokenizer = load_tokenizer(model_cfg, token)
     rows = read_jsonl(prompts_path)
@@ -263,6 +264,9 @@ def build_trainer(
         callbacks=callbacks or [],
         max_tokens_per_batch=train.max_tokens_per_batch,
     )
+    # With disable_tqdm the Trainer prints every log dict to stdout; the train task logs the
+    # loss itself, through Prefect.
+    trainer.remove_callback(PrinterCallback)
     # TRL casts the adapters of a 4-bit model to bf16, also after dequantizing (the model still
     # says it is quantized). Trainable weights stay fp32 on every card: fp16 loss scaling needs
     # it (T4), and in bf16 small updates round away. Mixed precision still computes in

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 
 from finance_qlora.config import (
@@ -112,7 +113,9 @@ def finetune(
     logger = get_run_logger()
     if "load" in run.cached and not decision.promoted and decision.adapter == adapter.folder:
         logger.info("no new data since %s; champion unchanged", source.version)
-    logger.info("%s\nchampion: %s (%s)", comparison.markdown, decision.adapter, decision.reason)
+    ui_logger().info(
+        "%s\nchampion: %s (%s)", comparison.markdown, decision.adapter, decision.reason
+    )
     summary = {
         "flow_run": str(flow_run.get_id()),
         "data_version": source.version,
@@ -132,6 +135,16 @@ def finetune(
     # What each run did, kept beside its results: the weekly history outlives the server.
     store_of(store).write_text(json.dumps(summary, indent=2), "runs", f"{summary['flow_run']}.json")
     return summary | {"table": comparison.markdown.split("\n### ")[0]}
+
+
+def ui_logger() -> logging.LoggerAdapter:
+    """The run logger, writing to the run's logs in Prefect only, not to the console: there
+    the command line prints the table itself, and once is enough."""
+    logger = logging.getLogger("prefect.flow_runs.report")
+    if not logger.handlers:
+        logger.addHandler(APILogHandler())
+        logger.propagate = False
+    return logging.LoggerAdapter(logger, get_run_logger().extra)
 
 
 def rescorable(champion: Champion | None, adapter: AdapterRecord, protocol: Protocol) -> bool:

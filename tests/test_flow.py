@@ -65,6 +65,12 @@ def test_flow_completes_every_step(first_run):
     assert all(s == ["Completed"] for s in states.values()), states
 
 
+def test_the_report_is_in_the_run_logs(first_run):
+    _, state, _ = first_run
+    messages = sent_logs(flow_run_id=state.state_details.flow_run_id)
+    assert len([m for m in messages if m.startswith("## Pretrained vs fine-tuned ROUGE")]) == 1
+
+
 def test_adapter_files_load_with_peft(first_run):
     from peft import PeftConfig
 
