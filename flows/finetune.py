@@ -227,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes warns on import on every CPU without the optional `kernels` package; the
     # configuration check imports it (through transformers), and an error must stay one line.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    previous = signal.signal(signal.SIGINT, _interrupt_once)
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.SIG_IGN:  # ignored (a background job of a script): stays so
+        signal.signal(signal.SIGINT, _interrupt_once)
     try:
         preset, overrides = parse_args(argv)
         show = overrides.pop("_show", False)
@@ -256,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         print(INTERRUPTED, file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:  # None: a handler not set from Python, left as it was
+            signal.signal(signal.SIGINT, previous)
     print(result["table"])
     print(f"data: {result['data_version']}")
     print(f"adapter: {result['adapter']}")
