@@ -76,8 +76,29 @@ def test_flow_overrides_schema_keeps_constraints():
     for bad in ({"train": {"epochs": -1}}, {"trian": {}}, {"preset": "tiny-cpu"}):
         with pytest.raises(ValidationError):
             ConfigOverrides.model_validate(bad)
-    schema = ConfigOverrides.model_json_schema()
-    assert "train" in schema["properties"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"train": {"epochs": -1}},
+        {"train": {"epochs": 5000}},
+        {"data": {"seed": -1}},
+        {"lora": {"dropout": 1.5}},
+        {"trian": {}},
+        {"train": {"epoch": 2}},
+    ],
+)
+def test_the_flow_parameter_schema_enforces_the_constraints(overrides):
+    """What the server checks a deployment run against: the flow's parameter JSON schema,
+    validated the way Prefect's server validates it (not the pydantic model)."""
+    from prefect.utilities.schema_tools.validation import validate
+
+    from flows.finetune import finetune
+
+    schema = finetune.parameters.model_dump_for_openapi()
+    assert validate({"preset": "tiny-cpu", "overrides": {"train": {"epochs": 2}}}, schema) == []
+    assert validate({"preset": "tiny-cpu", "overrides": overrides}, schema) != []
 
 
 def test_evaluation_metrics_default_to_rouge_and_keep_it():
