@@ -219,13 +219,21 @@ def _txt(tmp: Path) -> str:
 
 @pytest.fixture(autouse=True)
 def no_model_is_loaded(monkeypatch):
-    """Every bad input is told before any model's weights are loaded."""
+    """Every bad input is told before any model's weights are loaded, and before the flow (and
+    Prefect's temporary server) starts: an input let through fails here at once."""
     from transformers import AutoModelForCausalLM
+
+    import flows.finetune
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was told")
 
+    def no_flow(*args, **kwargs):
+        raise AssertionError("the flow started: the bad input was not told")
+
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(flows.finetune, "finetune", no_flow)
+    monkeypatch.setattr(flows.finetune, "start_local_api", lambda: None)
 
 
 @pytest.mark.parametrize("case, make_args, expected", CASES, ids=[c[0] for c in CASES])
