@@ -120,3 +120,24 @@ def test_a_metric_that_cannot_be_loaded_is_one_config_line(monkeypatch):
     message = str(info.value)
     assert message.startswith("evaluation.metrics: cannot load 'finance-qlora-no-such-metric'")
     assert "offline" in message and "\n" not in message
+
+
+def test_an_override_model_is_every_field_optional_with_its_constraints():
+    """`_partial` builds the flow's parameter model (at import, so it is called again here)."""
+    from finance_qlora.config import FinetuneConfig, TrainSettings, _partial
+
+    train = _partial(TrainSettings)
+    assert train.__name__ == "TrainSettingsOverride"
+    assert train().model_dump() == {name: None for name in TrainSettings.model_fields}
+    assert train(epochs=2).epochs == 2
+    for bad in ({"epochs": -1}, {"epochs": float("inf")}, {"seed": -1}, {"epoch": 2}):
+        with pytest.raises(ValidationError):
+            train.model_validate(bad)
+
+    whole = _partial(FinetuneConfig, exclude=frozenset({"preset"}))
+    assert set(whole.model_fields) == set(FinetuneConfig.model_fields) - {"preset"}
+    nested = whole.model_validate({"train": {"epochs": 3}, "lora": {}})
+    assert nested.train.epochs == 3 and nested.train.learning_rate is None
+    assert nested.output_dir is None
+    with pytest.raises(ValidationError):
+        whole.model_validate({"train": {"epochs": 0}})

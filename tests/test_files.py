@@ -29,3 +29,15 @@ def test_a_file_fingerprint_is_its_sha256(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b"{}\n")
     assert fingerprint(path) == hashlib.sha256(b"{}\n").hexdigest()
+
+
+def test_json_lines_round_trip_as_readable_utf8(tmp_path):
+    from finance_qlora.files import read_jsonl, write_jsonl
+
+    rows = [{"instruction": "Qu'est-ce qu'une obligation ?", "output": "Un prêt, 5 €."}, {"n": 1}]
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(path, rows)
+    assert read_jsonl(path) == rows
+    text = path.read_bytes().decode("utf-8")
+    assert "prêt, 5 €" in text and "\\u" not in text  # characters, not escapes
+    assert text.count("\n") == 2

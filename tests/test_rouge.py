@@ -130,3 +130,10 @@ def test_evaluate_module_loads_offline_into_an_empty_module_cache(tmp_path):
     scores = json.loads(done.stdout.strip().splitlines()[-1])
     assert {m: scores[m] for m in METRICS} == _rouge_score_directly()
     assert any((tmp_path / "modules").rglob("finance_rouge.py"))  # loaded from the copy
+
+
+def test_no_rows_mean_zero_and_a_count_mismatch_is_told():
+    assert mean_scores({m: [] for m in METRICS}) == {m: 0.0 for m in METRICS}
+    assert score_pairs([], []) == {m: [] for m in METRICS}
+    with pytest.raises(ValueError, match="^1 predictions for 2 references$"):
+        score_pairs(["a"], ["a", "b"])
