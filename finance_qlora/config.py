@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import lru_cache
 from typing import Annotated, Any, Literal, Optional, get_args
 
 from pydantic import (
@@ -21,15 +22,20 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from finance_qlora.errors import ConfigError, describe_validation_error
 
 PresetName = Literal["llama2-7b-t4", "llama2-7b-h100", "tiny-cpu", "smollm2-135m"]
 DEFAULT_PRESET: PresetName = "llama2-7b-t4"
+# Seeds go to random.seed, numpy and torch: numpy's legacy seeding (transformers' set_seed)
+# takes 0 to 2**32 - 1 only.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are never meant: `--set train.epochs=1e309` reads as inf
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -38,7 +44,7 @@ class DataConfig(_Section):
     revision: Optional[str] = None
     train_size: int = Field(1000, gt=0)
     test_size: int = Field(300, gt=0)
-    seed: int = 42
+    seed: Seed = 42
     # Rows carved out of the training split to choose a recipe on (flows/sweep.py); with
     # evaluate_on="validation" both evaluations score them, and the test rows stay unseen.
     validation_size: int = Field(0, ge=0)
@@ -74,7 +80,7 @@ class LoraSettings(_Section):
 
 
 class TrainSettings(_Section):
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, le=1000)
     learning_rate: float = Field(2e-4, gt=0)
     batch_size: int = Field(4, gt=0)
     gradient_accumulation_steps: int = Field(4, gt=0)
@@ -96,7 +102,39 @@ class TrainSettings(_Section):
     logging_steps: int = Field(10, gt=0)
     # A retried or re-run training resumes from the newest checkpoint; 0 turns them off.
     checkpoint_steps: int = Field(50, ge=0)
-    seed: int = 42
+    seed: Seed = 42
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        schedulers = transformers_choices()[0]
+        if name not in schedulers:
+            raise PydanticCustomError(
+                "unknown_scheduler",
+                "not a transformers scheduler; choose one of {choices}",
+                {"choices": ", ".join(schedulers)},
+            )
+        return name
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, name: str) -> str:
+        if name not in transformers_choices()[1]:
+            raise PydanticCustomError(
+                "unknown_optimizer",
+                "not a transformers optimizer; choose e.g. adamw_torch, adamw_torch_fused, "
+                "paged_adamw_8bit, adafactor or sgd (transformers' OptimizerNames)",
+            )
+        return name
+
+
+@lru_cache(maxsize=1)
+def transformers_choices() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """transformers' scheduler and optimizer names (imported on first use: it takes seconds)."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    return tuple(s.value for s in SchedulerType), tuple(o.value for o in OptimizerNames)
 
 
 class GenerationSettings(_Section):
@@ -132,7 +170,7 @@ class EvaluationSettings(_Section):
 class BootstrapSettings(_Section):
     resamples: int = Field(1000, gt=0)
     confidence: float = Field(0.95, gt=0.0, lt=1.0)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class PromotionSettings(_Section):
@@ -239,7 +277,9 @@ def _partial(model: type[BaseModel], exclude: frozenset[str] = frozenset()) -> t
             annotation = Annotated[(annotation, *info.metadata)]
         fields[name] = (Optional[annotation], None)
     return create_model(
-        f"{model.__name__}Override", __config__=ConfigDict(extra="forbid"), **fields
+        f"{model.__name__}Override",
+        __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
+        **fields,
     )
 
 

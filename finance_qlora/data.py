@@ -89,9 +89,14 @@ def resolve_version(
     return DataVersion(source=dataset, version=f"hub:{dataset}@{sha}", revision=sha)
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it, but now, not when it was imported."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def hub_revision(dataset: str, revision: str | None, token: str | None) -> str:
     """The commit sha of a hub data set; a missing, gated or offline one is bad input."""
-    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True", "YES", "yes"):
+    if hub_offline():
         raise DataError(
             f"data.dataset: {dataset} is not a local file, and the Hub is offline "
             "(HF_HUB_OFFLINE); pass a data file or a URL on your store"

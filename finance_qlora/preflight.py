@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from finance_qlora.config import FinetuneConfig
 from finance_qlora.data import (
     check_rows,
     drop_duplicates,
+    hub_offline,
     hub_revision,
     is_store_url,
     local_path,
@@ -21,24 +21,31 @@ from finance_qlora.data import (
     split_rows,
 )
 from finance_qlora.errors import ConfigError
+from finance_qlora.prompts import fit_completion, to_prompt_completion
 from finance_qlora.store import Store
-from finance_qlora.training import check_targets
+from finance_qlora.training import check_targets, no_row_fits, row_length
 
 
-def check_data(config: FinetuneConfig, token: str | None, options: dict[str, Any]) -> None:
-    """A data file (local or on a store) is read and checked whole; a hub data set is looked up
-    (a missing one is bad input; an unreachable hub is left to the load step's retries)."""
+def check_data(
+    config: FinetuneConfig, token: str | None, options: dict[str, Any]
+) -> list[dict[str, str]] | None:
+    """A data file (local or on a store) is read and checked whole, and its training rows
+    returned; a hub data set is looked up (a missing one is bad input; an unreachable hub is
+    left to the load step's retries) and None returned."""
     data = config.data
     if local_path(data.dataset) is not None or is_store_url(data.dataset):
         same_store = urlsplit(data.dataset).scheme in config.output_dir
         rows = read_rows(data.dataset, options=options if same_store else None)
         rows = drop_duplicates(check_rows(rows, data.dataset))
-        split_rows(rows, data.train_size, data.test_size, data.seed, data.validation_size)
-        return
+        train, _, _ = split_rows(
+            rows, data.train_size, data.test_size, data.seed, data.validation_size
+        )
+        return train
     try:
         hub_revision(data.dataset, data.revision, token)
     except (OSError, ConnectionError, TimeoutError):
-        return
+        pass
+    return None
 
 
 def check_quantization(config: FinetuneConfig) -> None:
@@ -49,38 +56,49 @@ def check_quantization(config: FinetuneConfig) -> None:
         )
 
 
-def check_lora_targets(config: FinetuneConfig, token: str | None = None) -> None:
-    """The LoRA target modules exist in the model, found on the meta device (no weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    targets = config.lora.target_modules
-    if targets == ["all-linear"]:
-        return
-    try:
-        model_config = AutoConfig.from_pretrained(
-            builtin_models.resolve(config.model.name),
-            revision=config.model.revision,
-            token=token,
-            trust_remote_code=config.model.trust_remote_code,
-        )
-    except OSError:  # unreachable hub: the load task reports it (and retries)
-        return
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            model_config, trust_remote_code=config.model.trust_remote_code
-        )
-    check_targets(model, targets, config.model.name)
-
-
 def is_hub_model(name: str) -> bool:
     return not (name.startswith("builtin:") or Path(name).exists())
+
+
+def check_model_name(config: FinetuneConfig) -> None:
+    """A local path is a model folder; anything else is a hub id, which offline must already
+    be in the local Hugging Face cache (nothing else can load it)."""
+    name = config.model.name
+    if name.startswith("builtin:"):
+        return
+    path = Path(name)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            what = "a file" if path.is_file() else "a folder without config.json"
+            raise ConfigError(
+                f"model.name: {name} is {what}, not a model; pass a folder written by "
+                "save_pretrained, a hub id or builtin:tiny-llama"
+            )
+        return
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ConfigError(
+            f"model.name: {name} is neither a folder here nor a hub id (owner/name); check the path"
+        ) from None
+    if hub_offline():
+        cached = try_to_load_from_cache(name, "config.json", revision=config.model.revision)
+        if not isinstance(cached, str):
+            raise ConfigError(
+                f"model.name: {name} is not in the local Hugging Face cache and the Hub is "
+                "offline (HF_HUB_OFFLINE); unset HF_HUB_OFFLINE to download it, or pass a "
+                "local model folder"
+            )
 
 
 def check_hub_access(config: FinetuneConfig, token: str | None) -> None:
     """A gated or private hub model needs a token; offline, nothing can be told: skip."""
     name = config.model.name
-    if not is_hub_model(name) or os.environ.get("HF_HUB_OFFLINE"):
+    if not is_hub_model(name) or hub_offline():
         return
     from huggingface_hub import model_info
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
@@ -101,19 +119,124 @@ def check_hub_access(config: FinetuneConfig, token: str | None) -> None:
         return
 
 
+def _reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+def read_model_config(config: FinetuneConfig, token: str | None = None):
+    """The model's configuration (config.json only, no weights); None when the hub cannot be
+    reached (the load task reports that, and retries)."""
+    from transformers import AutoConfig
+
+    name = config.model.name
+    try:
+        return AutoConfig.from_pretrained(
+            builtin_models.resolve(name),
+            revision=config.model.revision,
+            token=token,
+            trust_remote_code=config.model.trust_remote_code,
+        )
+    except OSError as exc:
+        if is_hub_model(name):
+            return None
+        raise ConfigError(
+            f"model.name: {name}: its config.json cannot be read ({_reason(exc)})"
+        ) from None
+    except ValueError as exc:  # an unknown model type, a malformed config
+        raise ConfigError(
+            f"model.name: {name}: its configuration is not usable ({_reason(exc)})"
+        ) from None
+
+
+def check_lora_targets(config: FinetuneConfig, model_config) -> None:
+    """The LoRA target modules exist in the model, found on the meta device (no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    targets = config.lora.target_modules
+    if targets == ["all-linear"] or model_config is None:
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            model_config, trust_remote_code=config.model.trust_remote_code
+        )
+    check_targets(model, targets, config.model.name)
+
+
+def context_length(model_config) -> int | None:
+    """Positions the model has (prompt and answer together); None where the config does not
+    say (a position scheme without a limit)."""
+    text_config = model_config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(config: FinetuneConfig, model_config) -> None:
+    """Answers and training rows fit the model's context."""
+    context = context_length(model_config) if model_config is not None else None
+    if context is None:
+        return
+    name, new_tokens = config.model.name, config.generation.max_new_tokens
+    if new_tokens >= context:
+        raise ConfigError(
+            f"generation.max_new_tokens: {new_tokens} does not fit the context of {name} "
+            f"({context} tokens, the prompt included); lower it below {context}"
+        )
+    if config.train.max_seq_length > context:
+        raise ConfigError(
+            f"train.max_seq_length: {config.train.max_seq_length} exceeds the context of {name} "
+            f"({context} tokens); lower it to at most {context}"
+        )
+
+
+def check_sequence_length(
+    config: FinetuneConfig, train_rows: list[dict[str, str]] | None, token: str | None
+) -> None:
+    """Some training row fits train.max_seq_length (training drops the rows that do not), told
+    with the tokenizer alone; rows of a hub data set are not known yet: the train step tells."""
+    if not train_rows:
+        return
+    from finance_qlora.modeling import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(config.model, token)
+    except (OSError, ValueError) as exc:
+        if is_hub_model(config.model.name):
+            return  # unreachable hub: the load task reports it
+        raise ConfigError(
+            f"model.name: {config.model.name}: its tokenizer cannot be loaded ({_reason(exc)})"
+        ) from None
+    length, limit = row_length(tokenizer), config.train.max_seq_length
+    pairs = [to_prompt_completion(r) for r in train_rows]
+    fits = (
+        fit_completion(p["completion"], lambda c, p=p: length(p["prompt"], c), limit) is not None
+        for p in pairs
+    )
+    if not any(fits):
+        raise no_row_fits(pairs, length, limit)
+
+
 def preflight(
     config: FinetuneConfig,
     get_token: Callable[[], str | None] = lambda: None,
     store_options: dict[str, Any] | None = None,
 ) -> None:
-    """Every check, cheapest first, before anything is written; the token is looked up only
-    for a hub model or data set."""
+    """Every check, cheapest first, before anything is written and before any model is loaded
+    (configuration and tokenizer only); the token is looked up only for a hub model or data
+    set."""
     store = Store(config.output_dir, store_options or {})  # a malformed URL fails here
     check_quantization(config)
+    check_model_name(config)
     hub_data = local_path(config.data.dataset) is None and not is_store_url(config.data.dataset)
     hub = is_hub_model(config.model.name) or hub_data
     token = get_token() if hub else None
-    check_data(config, token, store.options)
+    train_rows = check_data(config, token, store.options)
     check_hub_access(config, token)
-    check_lora_targets(config, token)
+    found = read_model_config(config, token)
+    check_lora_targets(config, found)
+    check_context(config, found)
+    check_sequence_length(config, train_rows, token)
     store.check_writable()

@@ -95,6 +95,14 @@ def fit_rows(
     return kept, trimmed, dropped
 
 
+def shortest_row(rows: list[dict[str, str]], length: Callable[[str, str], int]) -> int:
+    """The fewest tokens any row can take: its prompt with the first sentence of its answer."""
+    return min(
+        length(r["prompt"], (sentence_prefixes(r["completion"]) or [r["completion"]])[-1])
+        for r in rows
+    )
+
+
 def write_prompts(splits: SplitRecord, out_dir: Path) -> PromptRecord:
     """Both splits as prompt/completion pairs, written atomically."""
     with atomic_dir(out_dir) as tmp:

@@ -26,7 +26,7 @@ from finance_qlora.modeling import (
     maybe_dequantize,
     release_memory,
 )
-from finance_qlora.prompts import fit_rows
+from finance_qlora.prompts import fit_rows, shortest_row
 from finance_qlora.records import TrainRecord
 
 FINAL = "final"
@@ -56,7 +56,9 @@ def lora_config(lora: LoraSettings):
 
 
 def check_targets(model, targets: list[str], model_name: str) -> None:
-    """The LoRA target modules exist in `model` (a loaded model or one on the meta device)."""
+    """The LoRA target modules exist in `model` (a loaded model or one on the meta device), and
+    none is the output head: "all-linear" leaves it out too, and an adapter on it would also
+    have to carry the head's vocabulary-sized matrices."""
     if targets == ["all-linear"]:
         return
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -65,6 +67,14 @@ def check_targets(model, targets: list[str], model_name: str) -> None:
         raise ConfigError(
             f"lora.target_modules: {', '.join(missing)} not in {model_name}; "
             "choose among e.g. q_proj, k_proj, v_proj, o_proj, or all-linear"
+        )
+    head = model.get_output_embeddings()
+    heads = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is head}
+    if heads & set(targets):
+        raise ConfigError(
+            f"lora.target_modules: {', '.join(sorted(heads & set(targets)))} is the output head "
+            f"of {model_name}, not a LoRA target here; choose among e.g. q_proj, k_proj, v_proj, "
+            "o_proj, or all-linear"
         )
 
 
@@ -173,14 +183,29 @@ def token_budget_trainer_class():
     return TokenBudgetSFTTrainer
 
 
+def row_length(tokenizer) -> Callable[[str, str], int]:
+    """Tokens of a training row, exactly what TRL tokenizes: prompt + completion + EOS."""
+
+    def length(prompt: str, completion: str) -> int:
+        return len(tokenizer(text=prompt + completion + tokenizer.eos_token)["input_ids"])
+
+    return length
+
+
+def no_row_fits(rows: list[dict[str, str]], length: Callable[[str, str], int], max_seq_length: int):
+    """The error when train.max_seq_length is below every row's shortest form."""
+    need = shortest_row(rows, length)
+    return ConfigError(
+        f"train.max_seq_length: {max_seq_length} tokens is too short for any training row (the "
+        f"shortest, a prompt with the first sentence of its answer and EOS, takes {need}); "
+        f"raise it to at least {need}"
+    )
+
+
 def fit_to_length(rows: list[dict], tokenizer, max_seq_length: int) -> list[dict[str, str]]:
     """Rows that fit train.max_seq_length with their EOS: a long answer is cut at a sentence
     boundary, a row that cannot fit is dropped (TRL would cut it mid-word, EOS lost)."""
-
-    def length(prompt: str, completion: str) -> int:
-        # exactly what TRL tokenizes: prompt + completion + EOS, as one text
-        return len(tokenizer(text=prompt + completion + tokenizer.eos_token)["input_ids"])
-
+    length = row_length(tokenizer)
     pairs = [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
     kept, trimmed, dropped = fit_rows(pairs, length, max_seq_length)
     if trimmed or dropped:
@@ -194,10 +219,7 @@ def fit_to_length(rows: list[dict], tokenizer, max_seq_length: int) -> list[dict
             dropped,
         )
     if not kept:
-        raise ConfigError(
-            f"train.max_seq_length: no training row fits in {max_seq_length} tokens with its "
-            "first sentence and EOS; raise train.max_seq_length"
-        )
+        raise no_row_fits(pairs, length, max_seq_length)
     return kept
 
 
@@ -213,6 +235,7 @@ def build_trainer(
     """The 4-bit model (dequantized where the GPU has room), LoRA, and the SFT trainer."""
     from datasets import Dataset
     from peft import prepare_model_for_kbit_training
+    from transformers import PrinterCallback
 
     tokenizer = load_tokenizer(model_cfg, token)
     rows = read_jsonl(prompts_path)
@@ -241,6 +264,9 @@ def build_trainer(
         callbacks=callbacks or [],
         max_tokens_per_batch=train.max_tokens_per_batch,
     )
+    # With disable_tqdm the Trainer prints every log dict to stdout; the train task logs the
+    # loss itself, through Prefect.
+    trainer.remove_callback(PrinterCallback)
     # TRL casts the adapters of a 4-bit model to bf16, also after dequantizing (the model still
     # says it is quantized). Trainable weights stay fp32 on every card: fp16 loss scaling needs
     # it (T4), and in bf16 small updates round away. Mixed precision still computes in
@@ -264,6 +290,12 @@ def _train_once(
     from transformers import TrainerCallback
 
     class Report(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            # The last step is always logged: with train.logging_steps above the number of
+            # steps, no loss would be logged at all.
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             loss = (logs or {}).get("loss")
             if loss is not None and not math.isfinite(loss):

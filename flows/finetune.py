@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import signal
 import sys
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 
 from finance_qlora.config import (
@@ -109,7 +112,9 @@ def finetune(
     logger = get_run_logger()
     if "load" in run.cached and not decision.promoted and decision.adapter == adapter.folder:
         logger.info("no new data since %s; champion unchanged", source.version)
-    logger.info("%s\nchampion: %s (%s)", comparison.markdown, decision.adapter, decision.reason)
+    ui_logger().info(
+        "%s\nchampion: %s (%s)", comparison.markdown, decision.adapter, decision.reason
+    )
     summary = {
         "flow_run": str(flow_run.get_id()),
         "data_version": source.version,
@@ -159,6 +164,16 @@ def run_markdown(summary: dict[str, Any]) -> str:
     )
 
 
+def ui_logger() -> logging.LoggerAdapter:
+    """The run logger, writing to the run's logs in Prefect only, not to the console: there
+    the command line prints the table itself, and once is enough."""
+    logger = logging.getLogger("prefect.flow_runs.report")
+    if not logger.handlers:
+        logger.addHandler(APILogHandler())
+        logger.propagate = False
+    return logging.LoggerAdapter(logger, get_run_logger().extra)
+
+
 def rescorable(champion: Champion | None, adapter: AdapterRecord, protocol: Protocol) -> bool:
     """A champion other than this candidate, trained on the same base model."""
     return (
@@ -203,7 +218,44 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, dict[str, Any]]:
     return args.preset, overrides | ({"_show": True} if args.show_config else {})
 
 
+INTERRUPTED = (
+    "interrupted: run the same command again to resume (finished steps come from the cache, "
+    "training from its last checkpoint)"
+)
+
+
+def _interrupt_once(signum, frame) -> None:
+    """Ctrl-C: stop now; a second Ctrl-C must not cut short Prefect's recording of the run as
+    Crashed, so it is ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def start_local_api() -> None:
+    """Prefect's temporary local server (when PREFECT_API_URL names none), started with SIGINT
+    blocked: the server process inherits the blocked signal, so a Ctrl-C in the terminal, sent
+    to the whole process group, reaches this process only and the server stays up to record
+    the run's end. It still stops when this process exits."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    server = SubprocessASGIServer()  # the instance Prefect's client uses
+    if PREFECT_API_URL.value() or server.running:
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        server.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # bitsandbytes warns on import on every CPU without the optional `kernels` package; the
+    # configuration check imports it (through transformers), and an error must stay one line.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.SIG_IGN:  # ignored (a background job of a script): stays so
+        signal.signal(signal.SIGINT, _interrupt_once)
     try:
         preset, overrides = parse_args(argv)
         show = overrides.pop("_show", False)
@@ -211,18 +263,29 @@ def main(argv: list[str] | None = None) -> int:
         if show:
             print(config.model_dump_json(indent=2))
             return 0
+
+        def api(function, *args):  # anything that talks to Prefect starts its server first
+            start_local_api()
+            return function(*args)
+
         # Bad input fails here, before the flow starts (the token is looked up, in the Secret
         # block or HF_TOKEN, only for a hub model).
         token_block = config.model.hf_token_secret
         preflight(
             config,
-            lambda: hf_token(token_block, config.model.name),
-            storage_options(config.output_dir_secret),
+            lambda: api(hf_token, token_block, config.model.name),
+            api(storage_options, config.output_dir_secret) if config.output_dir_secret else {},
         )
-        result = finetune(preset=preset, overrides=overrides)
+        result = api(finetune, preset, overrides)
     except FinanceQLoRAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:  # None: a handler not set from Python, left as it was
+            signal.signal(signal.SIGINT, previous)
     print(result["table"])
     print(f"data: {result['data_version']}")
     print(f"adapter: {result['adapter']}")

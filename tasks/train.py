@@ -67,12 +67,7 @@ def train(
     )
     if record.resumed_from:
         logger.info("resumed from the checkpoint at step %d", record.resumed_from)
-    logger.info(
-        "trained %d steps in %.1f s; loss %.4f -> %.4f",
-        record.steps,
-        record.seconds,
-        record.losses[0],
-        record.losses[-1],
-    )
+    losses = f"; loss {record.losses[0]:.4f} -> {record.losses[-1]:.4f}" if record.losses else ""
+    logger.info("trained %d steps in %.1f s%s", record.steps, record.seconds, losses)
     normalize_adapter_config(record.path, model.name)
     return publish(store, record, "train", key)  # checkpoints go: they only served retries

@@ -34,6 +34,23 @@ def prefect_api():
 
 
 @pytest.fixture
+def redaction():
+    """For a test that redacts a secret: logging's record factory and the set of redacted
+    secrets are put back afterwards, so no later test logs through this one's factory."""
+    import logging
+
+    import tasks.common
+
+    factory, secrets = logging.getLogRecordFactory(), set(tasks.common._SECRETS)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(factory)
+        tasks.common._SECRETS.clear()
+        tasks.common._SECRETS.update(secrets)
+
+
+@pytest.fixture
 def write_rows(tmp_path):
     """Write rows to a data file in tmp_path and return its path."""
 

@@ -45,7 +45,8 @@ CASES = [
     (
         "data file missing",
         lambda t: [*TINY, "--data", str(t / "nope.jsonl")],
-        "nope.jsonl does not exist; pass an existing JSON/JSONL/CSV/Parquet file, a URL on your",
+        "nope.jsonl does not exist; pass an existing JSON/JSONL/CSV/Parquet file, a URL on your "
+        "store or a hub id",
     ),
     (
         "unsupported file type",
@@ -129,12 +130,110 @@ CASES = [
         lambda t: [*TINY, "--set", 'lora.target_modules=["query_key_value"]'],
         "lora.target_modules: query_key_value not in builtin:tiny-llama",
     ),
+    (
+        "LoRA on the output head",
+        lambda t: [*TINY, "--set", 'lora.target_modules=["lm_head"]'],
+        "lora.target_modules: lm_head is the output head of builtin:tiny-llama, not a LoRA target "
+        "here",
+    ),
+    (
+        "negative data seed",
+        lambda t: [*TINY, "--set", "data.seed=-1"],
+        "data.seed: Input should be greater than or equal to 0 (got -1)",
+    ),
+    (
+        "negative training seed",
+        lambda t: [*TINY, "--set", "train.seed=-1"],
+        "train.seed: Input should be greater than or equal to 0 (got -1)",
+    ),
+    (
+        "negative bootstrap seed",
+        lambda t: [*TINY, "--set", "bootstrap.seed=-1"],
+        "bootstrap.seed: Input should be greater than or equal to 0 (got -1)",
+    ),
+    (
+        "infinite epochs",
+        lambda t: [*TINY, "--set", "train.epochs=1e309"],
+        "train.epochs: Input should be a finite number (got inf)",
+    ),
+    (
+        "too many epochs",
+        lambda t: [*TINY, "--set", "train.epochs=5000"],
+        "train.epochs: Input should be less than or equal to 1000 (got 5000)",
+    ),
+    (
+        "unknown scheduler",
+        lambda t: [*TINY, "--set", "train.lr_scheduler=bogus"],
+        "train.lr_scheduler: not a transformers scheduler; choose one of linear, cosine, "
+        "cosine_with_restarts",
+    ),
+    (
+        "unknown optimizer",
+        lambda t: [*TINY, "--set", "train.optimizer=bogus"],
+        "train.optimizer: not a transformers optimizer; choose e.g. adamw_torch, "
+        "adamw_torch_fused, paged_adamw_8bit, adafactor or sgd (transformers' OptimizerNames) "
+        "(got 'bogus')",
+    ),
+    (
+        "sequence length too short for any row",
+        lambda t: [*TINY, "--set", "train.max_seq_length=1"],
+        "train.max_seq_length: 1 tokens is too short for any training row (the shortest, a "
+        "prompt with the first sentence of its answer and EOS, takes ",
+    ),
+    (
+        "sequence length beyond the model's context",
+        lambda t: [*TINY, "--set", "train.max_seq_length=100000"],
+        "train.max_seq_length: 100000 exceeds the context of builtin:tiny-llama (512 tokens); "
+        "lower it to at most 512",
+    ),
+    (
+        "new tokens beyond the model's context",
+        lambda t: [*TINY, "--set", "generation.max_new_tokens=1000000000"],
+        "generation.max_new_tokens: 1000000000 does not fit the context of builtin:tiny-llama "
+        "(512 tokens, the prompt included); lower it below 512",
+    ),
+    (
+        "model folder that is not a model",
+        lambda t: [*TINY, "--set", f"model.name={_not_a_model(t)}"],
+        "is a folder without config.json, not a model; pass a folder written by save_pretrained, "
+        "a hub id or builtin:tiny-llama",
+    ),
+    (
+        "model path that is neither a folder nor a hub id",
+        lambda t: [*TINY, "--set", f"model.name={t / 'no' / 'such' / 'model'}"],
+        "is neither a folder here nor a hub id (owner/name); check the path",
+    ),
 ]
+
+
+def _not_a_model(tmp: Path) -> str:
+    (tmp / "not-a-model").mkdir()
+    (tmp / "not-a-model" / "notes.txt").write_text("x")
+    return str(tmp / "not-a-model")
 
 
 def _txt(tmp: Path) -> str:
     (tmp / "rows.txt").write_text("instruction,input,output\n")
     return str(tmp / "rows.txt")
+
+
+@pytest.fixture(autouse=True)
+def no_model_is_loaded(monkeypatch):
+    """Every bad input is told before any model's weights are loaded, and before the flow (and
+    Prefect's temporary server) starts: an input let through fails here at once."""
+    from transformers import AutoModelForCausalLM
+
+    import flows.finetune
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was told")
+
+    def no_flow(*args, **kwargs):
+        raise AssertionError("the flow started: the bad input was not told")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(flows.finetune, "finetune", no_flow)
+    monkeypatch.setattr(flows.finetune, "start_local_api", lambda: None)
 
 
 @pytest.mark.parametrize("case, make_args, expected", CASES, ids=[c[0] for c in CASES])
@@ -204,4 +303,15 @@ def test_gated_model_without_token(capsys, monkeypatch, tmp_path):
         "error: model.name: meta-llama/Llama-2-7b-hf is gated and no token was given; accept "
         "its licence on the Hub, then save a token in the Prefect Secret block 'hf-token' or "
         "set HF_TOKEN"
+    )
+
+
+def test_offline_hub_model_not_in_the_local_cache(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = [*TINY, "--set", "model.name=finance-qlora-tests/no-such-model"]
+    assert main([*args, "--output-dir", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: model.name: finance-qlora-tests/no-such-model is not in the local Hugging Face "
+        "cache and the Hub is offline (HF_HUB_OFFLINE); unset HF_HUB_OFFLINE to download it, or "
+        "pass a local model folder"
     )

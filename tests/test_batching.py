@@ -97,3 +97,22 @@ def test_dequantized_weights_give_the_same_answers(tmp_path):
         # fp32: the same weights, so the logits agree to bf16 rounding and the answers exactly.
         torch.testing.assert_close(model(**ids).logits, quantized_logits, rtol=1e-2, atol=1e-2)
         assert generate_answers(model, tokenizer, texts, 16, batch_size=3) == quantized
+
+
+def test_batches_group_rows_by_length_and_fill_the_budget_exactly():
+    # sorted by length: the two short rows together, the two long ones together
+    assert token_budget_batches([100, 1, 100, 1], max_tokens=200) == [[1, 3], [0, 2]]
+    assert token_budget_batches([50, 50, 50, 50], max_tokens=200) == [[0, 1, 2, 3]]  # 4 x 50
+    assert token_budget_batches([50, 50, 50, 50], max_tokens=199) == [[0, 1, 2], [3]]
+
+
+def test_rows_longer_than_the_budget_get_a_batch_each_and_no_empty_batch():
+    assert token_budget_batches([300], max_tokens=256) == [[0]]
+    assert token_budget_batches([400, 300], max_tokens=256) == [[1], [0]]
+
+
+def test_sampler_with_seed_zero_shuffles_every_epoch():
+    sampler = TokenBudgetSampler([10] * 40, max_tokens=40, seed=0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert sorted(map(tuple, list(sampler))) == sorted(map(tuple, first))

@@ -35,3 +35,40 @@ def test_reproducible_with_its_seed():
 def test_rejects_unpaired_scores():
     with pytest.raises(ValueError):
         paired_bootstrap([0.1], [0.1, 0.2])
+
+
+def test_defaults_are_the_configurations():
+    from finance_qlora.config import BootstrapSettings
+
+    before, after = [0.1, 0.2, 0.5, 0.3, 0.05], [0.3, 0.1, 0.6, 0.6, 0.2]
+    settings = BootstrapSettings()
+    assert paired_bootstrap(before, after) == paired_bootstrap(
+        before, after, settings.resamples, settings.confidence, settings.seed
+    )
+
+
+def test_one_row_gives_point_intervals():
+    iv = paired_bootstrap([0.25], [0.75], resamples=50)
+    assert (iv.pretrained.low, iv.pretrained.high) == (0.25, 0.25)
+    assert (iv.delta.mean, iv.delta.low, iv.delta.high) == (0.5, 0.5, 0.5)
+
+
+def test_empty_or_unpaired_scores_are_refused_in_words():
+    for before, after in (([], []), ([0.1], [0.1, 0.2])):
+        with pytest.raises(ValueError, match="two non-empty score lists of equal length"):
+            paired_bootstrap(before, after)
+
+
+def test_the_interval_is_the_central_confidence_share_of_resampled_means():
+    """Recomputed from the definition: the same seeded rows for both models, the mean of each
+    resample, and the (1 - confidence) / 2 and 1 - (1 - confidence) / 2 percentiles."""
+    import numpy as np
+
+    before = [0.1, 0.9, 0.35, 0.6, 0.2, 0.75, 0.5]
+    after = [0.3, 0.8, 0.55, 0.6, 0.45, 0.7, 0.9]
+    iv = paired_bootstrap(before, after, resamples=400, confidence=0.8, seed=11)
+    rows = np.random.default_rng(11).integers(0, 7, size=(400, 7))
+    for values, got in ((before, iv.pretrained), (np.subtract(after, before), iv.delta)):
+        means = np.asarray(values, dtype=np.float64)[rows].mean(axis=1)
+        low, high = np.percentile(means, [10.0, 90.0])
+        assert (got.low, got.high) == (pytest.approx(low), pytest.approx(high))

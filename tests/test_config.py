@@ -76,8 +76,29 @@ def test_flow_overrides_schema_keeps_constraints():
     for bad in ({"train": {"epochs": -1}}, {"trian": {}}, {"preset": "tiny-cpu"}):
         with pytest.raises(ValidationError):
             ConfigOverrides.model_validate(bad)
-    schema = ConfigOverrides.model_json_schema()
-    assert "train" in schema["properties"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"train": {"epochs": -1}},
+        {"train": {"epochs": 5000}},
+        {"data": {"seed": -1}},
+        {"lora": {"dropout": 1.5}},
+        {"trian": {}},
+        {"train": {"epoch": 2}},
+    ],
+)
+def test_the_flow_parameter_schema_enforces_the_constraints(overrides):
+    """What the server checks a deployment run against: the flow's parameter JSON schema,
+    validated the way Prefect's server validates it (not the pydantic model)."""
+    from prefect.utilities.schema_tools.validation import validate
+
+    from flows.finetune import finetune
+
+    schema = finetune.parameters.model_dump_for_openapi()
+    assert validate({"preset": "tiny-cpu", "overrides": {"train": {"epochs": 2}}}, schema) == []
+    assert validate({"preset": "tiny-cpu", "overrides": overrides}, schema) != []
 
 
 def test_evaluation_metrics_default_to_rouge_and_keep_it():
@@ -99,3 +120,24 @@ def test_a_metric_that_cannot_be_loaded_is_one_config_line(monkeypatch):
     message = str(info.value)
     assert message.startswith("evaluation.metrics: cannot load 'finance-qlora-no-such-metric'")
     assert "offline" in message and "\n" not in message
+
+
+def test_an_override_model_is_every_field_optional_with_its_constraints():
+    """`_partial` builds the flow's parameter model (at import, so it is called again here)."""
+    from finance_qlora.config import FinetuneConfig, TrainSettings, _partial
+
+    train = _partial(TrainSettings)
+    assert train.__name__ == "TrainSettingsOverride"
+    assert train().model_dump() == {name: None for name in TrainSettings.model_fields}
+    assert train(epochs=2).epochs == 2
+    for bad in ({"epochs": -1}, {"epochs": float("inf")}, {"seed": -1}, {"epoch": 2}):
+        with pytest.raises(ValidationError):
+            train.model_validate(bad)
+
+    whole = _partial(FinetuneConfig, exclude=frozenset({"preset"}))
+    assert set(whole.model_fields) == set(FinetuneConfig.model_fields) - {"preset"}
+    nested = whole.model_validate({"train": {"epochs": 3}, "lora": {}})
+    assert nested.train.epochs == 3 and nested.train.learning_rate is None
+    assert nested.output_dir is None
+    with pytest.raises(ValidationError):
+        whole.model_validate({"train": {"epochs": 0}})

@@ -207,3 +207,73 @@ def test_validation_rows_are_carved_from_the_training_split():
     assert {_key(r) for r in fit + validation} == keys and not set(map(_key, fit)) & set(
         map(_key, validation)
     )
+
+
+def _hub(monkeypatch, answer):
+    """The hub's answer to dataset_info, simulated (no network here); the calls are kept."""
+    import httpx2
+    import huggingface_hub
+
+    calls = []
+
+    def dataset_info(name, **kwargs):
+        calls.append((name, kwargs))
+        if isinstance(answer, type):
+            url = f"https://huggingface.co/api/datasets/{name}"
+            response = httpx2.Response(404, request=httpx2.Request("GET", url))
+            raise answer(f"{name}: {answer.__name__}", response=response)
+        return type("Info", (), {"sha": answer})()
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "dataset_info", dataset_info)
+    return calls
+
+
+def test_a_hub_data_set_is_pinned_to_its_commit_with_revision_and_token(monkeypatch):
+    calls = _hub(monkeypatch, "c0ffee")
+    source = resolve_version("org/rows", revision="v2", token="hf_x")
+    assert (source.version, source.revision) == ("hub:org/rows@c0ffee", "c0ffee")
+    assert calls == [("org/rows", {"revision": "v2", "token": "hf_x"})]
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (
+            "GatedRepoError",
+            "data.dataset: org/rows is gated; accept its terms on the Hub and give a token",
+        ),
+        (
+            "RepositoryNotFoundError",
+            "data.dataset: org/rows is neither a file here nor a data set on the Hub (or it is "
+            "private and no token was given)",
+        ),
+        ("RevisionNotFoundError", "data.revision: 'v2' not found in org/rows"),
+    ],
+)
+def test_hub_data_set_trouble_is_one_data_error(monkeypatch, error, message):
+    from huggingface_hub import errors
+
+    _hub(monkeypatch, getattr(errors, error))
+    with pytest.raises(DataError) as info:
+        resolve_version("org/rows", revision="v2")
+    assert str(info.value) == message
+
+
+def test_splits_of_a_hub_data_set_read_that_commit_with_the_token(monkeypatch, tmp_path):
+    import datasets
+
+    from finance_qlora.records import DataVersion
+
+    loaded = []
+
+    def load_dataset(name, **kwargs):
+        loaded.append((name, kwargs))
+        return datasets.Dataset.from_list(make_rows(10))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    source = DataVersion(source="org/rows", version="hub:org/rows@c0ffee", revision="c0ffee")
+    data = DataConfig(dataset="org/rows", train_size=6, test_size=2, seed=0)
+    record = write_splits(source, data, tmp_path / "splits", token="hf_x")
+    assert loaded == [("org/rows", {"revision": "c0ffee", "split": "train", "token": "hf_x"})]
+    assert (record.train_rows, record.test_rows) == (6, 2)

@@ -65,6 +65,12 @@ def test_flow_completes_every_step(first_run):
     assert all(s == ["Completed"] for s in states.values()), states
 
 
+def test_the_report_is_in_the_run_logs(first_run):
+    _, state, _ = first_run
+    messages = sent_logs(flow_run_id=state.state_details.flow_run_id)
+    assert len([m for m in messages if m.startswith("## Pretrained vs fine-tuned ROUGE")]) == 1
+
+
 def test_adapter_files_load_with_peft(first_run):
     from peft import PeftConfig
 
@@ -232,20 +238,41 @@ def test_a_losing_adapter_is_kept_and_the_champion_unchanged(prefect_api, tmp_pa
     assert [json.loads(p.read_text())["promoted"] for p in decisions] == [True, False]
 
 
-def test_hf_token_never_reaches_logs_or_artifacts(prefect_api, tmp_path):
+def test_hf_token_never_reaches_logs_or_artifacts(prefect_api, tmp_path, monkeypatch, redaction):
+    """The token really is logged inside the run, by the run logger and by a library logger
+    sending to the API (as PREFECT_LOGGING_EXTRA_LOGGERS does), and is redacted in both."""
+    import logging
+
     from prefect.blocks.system import Secret
     from prefect.client.schemas.filters import (
         ArtifactFilter,
         ArtifactFilterFlowRunId,
     )
+    from prefect.logging.handlers import APILogHandler
 
+    import tasks.train
     from finance_qlora.builtin_models import resolve
 
     token = "hf_TestToken0123456789abcdefXYZ"
     Secret(value=token).save("hf-token-test", overwrite=True)
+    library = logging.getLogger("huggingface_hub.finance_qlora_test")
+    to_api = APILogHandler()
+    library.addHandler(to_api)
+    real = tasks.train.train_adapter
+
+    def leaky(*args, **kwargs):
+        assert kwargs["token"] == token  # what a hub download would send
+        tasks.train.get_run_logger().warning("retrying the download with token %s", token)
+        library.warning(f"401 Client Error for Authorization: Bearer {kwargs['token']}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.train, "train_adapter", leaky)
     # a local model folder is not "builtin:", so the token is looked up and passed on
     model = {"name": resolve("builtin:tiny-llama"), "hf_token_secret": "hf-token-test"}
-    state, result = run_flow(tmp_path, model=model)
+    try:
+        state, result = run_flow(tmp_path, model=model)
+    finally:
+        library.removeHandler(to_api)
     assert state.is_completed()
     flow_run_id = state.state_details.flow_run_id
     messages = sent_logs(flow_run_id=flow_run_id)
@@ -254,13 +281,15 @@ def test_hf_token_never_reaches_logs_or_artifacts(prefect_api, tmp_path):
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
     assert any("Hugging Face token from Secret block 'hf-token-test'" in m for m in messages)
+    assert "retrying the download with token ***" in messages
+    assert "401 Client Error for Authorization: Bearer ***" in messages
     assert not [m for m in messages if token in m]
     assert artifacts and not [a for a in artifacts if token in json.dumps(a.data, default=str)]
     saved = [p.read_text(errors="ignore") for p in tmp_path.rglob("*") if p.is_file()]
     assert not [text for text in saved if token in text]
 
 
-def test_redaction_covers_any_logger(caplog):
+def test_redaction_covers_any_logger(caplog, redaction):
     import logging
 
     from tasks.common import redact_in_logs

@@ -76,3 +76,35 @@ def test_rows_are_trimmed_or_dropped_and_counted():
     ]
     assert (trimmed, dropped) == (1, 1)
     assert all(length(r["prompt"], r["completion"]) <= 5 for r in kept)  # EOS included
+
+
+def test_a_missing_or_null_input_is_no_input():
+    plain = build_prompt("Q?")
+    assert to_prompt_completion({"instruction": "Q?", "output": "A."})["prompt"] == plain
+    assert to_prompt_completion({"instruction": "Q?", "input": None, "output": "A."})["prompt"] == (
+        plain
+    )
+
+
+def test_sentence_prefixes_drop_the_space_before_a_line_break_and_trailing_breaks():
+    assert sentence_prefixes("First line \nSecond line") == ["First line"]
+    assert sentence_prefixes("One. Two. ") == ["One."]  # the trailing space is no break
+    assert sentence_prefixes("  One. Two.") == ["  One."]  # leading space stays in the text
+
+
+def test_a_completion_that_fits_exactly_is_kept_whole():
+    assert fit_completion("One. Two.", len, 9) == "One. Two."
+    assert fit_completion("One. Two.", len, 8) == "One."
+
+
+def test_every_row_is_looked_at_and_counted():
+    rows = [
+        {"prompt": "", "completion": "Way too long for anything."},
+        {"prompt": "", "completion": "Also far too long here."},
+        {"prompt": "", "completion": "Ok. But this part is long."},
+        {"prompt": "", "completion": "Fits."},
+        {"prompt": "", "completion": "Tiny. Cut here please."},
+    ]
+    kept, trimmed, dropped = fit_rows(rows, lambda p, c: len(p + c), 6)
+    assert [r["completion"] for r in kept] == ["Ok.", "Fits.", "Tiny."]
+    assert (trimmed, dropped) == (2, 2)

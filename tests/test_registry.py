@@ -98,3 +98,52 @@ def test_an_incomplete_adapter_never_becomes_champion(store, tmp_path):
     with pytest.raises(RuntimeError, match="incomplete"):
         record_decision(store, decision(True, b), b, {"rougeL": 0.9})
     assert store.read_text("registry", "champion.json") == before
+
+
+def test_the_gate_gives_its_reason_in_words():
+    low = Interval(mean=0.05, low=-0.01, high=0.1)
+    assert decide("rougeL", 0.3, low, champion=None) == (
+        False,
+        "rougeL 0.3000 does not beat the pretrained model: the delta +0.0500 has a 95% interval "
+        "[-0.0100, +0.1000] that is not above zero",
+    )
+    assert decide("rougeL", 0.3, delta(0.01), champion=None) == (
+        True,
+        "no champion yet; rougeL 0.3000 beats the pretrained model",
+    )
+    assert decide("rouge1", 0.3, low, champion=None, beat_pretrained=False) == (
+        True,
+        "no champion yet; rouge1 0.3000 (pretrained not required)",
+    )
+    assert decide("rougeL", 0.311, delta(0.01), champion=0.3, min_delta=0.01) == (
+        True,
+        "rougeL 0.3110 beats the champion's 0.3000 on the same prompts by more than 0.01",
+    )
+    assert decide("rougeL", 0.31, delta(0.01), champion=0.3) == (
+        True,
+        "rougeL 0.3100 beats the champion's 0.3000 on the same prompts",
+    )
+    assert decide("rougeL", 0.3, delta(0.01), champion=0.3) == (
+        False,
+        "rougeL 0.3000 does not beat the champion's 0.3000 on the same prompts",
+    )
+    assert decide("rougeL", 0.305, delta(0.01), champion=0.3, min_delta=0.01) == (
+        False,
+        "rougeL 0.3050 does not beat the champion's 0.3000 on the same prompts by more than 0.01",
+    )
+
+
+def test_decisions_are_named_by_utc_time_and_the_files_are_indented(tmp_path):
+    import re
+
+    store = Store(str(tmp_path / "store"))
+    a = published_adapter(store, tmp_path, "a")
+    record_decision(store, decision(True, a), a, {"rougeL": 0.3})
+    (name,) = store.listdir("registry", "decisions")
+    assert re.fullmatch(r"\d{8}T\d{12}-[0-9a-f]{8}\.json", name)  # sorts by time
+    assert read_champion(store).promoted_at.endswith("+00:00")
+    for text in (
+        store.read_text("registry", "decisions", name),
+        store.read_text("registry", "champion.json"),
+    ):
+        assert text.startswith('{\n  "')  # read by people too

@@ -96,6 +96,42 @@ def test_training_out_of_memory_halves_the_batch(prompts, tmp_path):
     )
     assert record.steps == 24 // 4  # batch 1 x 4 accumulation: the same optimizer steps
 
+    # Token-budget batches: the budget halves too, down to one row of train.max_seq_length.
+    import finance_qlora.training as training
+
+    tried, real_build = [], training.build_trainer
+
+    def build(prompts_path, model_cfg, lora, train, *args, **kwargs):
+        tried.append(
+            (train.max_tokens_per_batch, train.batch_size, train.gradient_accumulation_steps)
+        )
+        if len(tried) > 4:
+            raise AssertionError(f"no back-off to a budget that fits: {tried}")
+        return real_build(prompts_path, model_cfg, lora, train, *args, **kwargs)
+
+    class OutOfMemoryAboveBudget(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if tried[-1][0] > 256:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "build_trainer", build)
+        config = _config(
+            max_tokens_per_batch=1024,
+            max_seq_length=256,
+            gradient_accumulation_steps=1,
+            checkpoint_steps=0,
+        )
+        train_adapter(
+            prompts,
+            config.model,
+            config.lora,
+            config.train,
+            tmp_path / "budget",
+            callbacks=[OutOfMemoryAboveBudget()],
+        )
+    assert tried == [(1024, 4, 1), (512, 2, 2), (256, 1, 4)]
+
     config = _config(batch_size=1, checkpoint_steps=0)
     with pytest.raises(TrainingError, match="train.batch_size: out of GPU memory even at batch 1"):
         train_adapter(

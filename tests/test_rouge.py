@@ -13,20 +13,28 @@ def test_hand_computed_rouge():
     assert scores["rougeL"][0] == pytest.approx(2 / 3)
 
 
-def test_matches_rouge_score_directly():
-    from rouge_score import rouge_scorer
+# (prediction, reference, expected F1 of rouge1, rouge2, rougeL, rougeLsum), by hand, without
+# rouge_score: tokens are lower-cased words, stemmed (Porter); ROUGE-Lsum takes each line as a
+# sentence and, for each reference sentence, the union of its LCS with every predicted line.
+HAND_COMPUTED = [
+    # stems: prediction invest, investor, invest; reference invest, invest.
+    # rouge1: 2 matches, P 2/3, R 2/2 -> F1 0.8; no common bigram; LCS "invest invest" = 2.
+    ("Investing investors invested", "invest investment", (0.8, 0.0, 0.8, 0.8)),
+    # prediction "a b" twice, reference "a b" then "b a": same words (rouge1 1), bigrams
+    # ab ba ab vs ab bb ba: 2 of 3 each way; LCS of a b a b and a b b a: 3 of 4 each way.
+    # ROUGE-Lsum is not symmetric: reference line "a b" takes a and b, line "b a" only one of
+    # its words (its LCS with "a b" is one word): 3 hits of 4 -> 3/4 (the other way round: 1).
+    ("a b\na b", "a b\nb a", (1.0, 2 / 3, 3 / 4, 3 / 4)),
+    ("a b\nb a", "a b\na b", (1.0, 2 / 3, 3 / 4, 1.0)),
+    ("", "Something.", (0.0, 0.0, 0.0, 0.0)),
+]
 
-    pairs = [
-        ("Bonds pay interest.\nThey mature later.", "A bond pays interest and matures."),
-        ("Stocks are shares of ownership.", "A stock is a share in a company."),
-        ("", "Something."),
-    ]
-    scorer = rouge_scorer.RougeScorer(list(METRICS), use_stemmer=True)
-    ours = score_pairs([p for p, _ in pairs], [r for _, r in pairs])
-    for i, (prediction, reference) in enumerate(pairs):
-        expected = scorer.score(reference, prediction)
-        for metric in METRICS:
-            assert ours[metric][i] == pytest.approx(expected[metric].fmeasure)
+
+def test_scores_match_hand_computed_values_with_prediction_and_reference_in_place():
+    """Independent of rouge_score: a swap of prediction and reference changes ROUGE-Lsum."""
+    ours = score_pairs([p for p, _, _ in HAND_COMPUTED], [r for _, r, _ in HAND_COMPUTED])
+    for i, (_, _, expected) in enumerate(HAND_COMPUTED):
+        assert [ours[m][i] for m in METRICS] == pytest.approx(list(expected)), i
 
 
 def test_rouge_lsum_splits_sentences_on_newlines():
@@ -122,3 +130,10 @@ def test_evaluate_module_loads_offline_into_an_empty_module_cache(tmp_path):
     scores = json.loads(done.stdout.strip().splitlines()[-1])
     assert {m: scores[m] for m in METRICS} == _rouge_score_directly()
     assert any((tmp_path / "modules").rglob("finance_rouge.py"))  # loaded from the copy
+
+
+def test_no_rows_mean_zero_and_a_count_mismatch_is_told():
+    assert mean_scores({m: [] for m in METRICS}) == {m: 0.0 for m in METRICS}
+    assert score_pairs([], []) == {m: [] for m in METRICS}
+    with pytest.raises(ValueError, match="^1 predictions for 2 references$"):
+        score_pairs(["a"], ["a", "b"])

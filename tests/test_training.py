@@ -143,3 +143,14 @@ def test_cosine_schedule_decays_to_zero(tmp_path):
     assert rates[0] == pytest.approx(config.train.learning_rate)
     assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
     assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_last_loss_is_logged_whatever_the_interval_and_nothing_printed(tmp_path, capsys):
+    """logging_steps above the step count still logs the last step's loss (the train task
+    reports first and last); Trainer's own printing of its log dicts is off."""
+    prompts = tmp_path / "train.jsonl"
+    write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(8)])
+    config = resolve_config("tiny-cpu", {"train": {"epochs": 1, "logging_steps": 1000}})
+    record = train_adapter(prompts, config.model, config.lora, config.train, tmp_path / "out")
+    assert record.steps == 2 and len(record.losses) == 1
+    assert "'loss'" not in capsys.readouterr().out
