@@ -119,8 +119,13 @@ def test_second_run_is_served_from_cache(first_run):
     assert not result["promoted"] and first_result["promoted"]  # it already is champion
     assert result["decision"]["reason"] == "this adapter is already the champion"
     assert set(result["cached_steps"]) == STEPS | {"compare"}
-    for key in ("adapter", "champion", "rouge", "table", "data_version", "train_losses"):
+    for key in ("adapter", "champion", "table", "data_version", "train_losses"):
         assert result[key] == first_result[key]
+    assert first_result["rouge"]["champion"] is None  # there was none before the first run
+    assert result["rouge"] == {
+        **first_result["rouge"],
+        "champion": first_result["rouge"]["finetuned"],
+    }
     assert any(
         m.startswith(f"no new data since {result['data_version']}; champion unchanged")
         for m in sent_logs(flow_run_id=state.state_details.flow_run_id)
@@ -136,7 +141,8 @@ def test_deleted_adapter_is_recomputed_not_served(first_run):
     assert states["save-adapter"] == ["Completed"]
     assert states["train"] == ["Cached"]
     assert Path(result["adapter"], "adapter_model.safetensors").is_file()
-    assert result["rouge"] == first_result["rouge"]
+    for label in ("pretrained", "finetuned"):
+        assert result["rouge"][label] == first_result["rouge"][label]
 
 
 def test_transient_failure_is_retried(prefect_api, tmp_path, monkeypatch):

@@ -11,18 +11,28 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_load_and_format_tasks_on_real_rows(tmp_path):
+def test_load_and_format_tasks_on_real_rows(prefect_api, tmp_path):
+    from prefect import flow
+
+    from finance_qlora.data import resolve_version
+    from tasks.common import StoreRef, local
     from tasks.format import format_prompts
-    from tasks.load import load_splits, source_fingerprint
+    from tasks.load import load_splits
 
     data = resolve_config(overrides={"data": {"dataset": str(SHARED_DATA)}}).data
-    splits = load_splits.fn(data, source_fingerprint(data), tmp_path, "hf-token")
+    store = StoreRef(url=str(tmp_path))
+
+    @flow  # the tasks as the flow runs them, with their cache keys
+    def load_and_format():
+        splits = load_splits(store, data, resolve_version(data.dataset), "hf-token")
+        return local(store, splits), local(store, format_prompts(store, splits))
+
+    splits, prompts = load_and_format()
     assert (splits.train_rows, splits.test_rows) == (1000, 300)
     train, test = read_jsonl(splits.train_path), read_jsonl(splits.test_path)
     keys = {tuple(r.values()) for r in train}
     assert not keys & {tuple(r.values()) for r in test}
 
-    prompts = format_prompts.fn(splits)
     pairs = read_jsonl(prompts.test_path)
     assert len(pairs) == 300
     with_input = [p for p, r in zip(pairs, test, strict=True) if r["input"]]
