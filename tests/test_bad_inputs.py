@@ -221,6 +221,7 @@ def _txt(tmp: Path) -> str:
 def no_model_is_loaded(monkeypatch):
     """Every bad input is told before any model's weights are loaded, and before the flow (and
     Prefect's temporary server) starts: an input let through fails here at once."""
+    from prefect.server.api.server import SubprocessASGIServer
     from transformers import AutoModelForCausalLM
 
     import flows.finetune
@@ -231,9 +232,13 @@ def no_model_is_loaded(monkeypatch):
     def no_flow(*args, **kwargs):
         raise AssertionError("the flow started: the bad input was not told")
 
+    def no_server(*args, **kwargs):
+        raise AssertionError("Prefect's temporary server started for a bad input")
+
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(flows.finetune, "finetune", no_flow)
-    monkeypatch.setattr(flows.finetune, "start_local_api", lambda: None)
+    monkeypatch.setattr(SubprocessASGIServer, "start", no_server)
+    monkeypatch.setattr(flows.finetune, "start_local_api", lambda: None)  # before a token look-up
 
 
 @pytest.mark.parametrize("case, make_args, expected", CASES, ids=[c[0] for c in CASES])

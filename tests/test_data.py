@@ -277,3 +277,38 @@ def test_splits_of_a_hub_data_set_read_that_commit_with_the_token(monkeypatch, t
     record = write_splits(source, data, tmp_path / "splits", token="hf_x")
     assert loaded == [("org/rows", {"revision": "c0ffee", "split": "train", "token": "hf_x"})]
     assert (record.train_rows, record.test_rows) == (6, 2)
+
+
+def test_hub_data_offline_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError) as info:
+        resolve_version("org/rows")
+    assert str(info.value) == (
+        "data.dataset: org/rows is not a local file, and the Hub is offline (HF_HUB_OFFLINE); "
+        "pass a data file or a URL on your store"
+    )
+
+
+def test_splits_of_a_file_on_a_store_use_the_store_options(monkeypatch, tmp_path):
+    """The store's options (credentials, endpoint) reach the read; errors name the file."""
+    import fsspec
+
+    url = "memory://finance-qlora-tests/rows.jsonl"
+    rows = "".join(json.dumps(r) + "\n" for r in make_rows(10))
+    fsspec.filesystem("memory").pipe(url, rows.encode())
+    opened, real_open = [], fsspec.open
+
+    def recording_open(path, *args, **kwargs):
+        opened.append((path, kwargs))
+        return real_open(path, *args)
+
+    monkeypatch.setattr(fsspec, "open", recording_open)
+    source = resolve_version(url, options={"key": "k"})
+    record = write_splits(source, 6, 2, 0, tmp_path / "splits", options={"key": "k"})
+    assert (record.train_rows, record.test_rows) == (6, 2)
+    assert opened == [(url, {"key": "k"})] * 2
+
+    bad = "memory://finance-qlora-tests/bad.jsonl"
+    fsspec.filesystem("memory").pipe(bad, b'{"instruction": "Q", "input": ""}\n')
+    with pytest.raises(DataError, match=f"^data {bad}: missing column"):
+        write_splits(resolve_version(bad), 1, 1, 0, tmp_path / "bad")

@@ -41,3 +41,21 @@ def test_json_lines_round_trip_as_readable_utf8(tmp_path):
     text = path.read_bytes().decode("utf-8")
     assert "prêt, 5 €" in text and "\\u" not in text  # characters, not escapes
     assert text.count("\n") == 2
+
+
+def test_json_lines_are_utf8_whatever_the_locale(tmp_path):
+    """A worker whose locale is not UTF-8 (LANG=C on some images, Windows) reads and writes
+    the same files."""
+    import locale
+
+    from finance_qlora.files import read_jsonl, write_jsonl
+
+    path, rows = tmp_path / "rows.jsonl", [{"output": "Un prêt à 5 %."}]
+    previous = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")  # open()'s default encoding becomes ASCII
+    try:
+        write_jsonl(path, rows)
+        assert read_jsonl(path) == rows
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
+    assert path.read_bytes().decode("utf-8") == '{"output": "Un prêt à 5 %."}\n'
