@@ -304,7 +304,8 @@ def test_splits_of_a_file_on_a_store_use_the_store_options(monkeypatch, tmp_path
 
     monkeypatch.setattr(fsspec, "open", recording_open)
     source = resolve_version(url, options={"key": "k"})
-    record = write_splits(source, 6, 2, 0, tmp_path / "splits", options={"key": "k"})
+    data = DataConfig(dataset=url, train_size=6, test_size=2, seed=0)
+    record = write_splits(source, data, tmp_path / "splits", options={"key": "k"})
     assert (record.train_rows, record.test_rows) == (6, 2)
     assert opened == [(url, {"key": "k"})] * 2
 
