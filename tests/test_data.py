@@ -312,4 +312,4 @@ def test_splits_of_a_file_on_a_store_use_the_store_options(monkeypatch, tmp_path
     bad = "memory://finance-qlora-tests/bad.jsonl"
     fsspec.filesystem("memory").pipe(bad, b'{"instruction": "Q", "input": ""}\n')
     with pytest.raises(DataError, match=f"^data {bad}: missing column"):
-        write_splits(resolve_version(bad), 1, 1, 0, tmp_path / "bad")
+        write_splits(resolve_version(bad), data, tmp_path / "bad")
