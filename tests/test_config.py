@@ -130,7 +130,8 @@ def test_an_override_model_is_every_field_optional_with_its_constraints():
     assert train.__name__ == "TrainSettingsOverride"
     assert train().model_dump() == {name: None for name in TrainSettings.model_fields}
     assert train(epochs=2).epochs == 2
-    for bad in ({"epochs": -1}, {"epochs": float("inf")}, {"seed": -1}, {"epoch": 2}):
+    bad_values = ({"epochs": -1}, {"learning_rate": float("inf")}, {"seed": -1}, {"epoch": 2})
+    for bad in bad_values:
         with pytest.raises(ValidationError):
             train.model_validate(bad)
 

@@ -168,3 +168,32 @@ def test_the_tokenizer_is_loaded_with_the_token_and_its_failures_told(monkeypatc
     assert str(info.value) == (
         f"model.name: {name}: its tokenizer cannot be loaded (tokenizer.json: missing)"
     )
+
+
+def test_reasons_are_one_line_of_at_most_200_characters(monkeypatch, tmp_path):
+    name = str(tmp_path)
+    for error, reason in ((OSError("x" * 300), "x" * 200), (OSError(), "OSError")):
+        _auto_config(monkeypatch, error)
+        with pytest.raises(ConfigError) as info:
+            preflight.read_model_config(_config(name=name))
+        assert str(info.value) == f"model.name: {name}: its config.json cannot be read ({reason})"
+
+
+def test_the_model_skeleton_honours_trust_remote_code_and_all_linear_needs_none(monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    built = []
+
+    def from_config(model_config, **kwargs):
+        built.append(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", from_config)
+    found = PretrainedConfig(max_position_embeddings=64)
+    everything = resolve_config("tiny-cpu", {"lora": {"target_modules": ["all-linear"]}})
+    preflight.check_lora_targets(everything, found)
+    assert built == []  # every linear layer: nothing to look up
+    trusted = _config(name="org/model", trust_remote_code=True)
+    with pytest.raises(RuntimeError, match="stop here"):
+        preflight.check_lora_targets(trusted, found)
+    assert built == [{"trust_remote_code": True}]

@@ -137,6 +137,7 @@ def test_decisions_are_named_by_utc_time_and_the_files_are_indented(tmp_path):
     import re
 
     store = Store(str(tmp_path / "store"))
+    assert read_champion(store) is None  # no champion yet
     a = published_adapter(store, tmp_path, "a")
     record_decision(store, decision(True, a), a, {"rougeL": 0.3})
     (name,) = store.listdir("registry", "decisions")
