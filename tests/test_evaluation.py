@@ -74,6 +74,6 @@ def test_metrics_named_in_the_configuration_are_saved(config, prompts_path, tmp_
     record = evaluate_model(
         prompts_path, config.model, config.generation, tmp_path / "a", "x", evaluation=evaluation
     )
-    saved = json.loads((record.folder / "metrics.json").read_text())
+    saved = json.loads((record.path / "metrics.json").read_text())
     assert saved["rouge"] == record.rouge
     assert saved[str(ROUGE_MODULE)] == record.rouge

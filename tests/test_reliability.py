@@ -65,8 +65,8 @@ def test_training_resumes_from_the_newest_checkpoint_and_matches(prompts, tmp_pa
     assert resumed.steps == whole.steps == 6
     assert len(resumed.losses) == len(whole.losses)  # the log carries on from the checkpoint
     assert resumed.losses == pytest.approx(whole.losses, rel=1e-4)
-    a = load_file(whole.folder / "adapter_model.safetensors")
-    b = load_file(resumed.folder / "adapter_model.safetensors")
+    a = load_file(whole.path / "adapter_model.safetensors")
+    b = load_file(resumed.path / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from finance_qlora.config import resolve_config
 from finance_qlora.errors import ConfigError
-from finance_qlora.files import write_jsonl
+from finance_qlora.files import fingerprint, write_jsonl
 from finance_qlora.modeling import load_model
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import train_adapter
@@ -39,14 +39,14 @@ def test_loss_goes_down_on_repeated_data(trained):
 def test_adapter_holds_trained_lora_weights_only(trained):
     config, record = trained
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {
-        p.name for p in record.folder.iterdir()
+        p.name for p in record.path.iterdir()
     }
-    weights = load_file(record.folder / "adapter_model.safetensors")
+    weights = load_file(record.path / "adapter_model.safetensors")
     assert weights and all("lora_" in name for name in weights)
     assert {n.split(".")[-3] for n in weights} == {"q_proj", "v_proj"}
     # LoRA B starts at zero: non-zero B means training moved the adapter
     assert any(w.abs().sum() > 0 for n, w in weights.items() if "lora_B" in n)
-    assert record.intact()
+    assert record.fingerprint == fingerprint(record.path)
 
 
 def test_adapter_loads_with_peft_on_the_4bit_base(trained):
