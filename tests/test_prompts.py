@@ -108,3 +108,42 @@ def test_every_row_is_looked_at_and_counted():
     kept, trimmed, dropped = fit_rows(rows, lambda p, c: len(p + c), 6)
     assert [r["completion"] for r in kept] == ["Ok.", "Fits.", "Tiny."]
     assert (trimmed, dropped) == (2, 2)
+
+
+def test_prompts_are_written_for_both_splits_with_their_digests(tmp_path):
+    import json
+
+    from finance_qlora.files import fingerprint, read_jsonl, write_jsonl
+    from finance_qlora.prompts import template_digest, write_prompts
+    from finance_qlora.records import SplitRecord
+
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    train = [{"instruction": "Q1?", "input": "ctx", "output": "A1."}]
+    test = [{"instruction": "Q2?", "input": "", "output": " A2.\n"}]
+    write_jsonl(splits / "train.jsonl", train)
+    write_jsonl(splits / "test.jsonl", test)
+    split = SplitRecord(
+        folder=splits, fingerprint=fingerprint(splits), train_rows=1, test_rows=1, data_version="v"
+    )
+    record = write_prompts(split, tmp_path / "prompts")
+    assert read_jsonl(record.train_path) == [to_prompt_completion(r) for r in train]
+    assert read_jsonl(record.test_path) == [{"prompt": build_prompt("Q2?"), "completion": "A2."}]
+    assert sorted(p.name for p in record.path.iterdir()) == ["test.jsonl", "train.jsonl"]
+    assert (record.train_rows, record.test_rows, record.data_version) == (1, 1, "v")
+    assert record.fingerprint == fingerprint(record.path)
+    assert record.train_sha256 == fingerprint(record.train_path)
+    assert record.test_sha256 == fingerprint(record.test_path)
+    assert record.template == template_digest()
+    assert json.loads(record.model_dump_json())["template"] == template_digest()
+
+
+def test_the_template_digest_changes_with_any_of_the_template_text(monkeypatch):
+    import finance_qlora.prompts as prompts
+
+    digest = prompts.template_digest()
+    assert len(digest) == 64 and digest == prompts.template_digest()
+    for name in ("_HEADER_WITH_INPUT", "_HEADER_NO_INPUT", "RESPONSE_MARKER"):
+        with monkeypatch.context() as patch:
+            patch.setattr(prompts, name, getattr(prompts, name) + " ")
+            assert prompts.template_digest() != digest, name

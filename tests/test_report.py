@@ -225,8 +225,13 @@ def test_compare_uses_the_bootstrap_settings_and_writes_every_file(tmp_path):
     assert summary["rouge"] == {m: expected.model_dump() for m in METRICS}
     assert (record.path / "comparison.md").read_text() == record.markdown
 
+    import pyarrow.parquet as pq
+
     examples = pd.read_csv(record.path / "examples.csv")
-    assert list(examples.columns) == list(pd.read_parquet(record.path / "examples.parquet"))
+    columns = pq.read_schema(record.path / "examples.parquet").names  # as any reader sees it
+    assert (
+        list(examples.columns) == columns == list(pd.read_parquet(record.path / "examples.parquet"))
+    )
     deltas = [a - b for a, b in zip(after, before, strict=True)]
     assert examples["delta_rougeL"].tolist() == pytest.approx(deltas)
     assert examples["finetuned_rouge1"].tolist() == after
