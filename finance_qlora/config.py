@@ -152,6 +152,26 @@ class GenerationSettings(_Section):
     dequantize: Literal["auto", "always", "never"] = "auto"
 
 
+def _env_gpu_count() -> int | None:
+    value = os.environ.get("FINANCE_QLORA_NUM_GPUS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(
+            f"FINANCE_QLORA_NUM_GPUS: {value!r} is not a GPU count; set a positive integer "
+            "(the work pool's gpu_count) or unset it"
+        )
+    return int(value)
+
+
+class DeviceSettings(_Section):
+    # Data-parallel training and sharded evaluation, one process per GPU. None: every GPU this
+    # worker sees; default $FINANCE_QLORA_NUM_GPUS (the work pools' gpu_count sets it).
+    num_gpus: Optional[int] = Field(default_factory=_env_gpu_count, gt=0)
+    # Without CUDA: this many processes (gloo) instead of one; tests and CPU-only machines.
+    cpu_processes: int = Field(1, gt=0, le=64)
+
+
 class EvaluationSettings(_Section):
     # 🤗 evaluate metrics for both models' answers. "rouge": the project's ROUGE, a local
     # evaluate module that loads offline (the comparison, the bootstrap and the promotion gate
@@ -192,6 +212,7 @@ class FinetuneConfig(_Section):
     evaluation: EvaluationSettings = EvaluationSettings()
     bootstrap: BootstrapSettings = BootstrapSettings()
     promotion: PromotionSettings = PromotionSettings()
+    devices: DeviceSettings = Field(default_factory=DeviceSettings)
     # The durable store: everything that must outlive a run (step outputs, adapters, reports,
     # the champion registry, Prefect's cached results). A folder (a mounted volume in a
     # container) or an fsspec URL: s3://bucket/prefix, gs://, az://, file://.

@@ -19,8 +19,9 @@ import pandas as pd
 from finance_qlora.config import EvaluationSettings, GenerationSettings, ModelConfig
 from finance_qlora.errors import ConfigError
 from finance_qlora.files import atomic_dir, fingerprint, read_jsonl
-from finance_qlora.generation import generate_raw
+from finance_qlora.generation import generate_shard
 from finance_qlora.modeling import loaded
+from finance_qlora.parallel import generate_sharded
 from finance_qlora.prompts import cut_answer
 from finance_qlora.records import EvalRecord
 from finance_qlora.rouge import mean_scores, score_pairs
@@ -65,27 +66,27 @@ def evaluate_model(
     token: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     evaluation: EvaluationSettings | None = None,
+    processes: int = 1,
 ) -> EvalRecord:
     """Generate an answer for every test prompt, score it, and save per-example predictions;
-    every metric of `evaluation.metrics` goes to metrics.json."""
+    every metric of `evaluation.metrics` goes to metrics.json. With `processes` > 1 the
+    batches are dealt out over that many GPUs (`parallel.generate_sharded`), each holding the
+    prompts it holds in a one-process run."""
     names = (evaluation or EvaluationSettings()).metrics
     # before any answer is generated: a bad name costs no GPU time
     others = {name: load_metric(name) for name in dict.fromkeys(names) if name != "rouge"}
     rows = read_jsonl(prompts_path)
     prompts = [r["prompt"] for r in rows]
     references = [r["completion"] for r in rows]
-    with loaded(model_cfg, token, adapter_dir, generation.dequantize) as (model, tokenizer):
-        generated = generate_raw(
-            model,
-            tokenizer,
-            prompts,
-            generation.max_new_tokens,
-            generation.batch_size,
-            on_progress,
-            generation.repetition_penalty,
-            generation.no_repeat_ngram_size,
-            generation.block_repeat_ngram,
+    if processes > 1:
+        work = out_dir.with_name(out_dir.name + ".shards")
+        generated = generate_sharded(
+            prompts, model_cfg, generation, work, processes, adapter_dir, token, on_progress
         )
+    else:
+        with loaded(model_cfg, token, adapter_dir, generation.dequantize) as (model, tokenizer):
+            answers = generate_shard(model, tokenizer, prompts, generation, 0, 1, on_progress)
+        generated = [answers[i] for i in range(len(prompts))]
     predictions = [cut_answer(g.text) for g in generated]
     per_example = score_pairs(predictions, references)
     table = pd.DataFrame(

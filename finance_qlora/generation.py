@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from finance_qlora.config import GenerationSettings
 from finance_qlora.errors import FinanceQLoRAError
 from finance_qlora.modeling import release_memory, stop_token_ids
 from finance_qlora.prompts import cut_answer
@@ -58,7 +60,13 @@ def _until_stop(ids: list[int], stop: set[int]) -> list[int]:
     return ids
 
 
-@torch.inference_mode()
+def shard_batches(order: list[int], size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """The batches of `size` rows in `order`, and of those every `world`-th from `rank`: N
+    processes together form exactly the batches of one, so they give the same answers."""
+    batches = [order[i : i + size] for i in range(0, len(order), size)]
+    return batches[rank::world]
+
+
 def generate_raw(
     model,
     tokenizer,
@@ -77,56 +85,80 @@ def generate_raw(
     end-of-turn id of the model (its generation config may list several) and the tokenizer's EOS.
     `block_repeat_ngram` > 0 bans repeating an n-gram of the answer (`GeneratedNgramBlocker`).
     """
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        block_repeat_ngram=block_repeat_ngram,
+    )
+    answers = generate_shard(model, tokenizer, prompts, settings, 0, 1, on_progress)
+    return [answers[i] for i in range(len(prompts))]
+
+
+@torch.inference_mode()
+def generate_shard(
+    model,
+    tokenizer,
+    prompts: list[str],
+    generation: GenerationSettings,
+    rank: int = 0,
+    world: int = 1,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[int, Generated]:
+    """The answers of process `rank` of `world` (see `shard_batches`), by prompt index."""
     tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: list[Generated] = [Generated("", 0)] * len(prompts)
+    pending = deque(shard_batches(order, generation.batch_size, rank, world))
+    total = sum(map(len, pending))
+    answers: dict[int, Generated] = {}
     device = next(model.parameters()).device
     stop = stop_token_ids(model, tokenizer)
     settings = {
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": generation.max_new_tokens,
         "do_sample": False,  # greedy: the same answer every time, for both models
         "num_beams": 1,
         "temperature": None,
         "top_p": None,
         "top_k": None,
-        "repetition_penalty": repetition_penalty,
-        "no_repeat_ngram_size": no_repeat_ngram_size,
+        "repetition_penalty": generation.repetition_penalty,
+        "no_repeat_ngram_size": generation.no_repeat_ngram_size,
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": stop,
     }
-    start, size = 0, batch_size
-    while start < len(order):
-        batch = order[start : start + size]
+    while pending:
+        batch = pending.popleft()
         encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True)
         encoded = {k: v.to(device) for k, v in encoded.items()}
         blockers = LogitsProcessorList()
-        if block_repeat_ngram:
+        if generation.block_repeat_ngram:
             blockers.append(
-                GeneratedNgramBlocker(block_repeat_ngram, encoded["input_ids"].shape[1])
+                GeneratedNgramBlocker(generation.block_repeat_ngram, encoded["input_ids"].shape[1])
             )
         try:
             output = model.generate(**encoded, **settings, logits_processor=blockers)
         except torch.OutOfMemoryError:
-            # Halve the batch and try the same rows again. Greedy answers can change with the
+            # Halve the batches and try the same rows again. Greedy answers can change with the
             # batch's composition (padding changes the kernels' shapes and so the rounding; in
             # fp16/bf16 a near-tie between two tokens can flip), so a run that backed off is
             # not bit-identical to one that did not.
             release_memory()
-            if size == 1:
+            if len(batch) == 1:
                 raise FinanceQLoRAError(
                     "generation.batch_size: out of GPU memory even at 1 prompt; lower "
                     "generation.max_new_tokens or data sizes, or use a larger GPU"
                 ) from None
-            size //= 2
+            size = len(batch) // 2
+            rest = [i for b in (batch, *pending) for i in b]
+            pending = deque(shard_batches(rest, size))
             log.warning("out of GPU memory: generating %d prompts at a time", size)
             continue
         new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
         for i, ids in zip(batch, new_tokens, strict=True):
             ids = _until_stop(ids, set(stop))
             answers[i] = Generated(tokenizer.decode(ids, skip_special_tokens=True), len(ids))
-        start += len(batch)
         if on_progress is not None:
-            on_progress(start, len(order))
+            on_progress(len(answers), total)
     return answers
 
 

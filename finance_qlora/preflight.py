@@ -56,6 +56,13 @@ def check_quantization(config: FinetuneConfig) -> None:
         )
 
 
+def check_devices(config: FinetuneConfig) -> None:
+    """GPUs asked for are there, and the global batch splits evenly over the processes."""
+    from finance_qlora.parallel import per_rank_settings, process_count
+
+    per_rank_settings(config.train, process_count(config.devices))
+
+
 def is_hub_model(name: str) -> bool:
     return not (name.startswith("builtin:") or Path(name).exists())
 
@@ -229,6 +236,7 @@ def preflight(
     set."""
     store = Store(config.output_dir, store_options or {})  # a malformed URL fails here
     check_quantization(config)
+    check_devices(config)
     check_model_name(config)
     hub_data = local_path(config.data.dataset) is None and not is_store_url(config.data.dataset)
     hub = is_hub_model(config.model.name) or hub_data

@@ -30,6 +30,7 @@ from finance_qlora.prompts import fit_rows, shortest_row
 from finance_qlora.records import TrainRecord
 
 FINAL = "final"
+CHECKPOINTING = {"use_reentrant": False}
 log = logging.getLogger(__name__)
 
 
@@ -93,6 +94,10 @@ def sft_config(train: TrainSettings, dtype: torch.dtype, out_dir: Path):
         warmup_steps=train.warmup_ratio,  # below 1: a fraction of all steps
         lr_scheduler_type=train.lr_scheduler,
         gradient_checkpointing=train.gradient_checkpointing,
+        # Non-reentrant checkpointing works under DDP (the reentrant kind marks LoRA weights
+        # ready twice), and PEFT leaves most parameters frozen: DDP need not look for unused ones.
+        gradient_checkpointing_kwargs=CHECKPOINTING,
+        ddp_find_unused_parameters=False,
         optim=train.optimizer,
         logging_steps=train.logging_steps,
         logging_nan_inf_filter=False,  # the default reports a NaN loss as 0: we want to see it
@@ -121,15 +126,23 @@ def train_adapter(
     token: str | None = None,
     on_log: Callable[[int, int, float], None] | None = None,
     callbacks: list | None = None,
+    processes: int = 1,
 ) -> TrainRecord:
     """Train LoRA adapters on prompt/completion pairs; resume from a checkpoint in `out_dir`.
+    With `processes` > 1, data-parallel over that many ranks (`parallel.train_data_parallel`).
 
     On CUDA out-of-memory, retry with half the batch and twice the accumulation (the same
     effective batch, the same rows in the same order), down to a batch of 1.
     """
+    from finance_qlora.parallel import train_data_parallel
+
     settings = train
     while True:
         try:
+            if processes > 1:
+                return train_data_parallel(
+                    prompts_path, model_cfg, lora, settings, out_dir, processes, token, on_log
+                )
             return _train_once(
                 prompts_path, model_cfg, lora, settings, out_dir, token, on_log, callbacks or []
             )
@@ -249,11 +262,13 @@ def build_trainer(
         # 4-bit path needs for stability and which would slow every layer down.
         log.info("training on base weights dequantized once from NF4")
         if train.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
             model.enable_input_require_grads()
     elif model_cfg.load_in_4bit:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=train.gradient_checkpointing
+            model,
+            use_gradient_checkpointing=train.gradient_checkpointing,
+            gradient_checkpointing_kwargs=CHECKPOINTING,
         )
     trainer = token_budget_trainer_class()(
         model=model,
@@ -286,7 +301,9 @@ def _train_once(
     token: str | None,
     on_log: Callable[[int, int, float], None] | None,
     callbacks: list,
-) -> TrainRecord:
+) -> TrainRecord | None:
+    """One training run in this process (one rank of several under torchrun: only rank 0
+    writes the adapter and returns its record; the others return None)."""
     from transformers import TrainerCallback
 
     class Report(TrainerCallback):
@@ -317,6 +334,8 @@ def _train_once(
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         seconds = time.perf_counter() - started
         final = out_dir / FINAL
+        if not trainer.is_world_process_zero():
+            return None
         with atomic_dir(final) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -63,10 +63,10 @@ class Steps:
         self.storage = result_storage(store)
         self.cached: list[str] = []
 
-    def __call__(self, step, *args: Any) -> Any:
+    def __call__(self, step, *args: Any, **kwargs: Any) -> Any:
         state = step.with_options(
             persist_result=True, result_storage=self.storage, result_serializer=RecordSerializer()
-        )(*args, return_state=True)
+        )(*args, **kwargs, return_state=True)
         if state.is_completed() and state.name == "Cached":
             self.cached.append(step.name + (f"-{args[0]}" if step.name == "evaluate" else ""))
         return state.result()
@@ -89,13 +89,14 @@ def finetune(
     prompts = run(format_prompts, store, splits)
     # Baseline eval
     scoring = (config.generation, config.evaluation)
-    pretrained = run(evaluate, "pretrained", store, prompts, model, *scoring)
+    devices = {"devices": config.devices}  # one process per GPU the worker has
+    pretrained = run(evaluate, "pretrained", store, prompts, model, *scoring, **devices)
     # Train
-    trained = run(train, store, prompts, model, config.lora, config.train)
+    trained = run(train, store, prompts, model, config.lora, config.train, **devices)
     # Save adapter
     adapter = run(save_adapter, store, trained, model, config.lora, config.train, source)
     # Final eval
-    finetuned = run(evaluate, "finetuned", store, prompts, model, *scoring, adapter)
+    finetuned = run(evaluate, "finetuned", store, prompts, model, *scoring, adapter, **devices)
     # Compare
     comparison = run(compare_rouge, store, pretrained, finetuned, config.bootstrap)
     # Promote: the champion, scored on these same prompts, and the gate
@@ -103,7 +104,9 @@ def finetune(
     champion = read_champion(store_of(store))
     champion_eval = None
     if rescorable(champion, adapter, protocol):
-        champion_eval = run(evaluate, "champion", store, prompts, model, *scoring, champion.adapter)
+        champion_eval = run(
+            evaluate, "champion", store, prompts, model, *scoring, champion.adapter, **devices
+        )
     decision = promote(
         store, adapter, finetuned, comparison, champion, champion_eval, config.promotion, protocol
     )

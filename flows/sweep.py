@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
@@ -43,7 +44,6 @@ def run_all(
     if deployment is None:
         return [finetune(preset=preset, overrides=overrides) for overrides in runs]
     from prefect.deployments import run_deployment
-    from prefect.flow_runs import wait_for_flow_run
 
     submitted = [  # all at once: a pool with several workers trains them side by side
         run_deployment(
@@ -53,12 +53,24 @@ def run_all(
     ]
     summaries = []
     for overrides, flow_run in zip(runs, submitted, strict=True):
-        done = wait_for_flow_run(flow_run.id, timeout=None, log_states=True)
+        done = wait_for_final_state(flow_run.id)
         if not done.state.is_completed():
             raise RuntimeError(f"candidate run {done.name} ended {done.state.name}")
         store = open_store(overrides["output_dir"], secret)
         summaries.append(json.loads(store.read_text("runs", f"{flow_run.id}.json")))
     return summaries
+
+
+def wait_for_final_state(flow_run_id, poll_s: float = 5.0):
+    """The flow run once it has ended (prefect.flow_runs.wait_for_flow_run is async only)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(flow_run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            time.sleep(poll_s)
 
 
 @flow(name="finance-qlora-sweep")

@@ -122,8 +122,10 @@ NOT_IDENTITY: dict[str, set[str]] = {
     "ModelConfig": {"hf_token_secret"},
     "TrainSettings": {"checkpoint_steps"},
 }
-# Task parameters that name where or how, never what: never part of a key.
-NOT_KEYED = {"store", "label", "token_block"}
+# Task parameters that name where or how, never what: never part of a key. On how many GPUs
+# a step ran is "how": an adapter trained on 4 GPUs serves a run on 1, as one from a T4
+# serves an H100.
+NOT_KEYED = {"store", "label", "token_block", "devices"}
 
 
 def identity(value: Any) -> Any:
@@ -250,7 +252,10 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
 def is_transient(exc: BaseException) -> bool:
     import torch
 
-    if isinstance(exc, torch.OutOfMemoryError | StaleOutput | ConnectionError | TimeoutError):
+    from finance_qlora.parallel import RankFailed
+
+    transient = (torch.OutOfMemoryError, StaleOutput, RankFailed, ConnectionError, TimeoutError)
+    if isinstance(exc, transient):
         return True
     if isinstance(exc, RuntimeError):
         return str(exc).startswith("CUDA error")

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 from prefect import task
 
-from finance_qlora.config import EvaluationSettings, GenerationSettings, ModelConfig
+from finance_qlora.config import (
+    DeviceSettings,
+    EvaluationSettings,
+    GenerationSettings,
+    ModelConfig,
+)
 from finance_qlora.evaluation import evaluate_model
+from finance_qlora.parallel import process_count
 from finance_qlora.records import AdapterRecord, EvalRecord, PromptRecord
 from tasks.common import (
     GPU_RETRIES,
@@ -30,6 +36,7 @@ EVALUATION_CODE = (
     "finance_qlora.rouge",
     "finance_qlora.evaluate_modules.finance_rouge",
     "finance_qlora.prompts",  # cut_answer
+    "finance_qlora.parallel",  # which process answers which batch
 )
 
 
@@ -50,6 +57,7 @@ def evaluate(
     generation: GenerationSettings,
     evaluation: EvaluationSettings,
     adapter: AdapterRecord | None = None,
+    devices: DeviceSettings | None = None,
 ) -> EvalRecord:
     key = step_key()
     staging = store_of(store).staging("eval", key) / "eval"
@@ -63,5 +71,6 @@ def evaluate(
         token=hf_token(model.hf_token_secret, model.name),
         on_progress=Progress(f"generate-{label}", f"Answers generated ({label})"),
         evaluation=evaluation,
+        processes=process_count(devices or DeviceSettings()),
     )
     return publish(store, record, "eval", key)

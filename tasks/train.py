@@ -6,7 +6,8 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from finance_qlora.adapter import normalize_adapter_config
-from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
+from finance_qlora.config import DeviceSettings, LoraSettings, ModelConfig, TrainSettings
+from finance_qlora.parallel import process_count
 from finance_qlora.records import PromptRecord, TrainRecord
 from finance_qlora.training import train_adapter
 from tasks.common import (
@@ -28,6 +29,7 @@ TRAINING_CODE = (
     "finance_qlora.batching",
     "finance_qlora.modeling",
     "finance_qlora.builtin_models",
+    "finance_qlora.parallel",  # how the global batch is split over GPUs
 )
 
 
@@ -45,8 +47,12 @@ def train(
     model: ModelConfig,
     lora: LoraSettings,
     settings: TrainSettings,
+    devices: DeviceSettings | None = None,
 ) -> TrainRecord:
     logger = get_run_logger()
+    processes = process_count(devices or DeviceSettings())
+    if processes > 1:
+        logger.info("data-parallel training on %d processes", processes)
     progress = Progress("train", "Training steps done")
 
     def on_log(step: int, total: int, loss: float) -> None:
@@ -64,6 +70,7 @@ def train(
         staging,
         token=hf_token(model.hf_token_secret, model.name),
         on_log=on_log,
+        processes=processes,
     )
     if record.resumed_from:
         logger.info("resumed from the checkpoint at step %d", record.resumed_from)

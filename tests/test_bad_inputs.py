@@ -203,6 +203,18 @@ CASES = [
         lambda t: [*TINY, "--set", f"model.name={t / 'no' / 'such' / 'model'}"],
         "is neither a folder here nor a hub id (owner/name); check the path",
     ),
+    (
+        "GPUs asked for on a machine without CUDA",
+        lambda t: [*TINY, "--set", "devices.num_gpus=2"],
+        "devices.num_gpus: 2 GPUs asked for, but this machine has no CUDA GPU; unset it "
+        "(devices.cpu_processes runs several processes on the CPU)",
+    ),
+    (
+        "a global batch that does not split over the processes",
+        lambda t: [*TINY, "--set", "devices.cpu_processes=3"],
+        "train.batch_size x train.gradient_accumulation_steps (4 x 1 rows) does not split evenly "
+        "over 3 processes; make it a multiple of 3",
+    ),
 ]
 
 

@@ -313,3 +313,37 @@ def test_splits_of_a_file_on_a_store_use_the_store_options(monkeypatch, tmp_path
     fsspec.filesystem("memory").pipe(bad, b'{"instruction": "Q", "input": ""}\n')
     with pytest.raises(DataError, match=f"^data {bad}: missing column"):
         write_splits(resolve_version(bad), data, tmp_path / "bad")
+
+
+def test_row_ranks_are_stable_across_releases():
+    """Which rows are test rows must not change with the project's version: a store's champion
+    was scored on them, and data that grows keeps them out of training only if ranks hold."""
+    from finance_qlora.data import row_rank
+
+    row = {"instruction": "What is a bond?", "input": "", "output": "A loan to an issuer."}
+    expected = "0213db57ab2d0fe4d267345f4f834b7a2afc64d36cb044d4d03b4981b51c5379"
+    assert row_rank(row, 42) == expected
+    assert row_rank(row, 43) != expected
+
+
+def test_write_splits_follows_the_seed_the_validation_rows_and_evaluate_on(write_rows, tmp_path):
+    path = write_rows(make_rows(30))
+    source = resolve_version(str(path))
+    base = {"dataset": str(path), "train_size": 16, "test_size": 6, "seed": 0}
+    plain = write_splits(source, DataConfig(**base), tmp_path / "plain")
+    reseeded = write_splits(source, DataConfig(**base | {"seed": 1}), tmp_path / "seed")
+    assert read_jsonl(plain.test_path) != read_jsonl(reseeded.test_path)
+    carved = write_splits(source, DataConfig(**base, validation_size=5), tmp_path / "carved")
+    assert (carved.train_rows, carved.test_rows) == (16, 6)  # 5 more rows set aside
+    assert read_jsonl(carved.test_path) == read_jsonl(plain.test_path)
+    assert read_jsonl(carved.train_path) != read_jsonl(plain.train_path)
+    scored = write_splits(
+        source,
+        DataConfig(**base, validation_size=5, evaluate_on="validation"),
+        tmp_path / "validation",
+    )
+    assert (scored.train_rows, scored.test_rows) == (16, 5)
+    assert read_jsonl(scored.train_path) == read_jsonl(carved.train_path)
+    # the validation rows: the first training rows of the plain split, now set aside
+    set_aside = [r for r in read_jsonl(plain.train_path) if r not in read_jsonl(carved.train_path)]
+    assert read_jsonl(scored.test_path) == set_aside

@@ -61,7 +61,7 @@ def test_job_templates_are_accepted_and_ask_for_a_t4(prefect_server, client, kin
         assert machine["accelerator_count"] == 1
         assert job["job_spec"]["maximum_run_time_hours"] > 1
     else:
-        assert job["env"]["CUDA_VISIBLE_DEVICES"] == "0"
+        assert job["env"] == {"FINANCE_QLORA_NUM_GPUS": 1}  # merged with the env variable's
 
 
 def test_gpu_pool_and_deployments_allow_one_training_at_a_time(deployed, client):
@@ -70,6 +70,14 @@ def test_gpu_pool_and_deployments_allow_one_training_at_a_time(deployed, client)
         deployment = client.read_deployment_by_name(f"finance-qlora/{name}")
         assert deployment.work_pool_name == "gpu-t4"
         assert deployment.global_concurrency_limit.limit == 1
+
+
+def test_the_multi_gpu_deployment_asks_its_pool_for_four_gpus(deployed, client):
+    deployment = client.read_deployment_by_name("finance-qlora/llama2-7b-4gpu")
+    assert deployment.work_pool_name == "gpu-t4"
+    assert deployment.job_variables == {"gpu_count": 4}
+    pool = client.read_work_pool("gpu-t4")  # the process template here: FINANCE_QLORA_NUM_GPUS
+    assert "gpu_count" in pool.base_job_template["variables"]["properties"]
 
 
 def test_retrain_weekly_has_an_active_cron_schedule(deployed, client):

@@ -147,3 +147,27 @@ def test_the_template_digest_changes_with_any_of_the_template_text(monkeypatch):
         with monkeypatch.context() as patch:
             patch.setattr(prompts, name, getattr(prompts, name) + " ")
             assert prompts.template_digest() != digest, name
+
+
+def test_the_template_digest_covers_the_prompt_with_an_input(monkeypatch):
+    """The '### Input:' section is written by build_prompt itself, not a constant: the digest
+    must see a prompt with an input, or an edit there would go unnoticed."""
+    import finance_qlora.prompts as prompts
+
+    digest, real = prompts.template_digest(), prompts.build_prompt
+
+    def edited(instruction: str, input_text: str = "") -> str:
+        text = real(instruction, input_text)
+        return text.replace("### Input:", "### Context:") if input_text else text
+
+    monkeypatch.setattr(prompts, "build_prompt", edited)
+    assert prompts.template_digest() != digest
+
+
+def test_the_template_digest_is_stable_across_releases():
+    """Stored champions name their template by this digest: a new way of computing it (not a
+    new template) would make every stored champion look re-templated. Update the value only
+    together with a template change."""
+    from finance_qlora.prompts import template_digest
+
+    assert template_digest() == "2916a7e5fff1400195b001da02c30958b87654b6e9830f37fb8567ef25cee57a"

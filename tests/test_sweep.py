@@ -59,3 +59,39 @@ def test_several_candidates_need_validation_rows(prefect_api, tmp_path):
             candidates=[LOUD, STILL],
             validation_size=0,
         )
+
+
+@pytest.mark.server
+def test_sweep_fans_the_candidates_out_onto_a_work_pool(deployed, client, tmp_path):
+    """`--deployment`: every candidate and the test stage run as deployment runs on a pool's
+    worker, children of the sweep's run, and the sweep reads their summaries from the store."""
+    import json
+    import sys
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    from tests.conftest import cli, worker
+
+    store = tmp_path / "store"
+    with worker(deployed, "cpu-process", tmp_path / "worker.log"):
+        done = cli(
+            deployed,
+            *(sys.executable, "-m", "flows.sweep", "--preset", "tiny-cpu"),
+            *("--validation-size", "6", "--deployment", "finance-qlora/smoke-cpu"),
+            *("--candidate", json.dumps(LOUD), "--candidate", json.dumps(STILL)),
+            *("--set", f"output_dir={store}"),
+            timeout=900,
+        )
+    printed = json.loads(done.stdout[: done.stdout.rindex("}") + 1])
+    sweep_run = next(r for r in client.read_flow_runs() if r.id and r.parameters.get("deployment"))
+    children = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[sweep_run.id])
+        )
+    )
+    smoke = client.read_deployment_by_name("finance-qlora/smoke-cpu")
+    assert len(children) == 3 and all(r.deployment_id == smoke.id for r in children)
+    assert all(r.state.is_completed() for r in children)
+    scores = {json.dumps(s["candidate"]): s["validation"] for s in printed["candidates"]}
+    assert printed["best"] == json.loads(max(scores, key=scores.get))
+    assert len(list((store / "sweep" / "runs").glob("*.json"))) == 3  # read by the sweep

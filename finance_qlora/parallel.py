@@ -1,0 +1,366 @@
+"""More than one GPU: data-parallel training and sharded evaluation, one process per device.
+
+The train and evaluate tasks launch the processes and wait for them; the processes are not
+Prefect tasks. Training goes through torchrun: each rank loads the 4-bit model on its own
+device, the Trainer wraps it in DDP, and rank 0 alone writes checkpoints and the adapter.
+Evaluation needs no communication: each process generates its share of the batches a
+one-process run would form (batch k goes to process k mod N), so every answer is the one a
+single process gives. Without CUDA the same code runs `devices.cpu_processes` gloo processes.
+
+A rank's bad input (ConfigError, ...) comes back as the same one-line error; a rank that dies
+(killed, NCCL, CUDA) raises RankFailed, which the tasks retry: training resumes from the last
+checkpoint, as on one GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from finance_qlora import errors
+from finance_qlora.config import (
+    DeviceSettings,
+    GenerationSettings,
+    LoraSettings,
+    ModelConfig,
+    TrainSettings,
+)
+from finance_qlora.errors import ConfigError, FinanceQLoRAError
+from finance_qlora.files import read_jsonl, write_jsonl
+from finance_qlora.records import TrainRecord
+
+PROGRESS = "finance-qlora-progress "  # a line a process prints for the parent to parse
+ERROR_FILE, RECORD_FILE = "error.json", "record.json"
+log = logging.getLogger(__name__)
+
+
+class RankFailed(RuntimeError):
+    """A training or generation process died without a one-line error: retried."""
+
+
+def process_count(devices: DeviceSettings) -> int:
+    """How many processes train and evaluate: the GPUs asked for (every visible one by
+    default), or `cpu_processes` without CUDA."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    asked = devices.num_gpus
+    if asked is None:
+        return visible or devices.cpu_processes
+    if not visible:
+        raise ConfigError(
+            f"devices.num_gpus: {asked} GPUs asked for, but this machine has no CUDA GPU; "
+            "unset it (devices.cpu_processes runs several processes on the CPU)"
+        )
+    if asked > visible:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        raise ConfigError(
+            f"devices.num_gpus: {asked} GPUs asked for, {visible} visible "
+            f"(CUDA_VISIBLE_DEVICES={shown}); lower it, or unset it to use every visible GPU"
+        )
+    return asked
+
+
+def per_rank_settings(train: TrainSettings, processes: int) -> TrainSettings:
+    """One rank's share of the configured global batch (per-device batch x processes x
+    accumulation stays batch_size x gradient_accumulation_steps, or the token budget's)."""
+    if processes == 1:
+        return train
+    accumulation = train.gradient_accumulation_steps
+    if accumulation % processes == 0:
+        return train.model_copy(update={"gradient_accumulation_steps": accumulation // processes})
+    one_step = {"gradient_accumulation_steps": 1}
+    if train.max_tokens_per_batch:
+        tokens = train.max_tokens_per_batch * accumulation
+        share = tokens // processes
+        if tokens % processes == 0 and share >= train.max_seq_length:
+            return train.model_copy(update={"max_tokens_per_batch": share, **one_step})
+    elif (train.batch_size * accumulation) % processes == 0:
+        rows = train.batch_size * accumulation // processes
+        return train.model_copy(update={"batch_size": rows, **one_step})
+    if train.max_tokens_per_batch:
+        what = "train.max_tokens_per_batch x train.gradient_accumulation_steps "
+        what += f"({train.max_tokens_per_batch} x {accumulation} tokens, at least "
+        what += "train.max_seq_length a process)"
+    else:
+        what = f"train.batch_size x train.gradient_accumulation_steps ({train.batch_size} x "
+        what += f"{accumulation} rows)"
+    raise ConfigError(
+        f"{what} does not split evenly over {processes} processes; make it a multiple of "
+        f"{processes}, or change devices.num_gpus (devices.cpu_processes without CUDA)"
+    )
+
+
+def child_env(token: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra or {}))
+    if token:
+        env["HF_TOKEN"] = token  # in the environment, never on a command line or in a file
+    return env
+
+
+class Launch:
+    """Processes started together and waited for, their output parsed line by line: progress
+    lines go to `on_progress(process index, payload)`, the rest to the debug log, and the
+    last lines are kept for the error message."""
+
+    def __init__(self, on_progress: Callable[[int, dict], None] | None = None):
+        self.on_progress = on_progress
+        self.tail: deque[str] = deque(maxlen=20)
+        self.lock = threading.Lock()
+
+    def _read(self, index: int, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line.startswith(PROGRESS):
+                if self.on_progress is not None:
+                    with self.lock:
+                        self.on_progress(index, json.loads(line[len(PROGRESS) :]))
+                continue
+            log.debug("[%d] %s", index, line)
+            with self.lock:
+                self.tail.append(line)
+
+    def run(self, commands: list[tuple[list[str], dict[str, str]]]) -> list[int]:
+        procs = [
+            subprocess.Popen(
+                command,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                start_new_session=True,  # Ctrl-C reaches us; we stop them (finally below)
+            )
+            for command, env in commands
+        ]
+        readers = [
+            threading.Thread(target=self._read, args=(i, p), daemon=True)
+            for i, p in enumerate(procs)
+        ]
+        try:
+            for reader in readers:
+                reader.start()
+            codes = [p.wait() for p in procs]
+            for reader in readers:
+                reader.join()
+            return codes
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()  # torchrun passes it on to its ranks
+            for p in procs:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def clear_outputs(folder: Path) -> None:
+    """What an earlier try's processes left: never mistaken for this try's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in [*folder.glob(f"*-{ERROR_FILE}"), *folder.glob("shard-*"), folder / RECORD_FILE]:
+        stale.unlink(missing_ok=True)
+
+
+def raise_failure(folder: Path, what: str, codes: list[int], tail: deque[str]) -> None:
+    """A process's own one-line error, else RankFailed with the last line it printed."""
+    written = sorted(folder.glob(f"*-{ERROR_FILE}"))
+    if written:
+        saved = json.loads(written[0].read_text())
+        if saved["type"] == "OutOfMemoryError":  # the caller halves the batch, as on one GPU
+            raise torch.OutOfMemoryError(saved["message"])
+        raise getattr(errors, saved["type"], FinanceQLoRAError)(saved["message"])
+    failed = next(c for c in codes if c != 0)
+    last = next((line for line in reversed(tail) if line.strip()), "no output")
+    raise RankFailed(f"a {what} process exited with code {failed}: {last[:300]}")
+
+
+def train_data_parallel(
+    prompts_path: Path,
+    model_cfg: ModelConfig,
+    lora: LoraSettings,
+    train: TrainSettings,
+    out_dir: Path,
+    processes: int,
+    token: str | None = None,
+    on_log: Callable[[int, int, float], None] | None = None,
+) -> TrainRecord:
+    """`training.train_adapter` on `processes` ranks through torchrun; out_dir as there."""
+    clear_outputs(out_dir)
+    spec = out_dir / "launch.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "prompts": str(prompts_path),
+                "model": model_cfg.model_dump(mode="json"),
+                "lora": lora.model_dump(mode="json"),
+                "train": per_rank_settings(train, processes).model_dump(mode="json"),
+                "out_dir": str(out_dir),
+            }
+        )
+    )
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+        f"--nproc-per-node={processes}",
+        *("-m", "finance_qlora.parallel", "train", str(spec)),
+    ]
+
+    def progress(_: int, payload: dict) -> None:
+        if on_log is not None:
+            on_log(payload["step"], payload["total"], payload["loss"])
+
+    launch = Launch(progress)
+    codes = launch.run([(command, child_env(token))])
+    if any(codes) or not (out_dir / RECORD_FILE).is_file():
+        raise_failure(out_dir, "training", codes or [1], launch.tail)
+    return TrainRecord.model_validate_json((out_dir / RECORD_FILE).read_text())
+
+
+def visible_gpus() -> list[str]:
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def generate_sharded(
+    prompts: list[str],
+    model_cfg: ModelConfig,
+    generation: GenerationSettings,
+    work_dir: Path,
+    processes: int,
+    adapter_dir: Path | None = None,
+    token: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+):
+    """Greedy answers for `prompts` from `processes` processes, one per GPU; in order."""
+    from finance_qlora.generation import Generated
+
+    clear_outputs(work_dir)
+    write_jsonl(work_dir / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    spec = work_dir / "launch.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "prompts": str(work_dir / "prompts.jsonl"),
+                "model": model_cfg.model_dump(mode="json"),
+                "generation": generation.model_dump(mode="json"),
+                "adapter": str(adapter_dir) if adapter_dir else None,
+                "out_dir": str(work_dir),
+            }
+        )
+    )
+    gpus = visible_gpus() if torch.cuda.is_available() else []
+    threads = str(max((os.cpu_count() or 1) // processes, 1))
+    commands = []
+    for rank in range(processes):
+        device = {"CUDA_VISIBLE_DEVICES": gpus[rank]} if gpus else {"OMP_NUM_THREADS": threads}
+        command = [sys.executable, "-m", "finance_qlora.parallel", "generate", str(spec)]
+        commands.append(([*command, str(rank), str(processes)], child_env(token, device)))
+    done = [0] * processes
+
+    def progress(rank: int, payload: dict) -> None:
+        done[rank] = payload["done"]
+        if on_progress is not None:
+            on_progress(sum(done), len(prompts))
+
+    launch = Launch(progress)
+    codes = launch.run(commands)
+    if any(codes):
+        raise_failure(work_dir, "generation", codes, launch.tail)
+    answers: dict[int, Generated] = {}
+    for rank in range(processes):
+        for row in read_jsonl(work_dir / f"shard-{rank}.jsonl"):
+            answers[row["index"]] = Generated(row["text"], row["new_tokens"])
+    if sorted(answers) != list(range(len(prompts))):
+        raise RankFailed("the generation processes did not answer every prompt")
+    return [answers[i] for i in range(len(prompts))]
+
+
+# ---- inside a launched process ----------------------------------------------------------
+
+
+def _print_progress(**payload) -> None:
+    print(PROGRESS + json.dumps(payload), flush=True)
+
+
+def _train_rank(spec: dict) -> None:
+    from finance_qlora.training import _train_once
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)  # device_map and the Trainer use the current device
+    out_dir = Path(spec["out_dir"])
+    record = _train_once(
+        Path(spec["prompts"]),
+        ModelConfig.model_validate(spec["model"]),
+        LoraSettings.model_validate(spec["lora"]),
+        TrainSettings.model_validate(spec["train"]),
+        out_dir,
+        os.environ.get("HF_TOKEN"),
+        (lambda step, total, loss: _print_progress(step=step, total=total, loss=loss))
+        if rank == 0
+        else None,
+        [],
+    )
+    if record is not None:  # rank 0
+        (out_dir / RECORD_FILE).write_text(record.model_dump_json())
+
+
+def _generate_rank(spec: dict, rank: int, world: int) -> None:
+    from finance_qlora.generation import generate_shard
+    from finance_qlora.modeling import loaded
+
+    settings = GenerationSettings.model_validate(spec["generation"])
+    prompts = [r["prompt"] for r in read_jsonl(Path(spec["prompts"]))]
+    adapter = Path(spec["adapter"]) if spec["adapter"] else None
+    model_cfg = ModelConfig.model_validate(spec["model"])
+    started = time.perf_counter()
+    with loaded(model_cfg, os.environ.get("HF_TOKEN"), adapter, settings.dequantize) as (
+        model,
+        tokenizer,
+    ):
+        ready = time.perf_counter()
+        answers = generate_shard(
+            model,
+            tokenizer,
+            prompts,
+            settings,
+            rank,
+            world,
+            lambda done, total: _print_progress(done=done, total=total),
+        )
+        done = time.perf_counter()
+    rows = [{"index": i, "text": g.text, "new_tokens": g.new_tokens} for i, g in answers.items()]
+    out_dir = Path(spec["out_dir"])
+    write_jsonl(out_dir / f"shard-{rank}.jsonl", rows)
+    # where the time went (benchmarks/multi_gpu.py reads it): loading vs generating
+    timing = {"load_seconds": ready - started, "generate_seconds": done - ready}
+    (out_dir / f"shard-{rank}.timing.json").write_text(json.dumps(timing))
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[1]).read_text())
+    tag = os.environ.get("RANK", argv[2] if len(argv) > 2 else "0")
+    try:
+        if argv[0] == "train":
+            _train_rank(spec)
+        else:
+            _generate_rank(spec, int(argv[2]), int(argv[3]))
+    except (FinanceQLoRAError, torch.OutOfMemoryError) as exc:
+        error = {"type": type(exc).__name__, "message": str(exc).splitlines()[0]}
+        (Path(spec["out_dir"]) / f"{tag}-{ERROR_FILE}").write_text(json.dumps(error))
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,304 @@
+"""More than one process: data-parallel training through torchrun and sharded evaluation, with
+two gloo processes on the CPU and the tiny 4-bit model (the code path a multi-GPU worker runs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import pandas as pd
+import psutil
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+import finance_qlora.parallel as parallel
+from finance_qlora.config import DeviceSettings, resolve_config
+from finance_qlora.errors import ConfigError
+from finance_qlora.evaluation import evaluate_model
+from finance_qlora.files import write_jsonl
+from finance_qlora.generation import shard_batches
+from finance_qlora.modeling import load_model
+from finance_qlora.parallel import RankFailed, per_rank_settings, process_count
+from finance_qlora.prompts import to_prompt_completion
+from finance_qlora.training import train_adapter
+from flows.finetune import main
+from tasks.common import is_transient
+from tests.conftest import make_rows
+
+
+def _gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_process_count_uses_every_visible_gpu_or_the_cpu_processes(monkeypatch):
+    _gpus(monkeypatch, 0)
+    assert process_count(DeviceSettings()) == 1
+    assert process_count(DeviceSettings(cpu_processes=3)) == 3
+    _gpus(monkeypatch, 4)
+    assert process_count(DeviceSettings()) == 4
+    assert process_count(DeviceSettings(num_gpus=2, cpu_processes=3)) == 2
+
+
+def test_more_gpus_than_visible_is_one_line_before_any_model(monkeypatch, capsys, tmp_path):
+    _gpus(monkeypatch, 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    code = main(
+        ["--preset", "tiny-cpu", "--output-dir", str(tmp_path), "--set", "devices.num_gpus=4"]
+    )
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: devices.num_gpus: 4 GPUs asked for, 2 visible (CUDA_VISIBLE_DEVICES=0,1); lower "
+        "it, or unset it to use every visible GPU"
+    )
+
+
+def test_the_work_pools_gpu_count_reaches_the_configuration(monkeypatch):
+    monkeypatch.setenv("FINANCE_QLORA_NUM_GPUS", "2")
+    assert resolve_config("tiny-cpu").devices.num_gpus == 2
+    monkeypatch.setenv("FINANCE_QLORA_NUM_GPUS", "two")
+    with pytest.raises(ConfigError, match="^FINANCE_QLORA_NUM_GPUS: 'two' is not a GPU count"):
+        resolve_config("tiny-cpu")
+
+
+@pytest.mark.parametrize(
+    ("settings", "processes", "expected"),
+    [
+        ({"batch_size": 4, "gradient_accumulation_steps": 4}, 2, (4, 2, None)),
+        ({"batch_size": 4, "gradient_accumulation_steps": 4}, 4, (4, 1, None)),
+        ({"batch_size": 8, "gradient_accumulation_steps": 1}, 2, (4, 1, None)),
+        ({"batch_size": 2, "gradient_accumulation_steps": 3}, 2, (3, 1, None)),
+        ({"max_tokens_per_batch": 8192, "gradient_accumulation_steps": 2}, 2, (4, 1, 8192)),
+        ({"max_tokens_per_batch": 8192, "gradient_accumulation_steps": 2}, 4, (4, 1, 4096)),
+        ({"batch_size": 4, "gradient_accumulation_steps": 1}, 1, (4, 1, None)),
+    ],
+)
+def test_each_rank_gets_its_share_of_the_same_global_batch(settings, processes, expected):
+    train = resolve_config("llama2-7b-t4", {"train": {"max_tokens_per_batch": None, **settings}})
+    share = per_rank_settings(train.train, processes)
+    got = (share.batch_size, share.gradient_accumulation_steps, share.max_tokens_per_batch)
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("settings", "fragment"),
+    [
+        ({"batch_size": 4, "gradient_accumulation_steps": 1}, "(4 x 1 rows) does not split"),
+        (
+            {"max_tokens_per_batch": 600, "gradient_accumulation_steps": 1, "max_seq_length": 512},
+            "(600 x 1 tokens, at least train.max_seq_length a process) does not split",
+        ),
+    ],
+)
+def test_a_global_batch_that_does_not_split_is_one_line(settings, fragment):
+    train = resolve_config("llama2-7b-t4", {"train": {"max_tokens_per_batch": None, **settings}})
+    with pytest.raises(ConfigError, match="evenly over 3 processes") as error:
+        per_rank_settings(train.train, 3)
+    assert fragment in str(error.value)
+
+
+def test_shards_together_are_the_batches_of_one_process():
+    order = [5, 3, 9, 0, 1, 2, 8, 7, 6, 4, 10]
+    whole = shard_batches(order, 3)
+    assert whole == [[5, 3, 9], [0, 1, 2], [8, 7, 6], [4, 10]]
+    shards = [shard_batches(order, 3, rank, 2) for rank in range(2)]
+    assert shards == [[[5, 3, 9], [8, 7, 6]], [[0, 1, 2], [4, 10]]]
+    assert shard_batches(order, 3, 3, 4) == [[4, 10]]
+    assert shard_batches(order[:2], 3, 1, 2) == []  # more processes than batches: nothing
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("parallel") / "train.jsonl"
+    write_jsonl(path, [to_prompt_completion(r) for r in make_rows(16)])
+    return path
+
+
+def _config(**train):
+    return resolve_config(
+        "tiny-cpu", {"train": {"batch_size": 4, "warmup_ratio": 0, **train}, "devices": {}}
+    )
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_adapter_and_follow_one_process(prompts, tmp_path):
+    config = _config(epochs=2)
+    one = train_adapter(prompts, config.model, config.lora, config.train, tmp_path / "one")
+    logged = []
+    two = train_adapter(
+        prompts,
+        config.model,
+        config.lora,
+        config.train,
+        tmp_path / "two",
+        on_log=lambda step, total, loss: logged.append((step, total)),
+        processes=2,
+    )
+    assert two.steps == one.steps == 2 * 16 // 4  # the same global batch: the same steps
+    assert logged == [(s, one.steps) for s in range(1, one.steps + 1)]  # rank 0's progress
+    # the same rows per step, each rank's mean loss averaged: the same curve within rounding
+    assert two.losses == pytest.approx(one.losses, abs=2e-3)
+    assert [p.name for p in (tmp_path / "two").iterdir() if p.name.startswith("final")] == ["final"]
+    weights = load_file(two.path / "adapter_model.safetensors")
+    reference = load_file(one.path / "adapter_model.safetensors")
+    assert weights.keys() == reference.keys()  # not the values: LoRA dropout draws per rank
+    model = PeftModel.from_pretrained(load_model(config.model), two.path)
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_gives_the_answers_of_one_process(tmp_path):
+    config = resolve_config("tiny-cpu", {"generation": {"max_new_tokens": 10, "batch_size": 2}})
+    test = tmp_path / "test.jsonl"
+    write_jsonl(test, [to_prompt_completion(r) for r in make_rows(7)])
+    progress = []
+    args = (test, config.model, config.generation)
+    one = evaluate_model(*args, tmp_path / "one", "x")
+    two = evaluate_model(
+        *args, tmp_path / "two", "x", on_progress=lambda *p: progress.append(p), processes=2
+    )
+    three = evaluate_model(*args, tmp_path / "three", "x", processes=3)
+    tables = [pd.read_parquet(r.predictions_parquet) for r in (one, two, three)]
+    for table in tables[1:]:
+        assert table["raw_prediction"].tolist() == tables[0]["raw_prediction"].tolist()
+        assert table["new_tokens"].tolist() == tables[0]["new_tokens"].tolist()
+        assert table["prompt"].tolist() == tables[0]["prompt"].tolist()  # the original order
+    assert one.rouge == two.rouge == three.rouge
+    assert progress[-1] == (7, 7)
+    # each process answered its own share only
+    shards = [
+        len((tmp_path / "two.shards" / f"shard-{r}.jsonl").read_text().splitlines()) for r in (0, 1)
+    ]
+    assert shards == [4, 3]  # batches of 2 in turn: rows 1-2, 5-6 and 3-4, 7
+
+
+@pytest.mark.slow
+def test_the_flow_on_two_processes_writes_one_loadable_adapter(prefect_api, tmp_path):
+    from tests.test_flow import run_flow, sent_logs, task_states
+
+    state, result = run_flow(tmp_path, devices={"cpu_processes": 2})
+    assert state.is_completed()
+    adapters = list((tmp_path / "adapters").iterdir())
+    assert [a.name for a in adapters] == [result["adapter"].rsplit("/", 1)[-1]]
+    config = resolve_config("tiny-cpu")
+    model = PeftModel.from_pretrained(load_model(config.model), adapters[0])
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+    assert all(s == ["Completed"] for s in task_states(state).values())
+    logs = sent_logs(state.state_details.flow_run_id)
+    assert "data-parallel training on 2 processes" in logs
+    assert any(m.startswith("step 14/14  loss") for m in logs)  # rank 0's progress, logged
+
+
+def _ranks() -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "finance_qlora.parallel" in " ".join(p.cmdline())
+        and "torch.distributed.run" not in " ".join(p.cmdline())
+    ]
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_training_and_the_retry_resumes(prompts, tmp_path):
+    config = _config(epochs=40, checkpoint_steps=4, logging_steps=20)
+    out = tmp_path / "out"
+    outcome = {}
+
+    def run() -> None:
+        try:
+            outcome["record"] = train_adapter(
+                prompts, config.model, config.lora, config.train, out, processes=2
+            )
+        except Exception as exc:  # noqa: BLE001 - inspected below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 300
+    while not list(out.glob("checkpoint-*/trainer_state.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ranks = _ranks()
+    assert len(ranks) == 2, ranks
+    ranks[-1].kill()
+    worker.join(timeout=300)
+    error = outcome.get("error")
+    assert isinstance(error, RankFailed), outcome
+    assert "a training process exited with code" in str(error)
+    assert is_transient(error)  # the task's retry rule retries it
+    assert not (out / "final").exists()
+
+    resumed = train_adapter(prompts, config.model, config.lora, config.train, out, processes=2)
+    assert resumed.resumed_from and resumed.resumed_from >= 4
+    assert resumed.steps == 40 * 16 // 4
+    assert (resumed.path / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_rank_with_bad_input_gives_its_one_line_error(prompts, tmp_path):
+    config = _config(max_seq_length=8)  # no row fits: the ranks find it, not preflight
+    with pytest.raises(ConfigError, match=r"^train.max_seq_length: 8 tokens is too short"):
+        train_adapter(
+            prompts, config.model, config.lora, config.train, tmp_path / "out", processes=2
+        )
+
+
+def test_ctrl_c_stops_the_processes():
+    sleeper = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(600)"]
+    interrupt = threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    interrupt.start()
+    with pytest.raises(KeyboardInterrupt):
+        parallel.Launch().run([(sleeper, dict(os.environ)), (sleeper, dict(os.environ))])
+    left = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "time.sleep(600)" in " ".join(p.cmdline())
+    ]
+    assert not left
+
+
+@pytest.mark.slow
+def test_only_rank_zero_writes_the_adapter(prompts, tmp_path, monkeypatch):
+    """Every rank trains; a rank other than 0 writes nothing and returns no record."""
+    from transformers import Trainer
+
+    from finance_qlora.training import _train_once
+
+    monkeypatch.setattr(Trainer, "is_world_process_zero", lambda self: False)
+    config = _config(checkpoint_steps=0)
+    args = (prompts, config.model, config.lora, config.train, tmp_path, None, None, [])
+    assert _train_once(*args) is None
+    assert not (tmp_path / "final").exists()
+
+
+@pytest.mark.parametrize("kind", ["kubernetes", "docker", "vertex-ai", "process"])
+def test_every_gpu_template_asks_for_gpu_count_gpus(kind):
+    """A worker fills the job configuration from the variables: gpu_count reaches the place
+    where that platform counts GPUs."""
+    import json
+
+    from prefect.utilities.templating import apply_values
+
+    from tests.conftest import ROOT
+
+    name = "process-gpu.json" if kind == "process" else f"{kind}-t4.json"
+    template = json.loads((ROOT / "deployments" / "work-pools" / name).read_text())
+    variables = template["variables"]["properties"]
+    assert variables["gpu_count"]["default"] == 1
+    values = {n: spec.get("default") for n, spec in variables.items()} | {"gpu_count": 4}
+    job = apply_values(template["job_configuration"], values)
+    if kind == "kubernetes":
+        container = job["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    elif kind == "docker":
+        assert job["container_create_kwargs"]["device_requests"][0]["count"] == 4
+    elif kind == "vertex-ai":
+        spec = job["job_spec"]["worker_pool_specs"][0]["machine_spec"]
+        assert spec["accelerator_count"] == 4
+    else:
+        assert job["env"]["FINANCE_QLORA_NUM_GPUS"] == 4
+        assert "CUDA_VISIBLE_DEVICES" not in variables["env"]["default"]  # all of the host's
