@@ -42,7 +42,11 @@ from gpu_throughput import ARCHS, build_model  # noqa: E402
 from finance_qlora.config import DataConfig, resolve_config  # noqa: E402
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl  # noqa: E402
-from finance_qlora.parallel import generate_sharded, train_data_parallel  # noqa: E402
+from finance_qlora.parallel import (  # noqa: E402
+    generate_sharded,
+    per_rank_settings,
+    train_data_parallel,
+)
 from finance_qlora.prompts import cut_answer, write_prompts  # noqa: E402
 from finance_qlora.rouge import mean_scores, score_pairs  # noqa: E402
 
@@ -91,7 +95,7 @@ def train_phase(args, train_path: Path, model_dir: Path, result: dict) -> None:
             train_path,
             config.model,
             config.lora,
-            config.train,
+            per_rank_settings(config.train, gpus),
             args.work / f"train-{gpus}",
             gpus,
             on_log=lambda step, total, loss, stamps=stamps: stamps.append(time.perf_counter()),

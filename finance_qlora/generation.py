@@ -109,7 +109,8 @@ def generate_shard(
     """The answers of process `rank` of `world` (see `shard_batches`), by prompt index."""
     tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    pending = deque(shard_batches(order, generation.batch_size, rank, world))
+    size = generation.batch_size
+    pending = deque(shard_batches(order, size, rank, world))
     total = sum(map(len, pending))
     answers: dict[int, Generated] = {}
     device = next(model.parameters()).device
@@ -143,12 +144,12 @@ def generate_shard(
             # fp16/bf16 a near-tie between two tokens can flip), so a run that backed off is
             # not bit-identical to one that did not.
             release_memory()
-            if len(batch) == 1:
+            if size == 1:
                 raise FinanceQLoRAError(
                     "generation.batch_size: out of GPU memory even at 1 prompt; lower "
                     "generation.max_new_tokens or data sizes, or use a larger GPU"
                 ) from None
-            size = len(batch) // 2
+            size //= 2  # the configured size halved, not this (maybe short) batch's
             rest = [i for b in (batch, *pending) for i in b]
             pending = deque(shard_batches(rest, size))
             log.warning("out of GPU memory: generating %d prompts at a time", size)

@@ -39,6 +39,18 @@ from finance_qlora.errors import ConfigError, FinanceQLoRAError
 from finance_qlora.files import read_jsonl, write_jsonl
 from finance_qlora.records import TrainRecord
 
+PROGRAMMING_ERRORS = (
+    TypeError,
+    ValueError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    NameError,
+    AssertionError,
+    ImportError,
+    NotImplementedError,
+)
+ERROR_TYPES = {"FinanceQLoRAError", "ConfigError", "DataError", "TrainingError"}
 PROGRESS = "finance-qlora-progress "  # a line a process prints for the parent to parse
 ERROR_FILE, RECORD_FILE = "error.json", "record.json"
 log = logging.getLogger(__name__)
@@ -117,16 +129,21 @@ class Launch:
         self.lock = threading.Lock()
 
     def _read(self, index: int, proc: subprocess.Popen) -> None:
+        # Read to the end whatever happens: a process whose pipe is not drained blocks.
         for line in proc.stdout:
             line = line.rstrip()
             if line.startswith(PROGRESS):
-                if self.on_progress is not None:
-                    with self.lock:
-                        self.on_progress(index, json.loads(line[len(PROGRESS) :]))
+                try:
+                    if self.on_progress is not None:
+                        with self.lock:
+                            self.on_progress(index, json.loads(line[len(PROGRESS) :]))
+                except Exception as exc:  # noqa: BLE001 - progress is best effort
+                    log.warning("progress not reported: %s", exc)
                 continue
             log.debug("[%d] %s", index, line)
-            with self.lock:
-                self.tail.append(line)
+            if line.strip(" =-"):  # torchrun's report frames itself with rules
+                with self.lock:
+                    self.tail.append(f"[{index}] {line}")
 
     def run(self, commands: list[tuple[list[str], dict[str, str]]]) -> list[int]:
         procs = [
@@ -166,21 +183,30 @@ class Launch:
 def clear_outputs(folder: Path) -> None:
     """What an earlier try's processes left: never mistaken for this try's."""
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in [*folder.glob(f"*-{ERROR_FILE}"), *folder.glob("shard-*"), folder / RECORD_FILE]:
+    stale_files = [*folder.glob("*-error.*"), *folder.glob("shard-*"), folder / RECORD_FILE]
+    for stale in stale_files:
         stale.unlink(missing_ok=True)
 
 
 def raise_failure(folder: Path, what: str, codes: list[int], tail: deque[str]) -> None:
-    """A process's own one-line error, else RankFailed with the last line it printed."""
-    written = sorted(folder.glob(f"*-{ERROR_FILE}"))
-    if written:
-        saved = json.loads(written[0].read_text())
+    """A process's own error, else RankFailed (retried) with the last lines it printed."""
+    for path in sorted(folder.glob(f"*-{ERROR_FILE}")):
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # cut off mid-write: another process's file says it
         if saved["type"] == "OutOfMemoryError":  # the caller halves the batch, as on one GPU
             raise torch.OutOfMemoryError(saved["message"])
-        raise getattr(errors, saved["type"], FinanceQLoRAError)(saved["message"])
-    failed = next(c for c in codes if c != 0)
-    last = next((line for line in reversed(tail) if line.strip()), "no output")
-    raise RankFailed(f"a {what} process exited with code {failed}: {last[:300]}")
+        if saved["type"] in ERROR_TYPES:
+            raise getattr(errors, saved["type"])(saved["message"])
+        if not saved.get("transient"):  # a bug: retrying would fail the same way
+            raise RuntimeError(f"a {what} process failed: {saved['type']}: {saved['message']}")
+    failed = next((c for c in codes if c != 0), None)
+    how = f"exited with code {failed}" if failed is not None else "wrote no result"
+    for line in tail:
+        log.warning("%s", line)
+    last = tail[-1] if tail else "no output"
+    raise RankFailed(f"a {what} process {how}: {last[:300]}")
 
 
 def train_data_parallel(
@@ -193,7 +219,8 @@ def train_data_parallel(
     token: str | None = None,
     on_log: Callable[[int, int, float], None] | None = None,
 ) -> TrainRecord:
-    """`training.train_adapter` on `processes` ranks through torchrun; out_dir as there."""
+    """`training.train_adapter` on `processes` ranks through torchrun; out_dir as there.
+    `train` is one rank's settings (`per_rank_settings`)."""
     clear_outputs(out_dir)
     spec = out_dir / "launch.json"
     spec.write_text(
@@ -202,7 +229,7 @@ def train_data_parallel(
                 "prompts": str(prompts_path),
                 "model": model_cfg.model_dump(mode="json"),
                 "lora": lora.model_dump(mode="json"),
-                "train": per_rank_settings(train, processes).model_dump(mode="json"),
+                "train": train.model_dump(mode="json"),
                 "out_dir": str(out_dir),
             }
         )
@@ -278,6 +305,8 @@ def generate_sharded(
         raise_failure(work_dir, "generation", codes, launch.tail)
     answers: dict[int, Generated] = {}
     for rank in range(processes):
+        if not (work_dir / f"shard-{rank}.jsonl").is_file():
+            raise RankFailed(f"generation process {rank} exited without its answers")
         for row in read_jsonl(work_dir / f"shard-{rank}.jsonl"):
             answers[row["index"]] = Generated(row["text"], row["new_tokens"])
     if sorted(answers) != list(range(len(prompts))):
@@ -349,15 +378,27 @@ def _generate_rank(spec: dict, rank: int, world: int) -> None:
 
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[1]).read_text())
-    tag = os.environ.get("RANK", argv[2] if len(argv) > 2 else "0")
+    tag = os.environ.get("RANK", "0") if argv[0] == "train" else argv[2]
     try:
         if argv[0] == "train":
             _train_rank(spec)
         else:
             _generate_rank(spec, int(argv[2]), int(argv[3]))
-    except (FinanceQLoRAError, torch.OutOfMemoryError) as exc:
-        error = {"type": type(exc).__name__, "message": str(exc).splitlines()[0]}
-        (Path(spec["out_dir"]) / f"{tag}-{ERROR_FILE}").write_text(json.dumps(error))
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        # A rank sees its peer's death as a RuntimeError of gloo or NCCL: retried, like CUDA
+        # errors; a programming error is not.
+        transient = not isinstance(exc, PROGRAMMING_ERRORS)
+        error = {
+            "type": type(exc).__name__,
+            "message": lines[0] if lines else type(exc).__name__,
+            "transient": transient,
+        }
+        path = Path(spec["out_dir"]) / f"{tag}-{ERROR_FILE}"
+        path.with_suffix(".tmp").write_text(json.dumps(error))
+        os.replace(path.with_suffix(".tmp"), path)  # whole or absent, also when killed
+        if not isinstance(exc, FinanceQLoRAError | torch.OutOfMemoryError):
+            raise  # the traceback goes to the parent's debug log
         return 3
     return 0
 

@@ -302,3 +302,21 @@ def test_every_gpu_template_asks_for_gpu_count_gpus(kind):
     else:
         assert job["env"]["FINANCE_QLORA_NUM_GPUS"] == 4
         assert "CUDA_VISIBLE_DEVICES" not in variables["env"]["default"]  # all of the host's
+
+
+def test_out_of_memory_on_several_ranks_halves_each_ranks_share(monkeypatch, tmp_path):
+    """The back-off halves one rank's batch (accumulation doubled), not the global one split
+    again: 6 rows over 3 ranks go 2 -> 1 row a rank, never an uneven split."""
+    tried = []
+
+    def out_of_memory_above_one_row(prompts, model, lora, train, out, processes, token, on_log):
+        tried.append((train.batch_size, train.gradient_accumulation_steps, processes))
+        if train.batch_size > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return "the record"
+
+    monkeypatch.setattr(parallel, "train_data_parallel", out_of_memory_above_one_row)
+    config = resolve_config("tiny-cpu", {"train": {"batch_size": 6}})
+    args = (tmp_path / "train.jsonl", config.model, config.lora, config.train, tmp_path)
+    assert train_adapter(*args, processes=3) == "the record"
+    assert tried == [(2, 1, 3), (1, 2, 3)]
