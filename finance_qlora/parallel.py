@@ -95,14 +95,13 @@ def per_rank_settings(train: TrainSettings, processes: int) -> TrainSettings:
         share = tokens // processes
         if tokens % processes == 0 and share >= train.max_seq_length:
             return train.model_copy(update={"max_tokens_per_batch": share, **one_step})
-    elif (train.batch_size * accumulation) % processes == 0:
-        rows = train.batch_size * accumulation // processes
-        return train.model_copy(update={"batch_size": rows, **one_step})
-    if train.max_tokens_per_batch:
         what = "train.max_tokens_per_batch x train.gradient_accumulation_steps "
         what += f"({train.max_tokens_per_batch} x {accumulation} tokens, at least "
         what += "train.max_seq_length a process)"
     else:
+        rows = train.batch_size * accumulation
+        if rows % processes == 0:
+            return train.model_copy(update={"batch_size": rows // processes, **one_step})
         what = f"train.batch_size x train.gradient_accumulation_steps ({train.batch_size} x "
         what += f"{accumulation} rows)"
     raise ConfigError(

@@ -26,6 +26,7 @@ from finance_qlora.modeling import (
     maybe_dequantize,
     release_memory,
 )
+from finance_qlora.parallel import per_rank_settings, train_data_parallel
 from finance_qlora.prompts import fit_rows, shortest_row
 from finance_qlora.records import TrainRecord
 
@@ -134,8 +135,6 @@ def train_adapter(
     On CUDA out-of-memory, retry with half the batch and twice the accumulation (the same
     effective batch, the same rows in the same order), down to a batch of 1.
     """
-    from finance_qlora.parallel import per_rank_settings, train_data_parallel
-
     if callbacks and processes > 1:
         raise ValueError("callbacks run in this process only: train with processes=1")
     # With several ranks, the back-off below halves each rank's share of the global batch.

@@ -17,6 +17,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 import finance_qlora.parallel as parallel
+import finance_qlora.training as training
 from finance_qlora.config import DeviceSettings, resolve_config
 from finance_qlora.errors import ConfigError
 from finance_qlora.evaluation import evaluate_model
@@ -315,7 +316,7 @@ def test_out_of_memory_on_several_ranks_halves_each_ranks_share(monkeypatch, tmp
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return "the record"
 
-    monkeypatch.setattr(parallel, "train_data_parallel", out_of_memory_above_one_row)
+    monkeypatch.setattr(training, "train_data_parallel", out_of_memory_above_one_row)
     config = resolve_config("tiny-cpu", {"train": {"batch_size": 6}})
     args = (tmp_path / "train.jsonl", config.model, config.lora, config.train, tmp_path)
     assert train_adapter(*args, processes=3) == "the record"
