@@ -19,4 +19,5 @@ COPY pyproject.toml README.md prefect.yaml ./
 COPY finance_qlora ./finance_qlora
 COPY flows ./flows
 COPY tasks ./tasks
-RUN pip install -e ".[s3]"
+# gpu: Liger's fused kernels, which the llama2-7b-h100 preset turns on
+RUN pip install -e ".[s3,gpu]"

@@ -1,31 +1,37 @@
-"""Training and evaluation throughput on the LLaMA-2-7B architecture, reference vs project.
+"""Training, generation and whole-flow speed on the LLaMA-2-7B architecture, warm and cold.
 
     python benchmarks/gpu_throughput.py --data ../shared/data/finance_alpaca_sample.jsonl
 
-Builds LLaMA-2-7B with random weights (no hub; a byte-level BPE of 32,000 tokens trained on the
-rows stands in for its tokenizer) and runs, in one process on one GPU:
+LLaMA-2-7B with random weights (no hub; a byte-level BPE of 32,000 tokens trained on the rows
+stands in for its tokenizer), the 1,000 / 300 rows, one GPU. Sections (--sections):
 
-- train.reference: the notebook's recipe through the project's own train_adapter: NF4 4-bit
-  kernels, batch 1, every row padded to 512 tokens; on the first --reference-rows rows.
-- train.project: the same function with the project's GPU settings: token-budget batches,
-  base weights dequantized once from NF4, bf16; on all 1,000 rows.
-- eval.reference: one prompt at a time, 4-bit kernels, 128 new tokens; on --reference-prompts.
-- eval.project: generate_answers (the function the evaluate task calls) on all 300 prompts,
-  large batches, dequantized weights.
-- t4_profile: fp16, no FlashAttention, 4-bit, activation checkpointing, 4,096-token batches,
-  under a 15 GiB cap (torch.cuda.set_per_process_memory_fraction): does it fit, and its peak.
+- loads: the first 4-bit load (quantize the bf16 checkpoint, keep the 4-bit copy) and a load
+  of the kept copy; both give the same greedy answers (checked on 32 prompts).
+- train: through the project's own train_adapter, in one process. The reference recipe
+  (notebook: batch 1 padded to 512, 4-bit) and each --variants setting are run once on the
+  same rows to warm up, then timed --runs times; medians. The process's very first run (the
+  reference on its rows, before any other) is reported as the cold number.
+- eval: each generation setting in a fresh process (as an evaluate task meets it): the first
+  300 x 128 generation, then --runs warm ones. The reference (batch 1, 4-bit) is timed on
+  --reference-prompts after a warm-up and extrapolated to 300.
+- flow: the whole flow (python -m flows.finetune: load, format, baseline eval, train, save,
+  final eval, compare) in a fresh process and a fresh store, --flow-runs times; the first
+  finds no kept 4-bit copy. Reported: the flow run's own duration and its tasks'.
+- t4: the T4 profile under a 15 GiB cap: fp16, FlashAttention off, 4-bit, checkpointing.
 
 Random weights never emit EOS, so every answer runs the full 128 tokens (the worst case).
-Reference times for 1,000 rows and 300 prompts are extrapolated from the measured subsets at
-the measured rate, and marked so. Results: benchmarks/results/<gpu>-<date>.json.
+Results: <out>/<gpu>-<date>.json (sections merged into an existing file of that name).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
+import os
+import shutil
+import statistics
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -37,11 +43,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from finance_qlora.builtin_models import train_bpe_tokenizer  # noqa: E402
-from finance_qlora.config import DataConfig, resolve_config  # noqa: E402
+from finance_qlora.config import (  # noqa: E402
+    DataConfig,
+    deep_merge,
+    merge_assignments,
+    resolve_config,
+)
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl, write_jsonl  # noqa: E402
-from finance_qlora.generation import generate_answers  # noqa: E402
-from finance_qlora.modeling import loaded  # noqa: E402
+from finance_qlora.generation import generate_shard  # noqa: E402
+from finance_qlora.modeling import loaded, quantized_folder  # noqa: E402
 from finance_qlora.prompts import write_prompts  # noqa: E402
 from finance_qlora.training import train_adapter  # noqa: E402
 
@@ -62,6 +73,24 @@ ARCHS = {
         num_attention_heads=4,
         num_key_value_heads=4,
     ),
+}
+# Training settings compared, all true 4-bit unless named; one optimizer step is 16,384
+# tokens in each (the shipped llama2-7b-h100 preset: 8,192 x 2 accumulation).
+STEP = {"gradient_checkpointing": False, "dequantize": "never"}
+PADDED = STEP | {"max_tokens_per_batch": 8192, "gradient_accumulation_steps": 2}
+PACKED = PADDED | {"padding_free": True}
+TRAIN_VARIANTS = {
+    "padded-8192x2": PADDED,
+    "packed-8192x2": PACKED,
+    "packed-8192x2-liger": PACKED | {"fused_kernels": True},
+    "packed-16384-liger": PACKED
+    | {"max_tokens_per_batch": 16384, "gradient_accumulation_steps": 1, "fused_kernels": True},
+    "packed-8192x2-dequantized": PACKED | {"dequantize": "always"},
+}
+EVAL_VARIANTS = {
+    "dequantized-dynamic": {"dequantize": "always", "cache": "dynamic", "batch_size": 300},
+    "dequantized-static": {"dequantize": "always", "cache": "static", "batch_size": 300},
+    "4bit-static": {"dequantize": "never", "cache": "static", "batch_size": 300},
 }
 
 
@@ -91,6 +120,8 @@ def build_model(arch: str, folder: Path, texts: list[str]) -> None:
 
 
 def release() -> None:
+    import gc
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -98,48 +129,319 @@ def release() -> None:
 
 
 def peak_gib() -> float:
-    return torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else 0.0
+    return round(torch.cuda.max_memory_allocated() / GIB, 2) if torch.cuda.is_available() else 0.0
 
 
-def train_run(name, prompts, config, out, rows=None) -> dict:
-    if rows is not None:
-        subset = out.parent / f"{name}-rows.jsonl"
-        write_jsonl(subset, read_jsonl(prompts)[:rows])
-        prompts = subset
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 2)
+
+
+class Setup:
+    """The splits, prompts and random model every section uses, built once under --work."""
+
+    def __init__(self, args):
+        self.args = args
+        rows = DataConfig(dataset=str(args.data), train_size=1000, test_size=300, seed=0)
+        splits = write_splits(resolve_version(rows.dataset), rows, args.work / "splits")
+        self.prompts = write_prompts(splits, args.work / "prompts")
+        self.model_dir = args.work / f"{args.arch}-random"
+        if not (self.model_dir / "config.json").is_file():
+            pairs = read_jsonl(self.prompts.train_path) + read_jsonl(self.prompts.test_path)
+            build_model(args.arch, self.model_dir, [p["prompt"] + p["completion"] for p in pairs])
+        self.test_prompts = [p["prompt"] for p in read_jsonl(self.prompts.test_path)]
+
+    def config(self, preset: str = "llama2-7b-h100", train=None, generation=None, model=None):
+        overrides = {
+            "model": {"name": str(self.model_dir)} | (model or {}),
+            "train": {"epochs": 1, "checkpoint_steps": 0, "logging_steps": 10, "warmup_ratio": 0}
+            | (train or {}),
+            "generation": generation or {},
+        }
+        return resolve_config(preset, overrides)
+
+    def subset(self, rows: int) -> Path:
+        path = self.args.work / f"train-{rows}-rows.jsonl"
+        write_jsonl(path, read_jsonl(self.prompts.train_path)[:rows])
+        return path
+
+
+class ProfileSteps:
+    """A TrainerCallback: torch.profiler over steps 3-4, its top CUDA kernels to a file."""
+
+    def __new__(cls, path: Path):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            profiler = None
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == 2:
+                    activities = [torch.profiler.ProfilerActivity.CPU]
+                    if torch.cuda.is_available():
+                        activities.append(torch.profiler.ProfilerActivity.CUDA)
+                    self.profiler = torch.profiler.profile(activities=activities)
+                    self.profiler.__enter__()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if self.profiler is not None and state.global_step == 4:
+                    sync()
+                    self.profiler.__exit__(None, None, None)
+                    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+                    table = self.profiler.key_averages().table(sort_by=sort, row_limit=40)
+                    path.write_text(table)
+                    self.profiler = None
+
+        return Callback()
+
+
+def train_once(setup: Setup, config, prompts: Path, name: str, callbacks=None) -> dict:
+    out = setup.args.work / "train-runs" / name
+    shutil.rmtree(out, ignore_errors=True)
     release()
-    record = train_adapter(prompts, config.model, config.lora, config.train, out)
-    rate = record.tokens / record.seconds
-    print(
-        f"{name}: {record.tokens} tokens in {record.seconds:.1f} s = {rate:,.0f} tok/s", flush=True
+    record = train_adapter(
+        prompts, config.model, config.lora, config.train, out, callbacks=callbacks
     )
+    rate = record.tokens / record.seconds
+    print(f"  {name}: {record.tokens} tokens in {record.seconds:.2f} s = {rate:,.0f} tok/s")
     return {
-        "rows": len(read_jsonl(prompts)),
         "useful_tokens": record.tokens,
         "seconds": round(record.seconds, 2),
         "useful_tok_s": round(rate, 1),
-        "peak_gib": round(peak_gib(), 2),
+        "peak_gib": peak_gib(),
         "steps": record.steps,
+        "losses": [round(x, 4) for x in record.losses],
     }
 
 
-def generate_run(name, model, tokenizer, prompts, batch_size, max_new_tokens) -> dict:
-    generate_answers(model, tokenizer, prompts[:2], 4, batch_size=2)  # warm-up
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def timed_train(setup: Setup, name: str, config, rows: int | None, runs: int) -> dict:
+    """A warm-up run on the same rows (every batch shape, every kernel specialisation), then
+    `runs` timed runs on `rows` rows (all when None)."""
+    prompts = setup.subset(rows) if rows else setup.prompts.train_path
+    warm = train_once(setup, config, prompts, f"{name}-warmup")
+    timed = [train_once(setup, config, prompts, f"{name}-{i}") for i in range(runs)]
+    if name == setup.args.profile:
+        profile = setup.args.out / f"profile-{name}.txt"
+        train_once(setup, config, setup.subset(400), f"{name}-profile", [ProfileSteps(profile)])
+    return {
+        "rows": rows or 1000,
+        "settings": config.train.model_dump(mode="json"),
+        "useful_tok_s": median([t["useful_tok_s"] for t in timed]),
+        "seconds": median([t["seconds"] for t in timed]),
+        "peak_gib": max(t["peak_gib"] for t in timed),
+        "warmup": {k: warm[k] for k in ("useful_tok_s", "seconds", "peak_gib")},
+        "runs": timed,
+    }
+
+
+def section_loads(setup: Setup) -> dict:
+    config = setup.config()
+    kept = quantized_folder(config.model, str(setup.model_dir), None)
+    shutil.rmtree(kept, ignore_errors=True)
+    prompts, answers, result = setup.test_prompts[:32], [], {}
+    for name in ("quantize_and_keep", "kept"):
+        release()
+        started = time.perf_counter()
+        with loaded(config.model, dequantize="never") as (model, tokenizer):
+            sync()
+            result[f"{name}_seconds"] = round(time.perf_counter() - started, 2)
+            generation = config.generation.model_copy(update={"max_new_tokens": 32})
+            answers.append(generate_shard(model, tokenizer, prompts, generation))
+        del model, tokenizer
+        print(f"  load {name}: {result[f'{name}_seconds']} s")
+    result["kept_gib"] = round(sum(f.stat().st_size for f in kept.iterdir()) / GIB, 2)
+    answers = [[answers[k][i] for i in range(len(prompts))] for k in (0, 1)]
+    same = sum(a == b for a, b in zip(*answers, strict=True))
+    result["identical_greedy_answers"] = f"{same}/{len(prompts)}"
+    return result
+
+
+def section_train(setup: Setup, variants: list[str], runs: int) -> dict:
+    reference = setup.config(
+        "llama2-7b-t4",
+        train={
+            "batch_size": 1,
+            "gradient_accumulation_steps": 1,
+            "max_tokens_per_batch": None,
+            "pad_to_multiple_of": 512,
+            "dequantize": "never",
+            "gradient_checkpointing": False,
+        },
+    )
+    result: dict = {}
+    # The process's first training: what a cold worker pays (CUDA context, kernels, memory).
+    cold = train_once(setup, reference, setup.subset(setup.args.reference_rows), "reference-cold")
+    print("train.reference (warm):")
+    ref = timed_train(setup, "reference", reference, setup.args.reference_rows, runs)
+    ref["cold_useful_tok_s"] = cold["useful_tok_s"]
+    result["reference"] = ref
+    result["variants"] = {}
+    watch = OutOfMemoryWatch()
+    logging.getLogger("finance_qlora").addHandler(watch)
+    for name in variants:
+        print(f"train.{name}:")
+        config = setup.config(train=TRAIN_VARIANTS[name])
+        watch.events.clear()
+        try:
+            result["variants"][name] = timed_train(setup, name, config, None, runs)
+            result["variants"][name]["oom_backoffs"] = list(watch.events)
+        except Exception as exc:  # a variant that fails is reported, the rest still run
+            result["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+            print(f"  failed: {result['variants'][name]['error']}")
+        partial = setup.args.out / "train-partial.json"
+        partial.write_text(json.dumps(result, indent=2))
+    measured = {k: v for k, v in result["variants"].items() if "useful_tok_s" in v}
+    four_bit = {k: v for k, v in measured.items() if "dequantized" not in k}
+    best = max(four_bit, key=lambda k: four_bit[k]["useful_tok_s"])
+    result["project_4bit"] = {"variant": best} | four_bit[best]
+    fastest = max(measured, key=lambda k: measured[k]["useful_tok_s"])
+    result["project"] = {"variant": fastest} | measured[fastest]
+    result["speedup_4bit"] = round(four_bit[best]["useful_tok_s"] / ref["useful_tok_s"], 2)
+    tokens = result["project_4bit"]["runs"][0]["useful_tokens"]
+    ref["seconds_1000_rows_extrapolated"] = round(tokens / ref["useful_tok_s"], 1)
+    return result
+
+
+def eval_in_process(setup: Setup, variant: str, runs: int) -> dict:
+    """One generation setting in this (fresh) process: load, first 300 x 128, warm runs."""
+    settings = EVAL_VARIANTS[variant]
+    config = setup.config(generation={k: settings[k] for k in ("cache", "batch_size")})
+    release()
     started = time.perf_counter()
-    generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    new_tokens = len(prompts) * max_new_tokens  # random weights: no early EOS
-    print(f"{name}: {len(prompts)} x {max_new_tokens} in {seconds:.1f} s", flush=True)
+    with loaded(config.model, dequantize=settings["dequantize"]) as (model, tokenizer):
+        sync()
+        load_seconds = time.perf_counter() - started
+        seconds = []
+        for _ in range(1 + runs):
+            started = time.perf_counter()
+            answers = generate_shard(model, tokenizer, setup.test_prompts, config.generation)
+            sync()
+            seconds.append(time.perf_counter() - started)
+            print(
+                f"  {variant}: {len(answers)} x {config.generation.max_new_tokens} in "
+                f"{seconds[-1]:.2f} s"
+            )
+        del model, tokenizer
+    return {
+        "settings": settings,
+        "load_seconds": round(load_seconds, 2),
+        "first_seconds": round(seconds[0], 2),
+        "warm_seconds": median(seconds[1:]),
+        "runs_seconds": [round(s, 2) for s in seconds],
+        "new_tokens": len(setup.test_prompts) * config.generation.max_new_tokens,
+        "peak_gib": peak_gib(),
+    }
+
+
+def reference_eval_in_process(setup: Setup) -> dict:
+    config = setup.config(generation={"batch_size": 1})
+    prompts = setup.test_prompts[: setup.args.reference_prompts]
+    with loaded(config.model, dequantize="never") as (model, tokenizer):
+        short = config.generation.model_copy(update={"max_new_tokens": 8})
+        generate_shard(model, tokenizer, prompts[:2], short)  # warm-up
+        sync()
+        started = time.perf_counter()
+        generate_shard(model, tokenizer, prompts, config.generation)
+        sync()
+        seconds = time.perf_counter() - started
+        del model, tokenizer
     return {
         "prompts": len(prompts),
-        "new_tokens": new_tokens,
         "seconds": round(seconds, 2),
-        "new_tok_s": round(new_tokens / seconds, 1),
-        "batch_size": batch_size,
-        "peak_gib": round(peak_gib(), 2),
+        "seconds_300x128": round(seconds / len(prompts) * 300, 1),
+        "extrapolated_from_prompts": len(prompts),
+        "peak_gib": peak_gib(),
+    }
+
+
+def child(args, flag: str, value: str) -> dict:
+    """Run this script with `flag value` in a fresh process; its last line is JSON."""
+    command = [sys.executable, __file__, flag, value, "--data", str(args.data), "--arch", args.arch]
+    command += ["--work", str(args.work), "--runs", str(args.runs)]
+    command += ["--reference-prompts", str(args.reference_prompts)]
+    command += [f"--flow-set={assignment}" for assignment in args.flow_set]
+    done = subprocess.run(command, capture_output=True, text=True)
+    sys.stdout.write(done.stdout[-3000:])
+    if done.returncode:
+        return {"error": done.stderr.strip().splitlines()[-1][:400] if done.stderr else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def section_eval(args, variants: list[str]) -> dict:
+    result = {"reference": child(args, "--eval-child", "reference"), "variants": {}}
+    for name in variants:
+        print(f"eval.{name}:")
+        result["variants"][name] = child(args, "--eval-child", name)
+    measured = {k: v for k, v in result["variants"].items() if "first_seconds" in v}
+    if measured:
+        best = min(measured, key=lambda k: measured[k]["first_seconds"])
+        result["project"] = {"variant": best} | measured[best]
+        four_bit = {k: v for k, v in measured.items() if k.startswith("4bit")}
+        if four_bit:
+            best4 = min(four_bit, key=lambda k: four_bit[k]["first_seconds"])
+            result["project_4bit"] = {"variant": best4} | four_bit[best4]
+    return result
+
+
+def flow_in_process(setup: Setup, run: int) -> dict:
+    """One whole flow run in this fresh process, in a fresh store; its duration from Prefect."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.finetune import finetune
+
+    store = setup.args.work / f"flow-store-{run}"
+    shutil.rmtree(store, ignore_errors=True)
+    overrides = deep_merge(
+        {
+            "data": {"dataset": str(setup.args.data)},
+            "model": {"name": str(setup.model_dir)},
+            "output_dir": str(store),
+        },
+        merge_assignments(setup.args.flow_set),
+    )
+    started = time.perf_counter()
+    summary = finetune("llama2-7b-h100", overrides)
+    wall = time.perf_counter() - started
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(summary["flow_run"])
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
+    steps = {t.name: round(t.total_run_time.total_seconds(), 2) for t in tasks}
+    return {
+        "flow_run_seconds": round(flow_run.total_run_time.total_seconds(), 2),
+        "call_seconds": round(wall, 2),
+        "tasks_seconds": steps,
+        "cached_steps": summary["cached_steps"],
+        "peak_gib": peak_gib(),
+    }
+
+
+def section_flow(args, setup: Setup, runs: int, evaluated: dict | None) -> dict:
+    kept = quantized_folder(setup.config().model, str(setup.model_dir), None)
+    shutil.rmtree(kept, ignore_errors=True)  # the first run quantizes, as on a new worker
+    if evaluated and "project" in evaluated:  # generate as the fastest measured setting did
+        chosen = evaluated["project"]["settings"]
+        args.flow_set += [f"generation.{k}={v}" for k, v in chosen.items() if k != "batch_size"]
+    results = []
+    for run in range(runs):
+        started = time.perf_counter()
+        result = child(args, "--flow-child", str(run))
+        result["process_seconds"] = round(time.perf_counter() - started, 2)
+        print(f"  flow run {run}: {result}")
+        results.append(result)
+    kept_runs = [r["flow_run_seconds"] for r in results[1:] if "flow_run_seconds" in r]
+    return {
+        "seconds": median(kept_runs) if kept_runs else None,
+        "first_seconds": results[0].get("flow_run_seconds"),
+        "preset": "llama2-7b-h100",
+        "set": args.flow_set,
+        "runs": results,
     }
 
 
@@ -155,6 +457,46 @@ class OutOfMemoryWatch(logging.Handler):
             self.events.append(record.getMessage())
 
 
+def section_t4(setup: Setup) -> dict:
+    """A 16 GB T4 stood in for by a 15 GiB cap, fp16, FlashAttention off, 4-bit."""
+    watch = OutOfMemoryWatch()
+    logging.getLogger("finance_qlora").addHandler(watch)
+    if torch.cuda.is_available():
+        release()
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(15 * GIB / total)
+        torch.backends.cuda.enable_flash_sdp(False)  # the T4 (sm_75) has none
+    config = setup.config(
+        "llama2-7b-t4",
+        model={"compute_dtype": "float16"},
+        train={"dequantize": "never", "gradient_checkpointing": True},
+        generation={"dequantize": "never"},
+    )
+    profile: dict = {"cap_gib": 15, "compute_dtype": "float16", "flash_attention": False}
+    profile["settings"] = config.train.model_dump(mode="json")
+    try:
+        rows = setup.args.t4_rows
+        profile["train"] = timed_train(setup, "t4", config, rows, 1)
+        release()
+        prompts = setup.test_prompts[: setup.args.t4_prompts]
+        with loaded(config.model, dequantize="never") as (model, tokenizer):
+            started = time.perf_counter()
+            generate_shard(model, tokenizer, prompts, config.generation)
+            sync()
+            profile["eval"] = {
+                "prompts": len(prompts),
+                "batch_size": config.generation.batch_size,
+                "seconds": round(time.perf_counter() - started, 2),
+                "peak_gib": peak_gib(),
+            }
+            del model, tokenizer
+        profile["fits"] = not watch.events
+    except (torch.OutOfMemoryError, RuntimeError) as exc:  # loading wraps OOM in RuntimeError
+        profile["fits"], profile["error"] = False, str(exc).splitlines()[0][:300]
+    profile["oom_backoffs"] = list(watch.events)
+    return profile
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -165,171 +507,62 @@ def main() -> None:
     parser.add_argument("--arch", choices=ARCHS, default="llama2-7b")
     parser.add_argument("--work", type=Path, default=Path("/tmp/finance-qlora-bench"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--sections", default="loads,train,eval,flow,t4")
+    parser.add_argument("--variants", default=",".join(TRAIN_VARIANTS))
+    parser.add_argument("--eval-variants", default=",".join(EVAL_VARIANTS))
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--flow-runs", type=int, default=3)
+    parser.add_argument(
+        "--flow-set", action="append", default=[], help="section.field=value for the flow runs"
+    )
     parser.add_argument("--reference-rows", type=int, default=48)
     parser.add_argument("--reference-prompts", type=int, default=4)
-    parser.add_argument("--tokens-per-batch", type=int, nargs="+", default=[8192, 16384])
-    parser.add_argument("--eval-batch", type=int, nargs="+", default=[100, 300])
     parser.add_argument("--t4-rows", type=int, default=160)
     parser.add_argument("--t4-prompts", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--profile", help="a train variant to profile (steps 3-4) after timing")
+    parser.add_argument("--eval-child", help=argparse.SUPPRESS)
+    parser.add_argument("--flow-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    watch = OutOfMemoryWatch()
-    logging.getLogger("finance_qlora").addHandler(watch)
-
-    rows = DataConfig(dataset=str(args.data), train_size=1000, test_size=300, seed=0)
-    splits = write_splits(resolve_version(rows.dataset), rows, args.work / "splits")
-    prompts = write_prompts(splits, args.work / "prompts")
-    pairs = read_jsonl(prompts.test_path)
-    model_dir = args.work / f"{args.arch}-random"
-    if not (model_dir / "config.json").is_file():
-        texts = [p["prompt"] + p["completion"] for p in read_jsonl(prompts.train_path) + pairs]
-        build_model(args.arch, model_dir, texts)
+    args.data, args.work = args.data.resolve(), args.work.resolve()
+    os.environ.setdefault("FINANCE_QLORA_CACHE", str(args.work / "cache"))
+    setup = Setup(args)
+    if args.eval_child:
+        if args.eval_child == "reference":
+            print(json.dumps(reference_eval_in_process(setup)))
+        else:
+            print(json.dumps(eval_in_process(setup, args.eval_child, args.runs)))
+        return
+    if args.flow_child:
+        print(json.dumps(flow_in_process(setup, int(args.flow_child))))
+        return
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result: dict = {
+    date = datetime.now(UTC).date().isoformat()
+    out_file = args.out / f"{gpu.replace(' ', '-')}-{date}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = json.loads(out_file.read_text()) if out_file.is_file() else {}
+    import bitsandbytes
+
+    result |= {
         "gpu": gpu,
-        "date": datetime.now(UTC).date().isoformat(),
+        "date": date,
         "arch": args.arch,
         "torch": torch.__version__,
-        "train": {},
-        "eval": {},
+        "bitsandbytes": bitsandbytes.__version__,
+        "command": " ".join(["python", "benchmarks/gpu_throughput.py", *sys.argv[1:]]),
     }
-    out_file = args.out / f"{gpu.replace(' ', '-')}-{result['date']}.json"
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    def save() -> None:
+    sections = {
+        "loads": lambda: section_loads(setup),
+        "train": lambda: section_train(setup, args.variants.split(","), args.runs),
+        "eval": lambda: section_eval(args, args.eval_variants.split(",")),
+        "flow": lambda: section_flow(args, setup, args.flow_runs, result.get("eval")),
+        "t4": lambda: section_t4(setup),
+    }
+    names = {"t4": "t4_profile", "flow": "whole_flow", "loads": "loads"}
+    for section in args.sections.split(","):
+        print(f"== {section}", flush=True)
+        result[names.get(section, section)] = sections[section]()
         out_file.write_text(json.dumps(result, indent=2) + "\n")
-
-    base = {
-        "model": {"name": str(model_dir), "compute_dtype": "auto"},
-        "train": {"epochs": 1, "checkpoint_steps": 0, "logging_steps": 10, "warmup_ratio": 0.0},
-    }
-    # Train: the reference recipe on a subset, then the project's settings on all rows.
-    reference = resolve_config(
-        "llama2-7b-t4",
-        base
-        | {
-            "train": base["train"]
-            | {
-                "batch_size": 1,
-                "gradient_accumulation_steps": 1,
-                "max_tokens_per_batch": None,
-                "pad_to_multiple_of": 512,
-                "dequantize": "never",
-                "gradient_checkpointing": False,
-            }
-        },
-    )
-    result["train"]["reference"] = train_run(
-        "train.reference",
-        prompts.train_path,
-        reference,
-        args.work / "train-ref",
-        args.reference_rows,
-    )
-    # The project's settings, at each token budget asked for; the fastest is reported.
-    variants = []
-    for budget in args.tokens_per_batch:
-        project = resolve_config(
-            "llama2-7b-t4",
-            base
-            | {
-                "train": base["train"]
-                | {
-                    "max_tokens_per_batch": budget,
-                    "gradient_accumulation_steps": 1,
-                    "dequantize": "auto",
-                    "gradient_checkpointing": False,
-                }
-            },
-        )
-        run = train_run(
-            f"train.project[{budget}]",
-            prompts.train_path,
-            project,
-            args.work / f"train-project-{budget}",
-        )
-        variants.append(run | {"max_tokens_per_batch": budget})
-    result["train"]["project_variants"] = variants
-    result["train"]["project"] = max(variants, key=lambda v: v["useful_tok_s"])
-    full_tokens = result["train"]["project"]["useful_tokens"]
-    ref_rate = result["train"]["reference"]["useful_tok_s"]
-    result["train"]["reference"]["seconds_1000_rows_extrapolated"] = round(
-        full_tokens / ref_rate, 1
-    )
-    result["train"]["speedup"] = round(result["train"]["project"]["useful_tok_s"] / ref_rate, 2)
-    save()
-
-    # Eval: one prompt at a time in 4-bit, then large batches on dequantized weights.
-    texts = [p["prompt"] for p in pairs]
-    release()
-    with loaded(project.model, dequantize="never") as (model, tokenizer):
-        ref = generate_run(
-            "eval.reference",
-            model,
-            tokenizer,
-            texts[: args.reference_prompts],
-            1,
-            args.max_new_tokens,
-        )
-    del model, tokenizer
-    ref["seconds_300x128"] = round(ref["seconds"] / ref["prompts"] * 300, 1)
-    ref["extrapolated_from_prompts"] = ref["prompts"]
-    result["eval"]["reference"] = ref
-    release()
-    with loaded(project.model, dequantize="auto") as (model, tokenizer):
-        evals = [
-            generate_run(
-                f"eval.project[{size}]", model, tokenizer, texts, size, args.max_new_tokens
-            )
-            for size in args.eval_batch
-        ]
-    del model, tokenizer  # the `as` names outlive the block: drop the weights before the next load
-    proj = min(evals, key=lambda v: v["seconds"])
-    proj["seconds_300x128"] = proj["seconds"]
-    result["eval"]["project_variants"] = evals
-    result["eval"]["project"] = proj
-    result["eval"]["speedup"] = round(ref["seconds_300x128"] / proj["seconds"], 1)
-    save()
-
-    # T4 profile: 16 GB card emulated with a 15 GiB cap, fp16, no FlashAttention, 4-bit.
-    if torch.cuda.is_available():
-        release()
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(15 * GIB / total)
-    t4 = resolve_config(
-        "llama2-7b-t4",
-        {
-            "model": {"name": str(model_dir), "compute_dtype": "float16"},
-            "train": base["train"] | {"dequantize": "never", "gradient_checkpointing": True},
-            "generation": {"dequantize": "never"},
-        },
-    )
-    watch.events.clear()
-    profile: dict = {"cap_gib": 15, "compute_dtype": "float16", "attention": "sdpa"}
-    try:
-        profile["train"] = train_run(
-            "t4.train", prompts.train_path, t4, args.work / "train-t4", args.t4_rows
-        )
-        release()
-        with loaded(t4.model, dequantize="never") as (model, tokenizer):
-            profile["eval"] = generate_run(
-                "t4.eval",
-                model,
-                tokenizer,
-                texts[: args.t4_prompts],
-                t4.generation.batch_size,
-                args.max_new_tokens,
-            )
-        profile["fits"] = not watch.events
-    except (torch.OutOfMemoryError, RuntimeError) as exc:  # loading wraps OOM in RuntimeError
-        profile["fits"], profile["error"] = False, str(exc).splitlines()[0][:300]
-    profile["oom_backoffs"] = list(watch.events)
-    profile["peak_gib"] = max(
-        profile.get("train", {}).get("peak_gib", 0), profile.get("eval", {}).get("peak_gib", 0)
-    )
-    result["t4_profile"] = profile
-    save()
     print(json.dumps(result, indent=2))
 
 

@@ -126,6 +126,10 @@ def generate_shard(
         "no_repeat_ngram_size": generation.no_repeat_ngram_size,
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": stop,
+        "cache_implementation": generation.cache,
+        # transformers compiles the forward for a static cache; that costs more time than a
+        # whole evaluation here, so never
+        "disable_compile": True,
     }
     while pending:
         batch = pending.popleft()

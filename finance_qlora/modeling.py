@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +16,9 @@ import torch
 from finance_qlora import builtin_models
 from finance_qlora.config import ModelConfig
 from finance_qlora.errors import ConfigError, FinanceQLoRAError
+from finance_qlora.files import atomic_dir
 
+log = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -94,20 +99,85 @@ def check_special_tokens(model, tokenizer, model_name: str) -> None:
         )
 
 
+def source_identity(source: str, revision: str | None, token: str | None) -> str | None:
+    """What pins a model's weights: a local folder's files (name, size, mtime), a hub model's
+    commit. None where that cannot be told (the load itself then reports why)."""
+    folder = Path(source)
+    if folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.suffix in {".json", ".safetensors"})
+        stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        return json.dumps([str(folder.resolve()), stats])
+    from transformers.utils import cached_file
+
+    try:
+        config = cached_file(source, "config.json", revision=revision, token=token)
+    except OSError:
+        return None
+    if config is None:
+        return None
+    return f"{source}@{Path(config).parent.name}"  # .../snapshots/<commit>/config.json
+
+
+def quantized_folder(cfg: ModelConfig, source: str, token: str | None) -> Path | None:
+    """Where the 4-bit weights of `source` under `cfg`'s quantization settings are kept."""
+    import bitsandbytes
+
+    if not (cfg.load_in_4bit and cfg.reuse_quantized) or cfg.trust_remote_code:
+        return None  # remote code may not survive a save: always load from the source
+    identity = source_identity(source, cfg.revision, token)
+    if identity is None:
+        return None
+    payload = json.dumps(
+        [
+            identity,
+            cfg.quant_type,
+            cfg.double_quant,
+            str(compute_dtype(cfg.compute_dtype)),
+            bitsandbytes.__version__,  # its storage format may change between versions
+        ]
+    )
+    return builtin_models.cache_root() / "quantized" / hashlib.sha256(payload.encode()).hexdigest()
+
+
+def save_quantized(model, folder: Path) -> None:
+    """Keep the 4-bit weights for the next load; a failure costs speed only, never the run."""
+    try:
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+    except (OSError, FinanceQLoRAError) as exc:
+        log.warning("could not keep the 4-bit weights under %s: %s", folder, exc)
+
+
 def load_model(cfg: ModelConfig, token: str | None = None, adapter_dir: Path | None = None):
-    """The base model (4-bit if configured), with the adapter at `adapter_dir` applied."""
+    """The base model (4-bit if configured), with the adapter at `adapter_dir` applied.
+
+    The first 4-bit load quantizes the source's weights and keeps the result (about a quarter
+    of their size, see `quantized_folder`); later loads, in this process or another, read it.
+    """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        builtin_models.resolve(cfg.name),
-        revision=cfg.revision,
-        token=token,
-        quantization_config=quantization_config(cfg),
-        dtype=compute_dtype(cfg.compute_dtype),
-        device_map=device_map(),
-        trust_remote_code=cfg.trust_remote_code,
-        use_safetensors=True,
-    )
+    source = builtin_models.resolve(cfg.name)
+    common = {
+        "dtype": compute_dtype(cfg.compute_dtype),
+        "device_map": device_map(),
+        "trust_remote_code": cfg.trust_remote_code,
+        "use_safetensors": True,
+    }
+    kept = quantized_folder(cfg, source, token)
+    if kept is not None and (kept / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(kept, **common)
+        # adapters (PEFT's base_model_name_or_path) name the model, not the kept copy
+        model.name_or_path = model.config._name_or_path = source
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=cfg.revision,
+            token=token,
+            quantization_config=quantization_config(cfg),
+            **common,
+        )
+        if kept is not None:
+            save_quantized(model, kept)
     if adapter_dir is not None:
         from peft import PeftModel
 

@@ -56,6 +56,23 @@ def check_quantization(config: FinetuneConfig) -> None:
         )
 
 
+def check_fused_kernels(config: FinetuneConfig) -> None:
+    """Liger's kernels are Triton GPU kernels: CUDA and the liger-kernel package."""
+    if not config.train.fused_kernels:
+        return
+    import torch
+
+    missing = None
+    if not torch.cuda.is_available():
+        missing = "this machine has no CUDA GPU"
+    elif importlib.util.find_spec("liger_kernel") is None:
+        missing = "liger-kernel is not installed (pip install 'finance-qlora[gpu]')"
+    if missing:
+        raise ConfigError(
+            f"train.fused_kernels: {missing}; set train.fused_kernels=false to train without them"
+        )
+
+
 def check_devices(config: FinetuneConfig) -> None:
     """GPUs asked for are there, and the global batch splits evenly over the processes."""
     from finance_qlora.parallel import per_rank_settings, process_count
@@ -236,6 +253,7 @@ def preflight(
     set."""
     store = Store(config.output_dir, store_options or {})  # a malformed URL fails here
     check_quantization(config)
+    check_fused_kernels(config)
     check_devices(config)
     check_model_name(config)
     hub_data = local_path(config.data.dataset) is None and not is_store_url(config.data.dataset)

@@ -26,6 +26,7 @@ from finance_qlora.modeling import (
     maybe_dequantize,
     release_memory,
 )
+from finance_qlora.packing import use_varlen_attention
 from finance_qlora.parallel import per_rank_settings, train_data_parallel
 from finance_qlora.prompts import fit_rows, shortest_row
 from finance_qlora.records import TrainRecord
@@ -90,8 +91,11 @@ def sft_config(train: TrainSettings, dtype: torch.dtype, out_dir: Path):
         learning_rate=train.learning_rate,
         per_device_train_batch_size=train.batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
-        max_length=train.max_seq_length,
+        # fit_to_length already fits every row; TRL refuses a max_length with padding_free
+        max_length=None if train.padding_free else train.max_seq_length,
+        padding_free=train.padding_free,
         pad_to_multiple_of=train.pad_to_multiple_of,
+        use_liger_kernel=train.fused_kernels,
         warmup_steps=train.warmup_ratio,  # below 1: a fraction of all steps
         lr_scheduler_type=train.lr_scheduler,
         gradient_checkpointing=train.gradient_checkpointing,
@@ -185,7 +189,9 @@ def token_budget_trainer_class():
                 return super().get_train_dataloader()
             dataset = self._remove_unused_columns(self.train_dataset, description="Training")
             lengths = [len(ids) for ids in dataset["input_ids"]]
-            sampler = TokenBudgetSampler(lengths, self.max_tokens_per_batch, self.args.seed)
+            sampler = TokenBudgetSampler(
+                lengths, self.max_tokens_per_batch, self.args.seed, padded=not self.padding_free
+            )
             loader = DataLoader(
                 dataset,
                 batch_sampler=sampler,
@@ -238,6 +244,24 @@ def fit_to_length(rows: list[dict], tokenizer, max_seq_length: int) -> list[dict
     return kept
 
 
+def prepare_for_lora(model, upcast: bool, checkpointing: bool) -> None:
+    """Freeze the base model; with `upcast`, keep its norms, embeddings and head in fp32.
+
+    PEFT's prepare_model_for_kbit_training upcasts them whatever the dtype. In bf16 that buys no
+    stability (bf16 has fp32's range, and RMSNorm already computes in fp32) and costs casts and
+    fp32 traffic in every layer, so only fp16 (the T4), which can overflow, upcasts.
+    """
+    for param in model.parameters():
+        param.requires_grad = False
+        half = param.dtype in (torch.float16, torch.bfloat16)
+        if upcast and half and param.__class__.__name__ != "Params4bit":
+            param.data = param.data.float()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
+        # the frozen embeddings' output must carry a gradient for checkpointed layers to see one
+        model.enable_input_require_grads()
+
+
 def build_trainer(
     prompts_path: Path,
     model_cfg: ModelConfig,
@@ -249,7 +273,6 @@ def build_trainer(
 ):
     """The 4-bit model (dequantized where the GPU has room), LoRA, and the SFT trainer."""
     from datasets import Dataset
-    from peft import prepare_model_for_kbit_training
     from transformers import PrinterCallback
 
     tokenizer = load_tokenizer(model_cfg, token)
@@ -259,19 +282,15 @@ def build_trainer(
     model = load_model(model_cfg, token)
     check_targets(model, lora.target_modules, model_cfg.name)
     check_special_tokens(model, tokenizer, model_cfg.name)
-    if model_cfg.load_in_4bit and maybe_dequantize(model, train.dequantize, dtype):
-        # Plain bf16 LoRA from here on: no fp32 upcast of norms and embeddings, which the
-        # 4-bit path needs for stability and which would slow every layer down.
+    dequantized = model_cfg.load_in_4bit and maybe_dequantize(model, train.dequantize, dtype)
+    if dequantized:
         log.info("training on base weights dequantized once from NF4")
-        if train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
-            model.enable_input_require_grads()
-    elif model_cfg.load_in_4bit:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=train.gradient_checkpointing,
-            gradient_checkpointing_kwargs=CHECKPOINTING,
-        )
+    if model_cfg.load_in_4bit:
+        # dequantized linear weights stay in the compute dtype: fp32 copies would not fit
+        upcast = dtype == torch.float16 and not dequantized
+        prepare_for_lora(model, upcast, train.gradient_checkpointing)
+    if train.padding_free:
+        use_varlen_attention(model)
     trainer = token_budget_trainer_class()(
         model=model,
         args=sft_config(train, dtype, out_dir),

@@ -115,11 +115,12 @@ class RecordSerializer(Serializer):
 
 
 # Fields that do not change a step's result: where the data came from once its version is
-# known, which Secret block holds the token, how often checkpoints are written.
+# known, which Secret block holds the token, whether 4-bit weights are reused from disk (the
+# same weights), how often checkpoints are written.
 NOT_IDENTITY: dict[str, set[str]] = {
     "DataConfig": {"dataset", "revision"},
     "DataVersion": {"source"},
-    "ModelConfig": {"hf_token_secret"},
+    "ModelConfig": {"hf_token_secret", "reuse_quantized"},
     "TrainSettings": {"checkpoint_steps"},
 }
 # Task parameters that name where or how, never what: never part of a key. On how many GPUs

@@ -210,6 +210,12 @@ CASES = [
         "(devices.cpu_processes runs several processes on the CPU)",
     ),
     (
+        "fused kernels on a machine without CUDA",
+        lambda t: [*TINY, "--set", "train.fused_kernels=true"],
+        "train.fused_kernels: this machine has no CUDA GPU; set train.fused_kernels=false to "
+        "train without them",
+    ),
+    (
         "a global batch that does not split over the processes",
         lambda t: [*TINY, "--set", "devices.cpu_processes=3"],
         "train.batch_size x train.gradient_accumulation_steps (4 x 1 rows) does not split evenly "

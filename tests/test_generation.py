@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finance_qlora.config import resolve_config
-from finance_qlora.generation import GeneratedNgramBlocker, generate_raw
+from finance_qlora.config import GenerationSettings, resolve_config
+from finance_qlora.generation import GeneratedNgramBlocker, generate_raw, generate_shard
 from finance_qlora.modeling import load_model, load_tokenizer
 from finance_qlora.prompts import to_prompt_completion
 from tests.conftest import make_rows
@@ -113,3 +113,28 @@ def test_greedy_answers_with_the_blocker_repeat_no_generated_ngram(tiny, prompts
     assert [g.text for g in raw] == [
         tokenizer.decode(ids, skip_special_tokens=True) for ids in blocked
     ]
+
+
+@pytest.mark.slow
+def test_a_static_cache_gives_the_dynamic_caches_answers(tiny):
+    """The static cache (written in place, allocated once) changes speed, not answers: the same
+    greedy tokens for prompts of different lengths in one left-padded batch."""
+    model, tokenizer = tiny
+    prompts = [to_prompt_completion(r)["prompt"] for r in make_rows(7)]
+    dynamic = GenerationSettings(max_new_tokens=20, batch_size=3)
+    static = dynamic.model_copy(update={"cache": "static"})
+    calls = []
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["cache_implementation"], kwargs["disable_compile"]))
+        return original(*args, **kwargs)
+
+    model.generate = spy
+    try:
+        answers = generate_shard(model, tokenizer, prompts, dynamic)
+        assert generate_shard(model, tokenizer, prompts, static) == answers
+    finally:
+        del model.generate
+    assert set(calls) == {("dynamic", True), ("static", True)}  # never compiled
+    assert [answers[i].new_tokens for i in range(7)] == [20] * 7  # random weights: no EOS

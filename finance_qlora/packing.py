@@ -1,0 +1,117 @@
+"""Padding-free batches: the rows of a batch laid end to end in one sequence, each row's
+position ids starting again at 0, and attention that never crosses from one row into another.
+
+TRL's `padding_free` collator builds such a batch (with the row boundaries as `cu_seq_lens_q`);
+this module gives the model an attention function that reads those boundaries:
+
+- on CUDA from Ampere on, torch's variable-length FlashAttention
+  (`torch.nn.attention.varlen.varlen_attn`);
+- elsewhere (the CPU, a T4), or where that is missing, each row padded on the right to the
+  longest and run through `scaled_dot_product_attention` with `is_causal=True`. Right padding
+  needs no mask: a causal row never looks at the padding after it, so its outputs are exact.
+
+Every linear layer then sees only real tokens, and attention costs the sum of the rows'
+squared lengths, not one long sequence's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION = "finance_qlora_varlen"
+
+
+def _varlen_kernel():
+    """torch's FlashAttention for packed rows, where this torch and device have it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch older than 2.10
+        return None
+    return varlen_attn
+
+
+def _flash_capable(q: torch.Tensor) -> bool:
+    """FlashAttention needs Ampere or newer (not the T4), fp16/bf16, and not to be turned off."""
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and torch.cuda.get_device_capability(q.device) >= (8, 0)
+        and torch.backends.cuda.flash_sdp_enabled()
+    )
+
+
+def padded_rows_attention(q, k, v, cu_seq_lens: torch.Tensor, scaling: float | None):
+    """Causal attention of each row on its own; q/k/v: (tokens, heads, dim), rows end to end.
+
+    Rows are gathered into a right-padded (rows, heads, longest, dim) batch, attended with
+    is_causal, and scattered back; the padding's outputs are dropped.
+    """
+    bounds = cu_seq_lens.tolist()
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+    longest = max(lengths)
+    # Row r, position p of the padded batch reads token bounds[r] + p (clamped: padding reads
+    # the row's own last token, whose outputs are dropped).
+    starts = cu_seq_lens[:-1].to(q.device, torch.long)
+    ends = cu_seq_lens[1:].to(q.device, torch.long)
+    index = starts[:, None] + torch.arange(longest, device=q.device)[None, :]
+    index = torch.minimum(index, (ends - 1)[:, None])
+
+    def gather(x):  # (tokens, heads, dim) -> (rows, heads, longest, dim)
+        return x[index].transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(
+        gather(q), gather(k), gather(v), is_causal=True, scale=scaling
+    ).transpose(1, 2)  # (rows, longest, heads, dim)
+    valid = torch.arange(longest, device=q.device)[None, :] < (ends - starts)[:, None]
+    return out[valid]  # rows back to back: (tokens, heads, dim)
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface for packed rows: query (1, heads, tokens, dim) with the
+    rows' boundaries in `cu_seq_lens_q`; returns (1, tokens, heads, dim)."""
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    if cu_seq_lens is None or attention_mask is not None or query.shape[0] != 1:
+        raise ValueError(
+            f"{ATTENTION} attends padding-free batches only (TRL's padding_free collator); "
+            "this batch has no row boundaries"
+        )
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, dim)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: share each key/value head
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    kernel = _varlen_kernel()
+    if kernel is not None and _flash_capable(q):
+        cu = cu_seq_lens.to(q.device, torch.int32)
+        longest = int(kwargs.get("max_length_q") or (cu[1:] - cu[:-1]).max())
+        out = kernel(
+            q,
+            k,
+            v,
+            cu,
+            cu,
+            longest,
+            longest,
+            scale=scaling,
+            window_size=(-1, 0),  # causal
+        )
+    else:
+        out = padded_rows_attention(q, k, v, cu_seq_lens, scaling)
+    return out.unsqueeze(0), None
+
+
+def use_varlen_attention(model) -> None:
+    """Register the packed-rows attention with transformers and switch `model` to it."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, varlen_attention_forward)
+    model.set_attn_implementation(ATTENTION)
