@@ -6,8 +6,11 @@ import gc
 import hashlib
 import json
 import logging
+import os
+import shutil
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from finance_qlora.errors import ConfigError, FinanceQLoRAError
 from finance_qlora.files import atomic_dir
 
 log = logging.getLogger(__name__)
+STALE_CLAIM_S = 3600  # writing a 7B model's 4-bit weights takes seconds
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -140,12 +144,56 @@ def quantized_folder(cfg: ModelConfig, source: str, token: str | None) -> Path |
 
 
 def save_quantized(model, folder: Path) -> None:
-    """Keep the 4-bit weights for the next load; a failure costs speed only, never the run."""
+    """Keep the 4-bit weights for the next load; a failure costs speed only, never the run.
+
+    One writer at a time: a claim file made with O_EXCL. Others (torchrun ranks, generation
+    shards, a second worker on a shared cache) skip; a claim older than an hour is a dead
+    writer's, removed so that a later load saves.
+    """
+    claim = folder.with_name(f".claim-{folder.name}")
     try:
-        with atomic_dir(folder) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-    except (OSError, FinanceQLoRAError) as exc:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        with suppress(OSError):
+            if time.time() - claim.stat().st_mtime > STALE_CLAIM_S:
+                claim.unlink()
+        return
+    except OSError as exc:
         log.warning("could not keep the 4-bit weights under %s: %s", folder, exc)
+        return
+    try:
+        if not (folder / "config.json").is_file():  # another process may have kept them
+            with atomic_dir(folder) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # a full disk reaches us as OSError or safetensors' own error
+        log.warning("could not keep the 4-bit weights under %s: %s", folder, exc)
+    finally:
+        claim.unlink(missing_ok=True)
+
+
+def load_kept(folder: Path, common: dict[str, Any]):
+    """The kept 4-bit model, or None where there is none or it cannot be read (then it is
+    removed and quantized again: a cache never stops a run)."""
+    from transformers import AutoModelForCausalLM
+
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, **common)
+    except torch.OutOfMemoryError:
+        raise  # the GPU's state, not the copy's: the caller's back-off handles it
+    except Exception as exc:  # a truncated or edited copy: any library's error
+        log.warning(
+            "the kept 4-bit weights under %s are unreadable (%s); quantizing again",
+            folder,
+            str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+        release_memory()
+        return None
 
 
 def load_model(cfg: ModelConfig, token: str | None = None, adapter_dir: Path | None = None):
@@ -164,8 +212,8 @@ def load_model(cfg: ModelConfig, token: str | None = None, adapter_dir: Path | N
         "use_safetensors": True,
     }
     kept = quantized_folder(cfg, source, token)
-    if kept is not None and (kept / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(kept, **common)
+    model = load_kept(kept, common) if kept is not None else None
+    if model is not None:
         # adapters (PEFT's base_model_name_or_path) name the model, not the kept copy
         model.name_or_path = model.config._name_or_path = source
     else:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from finance_qlora.errors import ConfigError
+
 ATTENTION = "finance_qlora_varlen"
 
 
@@ -109,9 +111,19 @@ def varlen_attention_forward(
     return out.unsqueeze(0), None
 
 
-def use_varlen_attention(model) -> None:
-    """Register the packed-rows attention with transformers and switch `model` to it."""
+def use_varlen_attention(model, model_name: str) -> None:
+    """Register the packed-rows attention with transformers and switch `model` to it.
+
+    A model whose code does not go through transformers' attention interface keeps its own
+    attention, which would let packed rows attend to each other: refused.
+    """
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION, varlen_attention_forward)
     model.set_attn_implementation(ATTENTION)
+    if model.config._attn_implementation != ATTENTION:
+        raise ConfigError(
+            f"train.padding_free: {model_name} ({type(model).__name__}) cannot keep packed rows "
+            "apart (its attention is not transformers' pluggable kind); set "
+            "train.padding_free=false"
+        )

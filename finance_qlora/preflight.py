@@ -187,6 +187,22 @@ def check_lora_targets(config: FinetuneConfig, model_config) -> None:
     check_targets(model, targets, config.model.name)
 
 
+def check_padding_free(config: FinetuneConfig, model_config) -> None:
+    """Padding-free batches need a model whose attention is transformers' pluggable kind (the
+    packed-rows attention replaces it); remote code is checked when the model is built."""
+    from transformers import AutoModelForCausalLM
+
+    if not config.train.padding_free or model_config is None:
+        return
+    model_class = AutoModelForCausalLM._model_mapping.get(type(model_config), None)
+    if model_class is not None and not getattr(model_class, "_supports_attention_backend", False):
+        raise ConfigError(
+            f"train.padding_free: {config.model.name} ({model_class.__name__}) cannot keep packed "
+            "rows apart (its attention is not transformers' pluggable kind); set "
+            "train.padding_free=false"
+        )
+
+
 def context_length(model_config) -> int | None:
     """Positions the model has (prompt and answer together); None where the config does not
     say (a position scheme without a limit)."""
@@ -263,6 +279,7 @@ def preflight(
     check_hub_access(config, token)
     found = read_model_config(config, token)
     check_lora_targets(config, found)
+    check_padding_free(config, found)
     check_context(config, found)
     check_sequence_length(config, train_rows, token)
     store.check_writable()

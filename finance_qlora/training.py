@@ -94,7 +94,8 @@ def sft_config(train: TrainSettings, dtype: torch.dtype, out_dir: Path):
         # fit_to_length already fits every row; TRL refuses a max_length with padding_free
         max_length=None if train.padding_free else train.max_seq_length,
         padding_free=train.padding_free,
-        pad_to_multiple_of=train.pad_to_multiple_of,
+        # padding-free batches have no padding to round up (each pad would be a row of its own)
+        pad_to_multiple_of=None if train.padding_free else train.pad_to_multiple_of,
         use_liger_kernel=train.fused_kernels,
         warmup_steps=train.warmup_ratio,  # below 1: a fraction of all steps
         lr_scheduler_type=train.lr_scheduler,
@@ -290,7 +291,7 @@ def build_trainer(
         upcast = dtype == torch.float16 and not dequantized
         prepare_for_lora(model, upcast, train.gradient_checkpointing)
     if train.padding_free:
-        use_varlen_attention(model)
+        use_varlen_attention(model, model_cfg.name)
     trainer = token_budget_trainer_class()(
         model=model,
         args=sft_config(train, dtype, out_dir),

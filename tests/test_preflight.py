@@ -197,3 +197,17 @@ def test_the_model_skeleton_honours_trust_remote_code_and_all_linear_needs_none(
     with pytest.raises(RuntimeError, match="stop here"):
         preflight.check_lora_targets(trusted, found)
     assert built == [{"trust_remote_code": True}]
+
+
+def test_padding_free_is_refused_for_a_model_with_its_own_attention():
+    from transformers import BloomConfig, LlamaConfig
+
+    from finance_qlora.preflight import check_padding_free
+
+    config = resolve_config("tiny-cpu", {"train": {"padding_free": True}})
+    check_padding_free(config, LlamaConfig())  # transformers' pluggable attention: fine
+    check_padding_free(config, None)  # no configuration read: left to the build
+    with pytest.raises(ConfigError, match=r"train.padding_free: .* \(BloomForCausalLM\) cannot"):
+        check_padding_free(config, BloomConfig())
+    unpacked = resolve_config("tiny-cpu")
+    check_padding_free(unpacked, BloomConfig())  # not asked for: not checked

@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
 from finance_qlora import builtin_models
@@ -88,7 +89,8 @@ def test_a_cache_that_cannot_be_written_costs_speed_not_the_run(cache, monkeypat
     from transformers import LlamaForCausalLM
 
     def refuse(model, folder, **kwargs):
-        raise OSError(28, "No space left on device")
+        # what safetensors raises on a full disk: not an OSError
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
 
     config = resolve_config("tiny-cpu")
     expected = answers(config)
@@ -99,3 +101,32 @@ def test_a_cache_that_cannot_be_written_costs_speed_not_the_run(cache, monkeypat
         assert answers(config) == expected
     assert "could not keep the 4-bit weights" in caplog.text
     assert not kept.exists() and not list(kept.parent.glob(".tmp-*"))
+
+
+def test_an_unreadable_kept_copy_is_quantized_again(cache, caplog):
+    """A truncated copy (a full disk, a killed copy by hand) costs a new quantization only."""
+    config = resolve_config("tiny-cpu")
+    expected = answers(config)
+    kept = quantized_folder(config.model, cache[0], None)
+    weights = kept / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="finance_qlora.modeling"):
+        assert answers(config) == expected
+    assert "unreadable" in caplog.text and "quantizing again" in caplog.text
+    assert cache == [cache[0], str(kept), cache[0]]  # tried the copy, then the source
+    assert answers(config) == expected and cache[-1] == str(kept)  # kept anew, and read
+
+
+def test_one_writer_keeps_the_copy_and_a_dead_writers_claim_expires(cache, tmp_path):
+    config = resolve_config("tiny-cpu")
+    kept = quantized_folder(config.model, builtin_models.resolve(config.model.name), None)
+    claim = kept.with_name(f".claim-{kept.name}")
+    kept.parent.mkdir(parents=True)
+    claim.touch()  # another process is writing the copy
+    load_model(config.model)
+    assert not kept.exists() and claim.exists()  # it was left to that process
+    os.utime(claim, (0, 0))  # ... which died long ago
+    load_model(config.model)
+    assert not claim.exists() and not kept.exists()  # the stale claim is cleared
+    load_model(config.model)
+    assert (kept / "config.json").is_file() and not claim.exists()
