@@ -52,8 +52,9 @@ from finance_qlora.config import (  # noqa: E402
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl, write_jsonl  # noqa: E402
 from finance_qlora.generation import generate_shard  # noqa: E402
-from finance_qlora.modeling import loaded, quantized_folder  # noqa: E402
+from finance_qlora.modeling import loaded  # noqa: E402
 from finance_qlora.prompts import write_prompts  # noqa: E402
+from finance_qlora.quantized import quantized_folder  # noqa: E402
 from finance_qlora.training import train_adapter  # noqa: E402
 
 GIB = 1024**3

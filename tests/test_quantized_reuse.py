@@ -13,8 +13,9 @@ from finance_qlora import builtin_models
 from finance_qlora.config import resolve_config
 from finance_qlora.files import write_jsonl
 from finance_qlora.generation import generate_raw
-from finance_qlora.modeling import load_model, loaded, quantized_folder
+from finance_qlora.modeling import load_model, loaded
 from finance_qlora.prompts import to_prompt_completion
+from finance_qlora.quantized import quantized_folder
 from finance_qlora.training import train_adapter
 from tests.conftest import make_rows
 
@@ -97,7 +98,7 @@ def test_a_cache_that_cannot_be_written_costs_speed_not_the_run(cache, monkeypat
     kept = quantized_folder(config.model, cache[0], None)
     shutil.rmtree(kept)
     monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", refuse)
-    with caplog.at_level(logging.WARNING, logger="finance_qlora.modeling"):
+    with caplog.at_level(logging.WARNING, logger="finance_qlora.quantized"):
         assert answers(config) == expected
     assert "could not keep the 4-bit weights" in caplog.text
     assert not kept.exists() and not list(kept.parent.glob(".tmp-*"))
@@ -110,7 +111,7 @@ def test_an_unreadable_kept_copy_is_quantized_again(cache, caplog):
     kept = quantized_folder(config.model, cache[0], None)
     weights = kept / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with caplog.at_level(logging.WARNING, logger="finance_qlora.modeling"):
+    with caplog.at_level(logging.WARNING, logger="finance_qlora.quantized"):
         assert answers(config) == expected
     assert "unreadable" in caplog.text and "quantizing again" in caplog.text
     assert cache == [cache[0], str(kept), cache[0]]  # tried the copy, then the source
