@@ -16,6 +16,8 @@ squared lengths, not one long sequence's.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +26,7 @@ from finance_qlora.errors import ConfigError
 ATTENTION = "finance_qlora_varlen"
 
 
+@cache
 def _varlen_kernel():
     """torch's FlashAttention for packed rows, where this torch and device have it."""
     try:
@@ -122,8 +125,12 @@ def use_varlen_attention(model, model_name: str) -> None:
     AttentionInterface.register(ATTENTION, varlen_attention_forward)
     model.set_attn_implementation(ATTENTION)
     if model.config._attn_implementation != ATTENTION:
-        raise ConfigError(
-            f"train.padding_free: {model_name} ({type(model).__name__}) cannot keep packed rows "
-            "apart (its attention is not transformers' pluggable kind); set "
-            "train.padding_free=false"
-        )
+        raise not_pluggable(model_name, type(model).__name__)
+
+
+def not_pluggable(model_name: str, class_name: str) -> ConfigError:
+    """The refusal for a model whose attention cannot be replaced (preflight and build)."""
+    return ConfigError(
+        f"train.padding_free: {model_name} ({class_name}) cannot keep packed rows apart (its "
+        "attention is not transformers' pluggable kind); set train.padding_free=false"
+    )

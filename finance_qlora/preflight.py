@@ -192,15 +192,13 @@ def check_padding_free(config: FinetuneConfig, model_config) -> None:
     packed-rows attention replaces it); remote code is checked when the model is built."""
     from transformers import AutoModelForCausalLM
 
+    from finance_qlora.packing import not_pluggable
+
     if not config.train.padding_free or model_config is None:
         return
     model_class = AutoModelForCausalLM._model_mapping.get(type(model_config), None)
     if model_class is not None and not getattr(model_class, "_supports_attention_backend", False):
-        raise ConfigError(
-            f"train.padding_free: {config.model.name} ({model_class.__name__}) cannot keep packed "
-            "rows apart (its attention is not transformers' pluggable kind); set "
-            "train.padding_free=false"
-        )
+        raise not_pluggable(config.model.name, model_class.__name__)
 
 
 def context_length(model_config) -> int | None:
