@@ -77,7 +77,13 @@ ARCHS = {
 }
 # Training settings compared, all true 4-bit unless named; one optimizer step is 16,384
 # tokens in each (the shipped llama2-7b-h100 preset: 8,192 x 2 accumulation).
-STEP = {"gradient_checkpointing": False, "dequantize": "never"}
+# Every field that a variant varies is set in each, not inherited from the preset.
+STEP = {
+    "gradient_checkpointing": False,
+    "dequantize": "never",
+    "padding_free": False,
+    "fused_kernels": False,
+}
 PADDED = STEP | {"max_tokens_per_batch": 8192, "gradient_accumulation_steps": 2}
 PACKED = PADDED | {"padding_free": True}
 TRAIN_VARIANTS = {
@@ -171,33 +177,31 @@ class Setup:
         return path
 
 
-class ProfileSteps:
+def profile_steps(path: Path):
     """A TrainerCallback: torch.profiler over steps 3-4, its top CUDA kernels to a file."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, path: Path):
-        from transformers import TrainerCallback
+    class Callback(TrainerCallback):
+        profiler = None
 
-        class Callback(TrainerCallback):
-            profiler = None
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
 
-            def on_step_begin(self, args, state, control, **kwargs):
-                if state.global_step == 2:
-                    activities = [torch.profiler.ProfilerActivity.CPU]
-                    if torch.cuda.is_available():
-                        activities.append(torch.profiler.ProfilerActivity.CUDA)
-                    self.profiler = torch.profiler.profile(activities=activities)
-                    self.profiler.__enter__()
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.profiler is not None and state.global_step == 4:
+                sync()
+                self.profiler.__exit__(None, None, None)
+                sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+                table = self.profiler.key_averages().table(sort_by=sort, row_limit=40)
+                path.write_text(table)
+                self.profiler = None
 
-            def on_step_end(self, args, state, control, **kwargs):
-                if self.profiler is not None and state.global_step == 4:
-                    sync()
-                    self.profiler.__exit__(None, None, None)
-                    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-                    table = self.profiler.key_averages().table(sort_by=sort, row_limit=40)
-                    path.write_text(table)
-                    self.profiler = None
-
-        return Callback()
+    return Callback()
 
 
 def train_once(setup: Setup, config, prompts: Path, name: str, callbacks=None) -> dict:
@@ -227,7 +231,7 @@ def timed_train(setup: Setup, name: str, config, rows: int | None, runs: int) ->
     timed = [train_once(setup, config, prompts, f"{name}-{i}") for i in range(runs)]
     if name == setup.args.profile:
         profile = setup.args.out / f"profile-{name}.txt"
-        train_once(setup, config, setup.subset(400), f"{name}-profile", [ProfileSteps(profile)])
+        train_once(setup, config, setup.subset(400), f"{name}-profile", [profile_steps(profile)])
     return {
         "rows": rows or 1000,
         "settings": config.train.model_dump(mode="json"),
