@@ -1,17 +1,55 @@
-"""Training batches by a token budget: rows of similar length together, padded only to the
-longest row of their batch, as many rows as fit in `max_tokens` padded tokens (or, for
-padding-free batches, `max_tokens` real tokens).
+"""Optimizer steps and micro-batches: the schedule is the recipe's, the micro-batches the card's.
 
-Batch 1 padded to 512 (the reference notebook) spends most of the GPU on padding and on
-launching tiny matrix products; here a batch holds e.g. 4,096 tokens of real text.
+One optimizer step holds `train.rows_per_step` rows (16 by default: 63 steps for 1,000 rows),
+drawn in a seeded order per epoch, whatever the card, the token budget, padding-free packing or
+the number of processes. How one step's rows are computed is a separate choice: split over the
+processes (each takes a share of similar length), then into micro-batches of `batch_size` rows,
+or of at most `max_tokens` tokens (padded: rows x longest row; padding-free: the sum of the
+rows' lengths). Gradients accumulate over a step's micro-batches and the loss is the
+token-weighted mean over all of them, so the split never changes what a step computes.
+
+The Trainer accumulates a fixed number of micro-batches per step, so every share is cut into
+exactly `micro_batches_per_step` of them: a share that needs fewer is split further, and a
+share with fewer rows than that (the last step, several processes) is padded with empty work:
+a row whose labels are all masked, which adds nothing to the loss or the gradients.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
+
+IGNORE = -100  # the label the loss skips
+
+
+@dataclass(frozen=True)
+class MicroBatching:
+    """How one process computes its share of a step: `batch_rows` rows a micro-batch, or, with
+    `max_tokens`, as many rows as fit that many tokens (`padded`: rows x longest row)."""
+
+    batch_rows: int = 1
+    max_tokens: int | None = None
+    padded: bool = True
+
+
+@dataclass(frozen=True)
+class Empty:
+    """Empty work: row `index` with every label masked (keeps the processes in step)."""
+
+    index: int
+
+
+def steps_per_epoch(rows: int, rows_per_step: int) -> int:
+    return math.ceil(rows / rows_per_step)
+
+
+def optimizer_steps(rows: int, rows_per_step: int, epochs: float) -> int:
+    """What the Trainer runs: ceil(epochs x steps per epoch)."""
+    return math.ceil(epochs * steps_per_epoch(rows, rows_per_step))
 
 
 def token_budget_batches(
@@ -39,21 +77,110 @@ def token_budget_batches(
     return batches
 
 
-class TokenBudgetSampler(Sampler[list[int]]):
-    """A batch sampler: fixed length-grouped batches, visited in a seeded order per epoch."""
+def shares(rows: list[int], lengths: list[int], processes: int) -> list[list[int]]:
+    """A step's rows dealt to the processes, longest first, each to the process with the fewest
+    tokens so far: every process gets rows, and about the same work, whenever it can."""
+    dealt: list[list[int]] = [[] for _ in range(processes)]
+    tokens = [0] * processes
+    for row in sorted(rows, key=lambda i: (-lengths[i], i)):
+        rank = min(range(processes), key=lambda r: (len(dealt[r]) > 0, tokens[r], r))
+        dealt[rank].append(row)
+        tokens[rank] += lengths[row]
+    return dealt
 
-    def __init__(self, lengths: list[int], max_tokens: int, seed: int, padded: bool = True):
-        self.batches = token_budget_batches(lengths, max_tokens, padded)
-        self.seed = seed
+
+def micro_batches(rows: list[int], lengths: list[int], how: MicroBatching) -> list[list[int]]:
+    """One process's share of a step, grouped by length into micro-batches."""
+    if not rows:
+        return []
+    if how.max_tokens:
+        local = token_budget_batches([lengths[i] for i in rows], how.max_tokens, how.padded)
+        return [[rows[j] for j in batch] for batch in local]
+    ordered = sorted(rows, key=lambda i: (lengths[i], i))
+    return [ordered[i : i + how.batch_rows] for i in range(0, len(ordered), how.batch_rows)]
+
+
+def exactly(batches: list[list[int]], count: int, spare: int) -> list[list[int] | Empty]:
+    """`batches` made exactly `count` micro-batches: the one with most rows split in two while
+    any has two rows, then empty work on row `spare`."""
+    out = [list(b) for b in batches]
+    while len(out) < count and any(len(b) > 1 for b in out):
+        largest = max(range(len(out)), key=lambda i: len(out[i]))
+        batch = out.pop(largest)
+        half = len(batch) // 2
+        out[largest:largest] = [batch[:half], batch[half:]]
+    return [*out, *[Empty(spare)] * (count - len(out))]
+
+
+class StepSampler(Sampler[list]):
+    """A batch sampler over one process's micro-batches: step after step, each step exactly
+    `micro_batches_per_step` of them, in an order seeded per epoch (`set_epoch`).
+
+    `epochs` (whole epochs planned, >= the run's) fixes `micro_batches_per_step` up front: the
+    Trainer accumulates a fixed number, the largest any step of any epoch on any process needs.
+    """
+
+    def __init__(
+        self,
+        lengths: list[int],
+        rows_per_step: int,
+        how: MicroBatching,
+        seed: int,
+        epochs: int = 1,
+        rank: int = 0,
+        processes: int = 1,
+    ):
+        if not lengths:
+            raise ValueError("no rows to sample")
+        self.lengths, self.rows_per_step, self.how = list(lengths), rows_per_step, how
+        self.seed, self.rank, self.processes = seed, rank, processes
         self.epoch = 0
+        needed = [
+            len(micro_batches(share, self.lengths, how))
+            for epoch in range(max(epochs, 1))
+            for step in self.steps(epoch)
+            for share in shares(step, self.lengths, processes)
+        ]
+        self.micro_batches_per_step = max(max(needed), 1)
+
+    def steps(self, epoch: int) -> list[list[int]]:
+        """The epoch's optimizer steps: a seeded permutation cut every `rows_per_step` rows."""
+        order = np.random.default_rng(self.seed + epoch).permutation(len(self.lengths)).tolist()
+        return [order[i : i + self.rows_per_step] for i in range(0, len(order), self.rows_per_step)]
+
+    def plan(self, epoch: int) -> list[list[list[int] | Empty]]:
+        """This process's micro-batches, step by step."""
+        planned = []
+        for step in self.steps(epoch):
+            share = shares(step, self.lengths, self.processes)[self.rank]
+            batches = micro_batches(share, self.lengths, self.how)
+            planned.append(exactly(batches, self.micro_batches_per_step, spare=step[0]))
+        return planned
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return steps_per_epoch(len(self.lengths), self.rows_per_step) * self.micro_batches_per_step
 
-    def __iter__(self) -> Iterator[list[int]]:
-        order = np.random.default_rng(self.seed + self.epoch).permutation(len(self.batches))
-        for i in order:
-            yield list(self.batches[i])
+    def __iter__(self) -> Iterator[list]:
+        for step in self.plan(self.epoch):
+            for batch in step:
+                yield [batch] if isinstance(batch, Empty) else list(batch)
+
+
+class MaskableRows(Dataset):
+    """The training rows, where `Empty(i)` reads row i with every label masked."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: int | Empty) -> dict:
+        if isinstance(key, Empty):
+            row = dict(self.rows[key.index])
+            row["labels"] = [IGNORE] * len(row["input_ids"])
+            return row
+        return self.rows[int(key)]

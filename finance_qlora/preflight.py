@@ -74,10 +74,10 @@ def check_fused_kernels(config: FinetuneConfig) -> None:
 
 
 def check_devices(config: FinetuneConfig) -> None:
-    """GPUs asked for are there, and the global batch splits evenly over the processes."""
-    from finance_qlora.parallel import per_rank_settings, process_count
+    """The GPUs asked for are there (a step's rows split over any number of processes)."""
+    from finance_qlora.parallel import process_count
 
-    per_rank_settings(config.train, process_count(config.devices))
+    process_count(config.devices)
 
 
 def is_hub_model(name: str) -> bool:

@@ -66,6 +66,9 @@ class TrainRecord(Stored):
     seconds: float
     tokens: int = 0  # real (unpadded) training tokens read, epochs included
     resumed_from: int | None = None  # the checkpoint step a retried training started from
+    rows: int = 0  # training rows (after fitting to train.max_seq_length)
+    rows_per_step: int = 0  # the schedule: rows in one optimizer step
+    micro_batches_per_step: int = 0  # how this run's card computed each step
 
 
 class AdapterRecord(Stored):

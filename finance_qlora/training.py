@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from finance_qlora.batching import TokenBudgetSampler
+from finance_qlora.batching import MaskableRows, MicroBatching, StepSampler
 from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
 from finance_qlora.errors import ConfigError, TrainingError
 from finance_qlora.files import atomic_dir, fingerprint, read_jsonl
@@ -27,7 +27,7 @@ from finance_qlora.modeling import (
     release_memory,
 )
 from finance_qlora.packing import use_varlen_attention
-from finance_qlora.parallel import per_rank_settings, train_data_parallel
+from finance_qlora.parallel import train_data_parallel
 from finance_qlora.prompts import fit_rows, shortest_row
 from finance_qlora.records import TrainRecord
 
@@ -90,7 +90,8 @@ def sft_config(train: TrainSettings, dtype: torch.dtype, out_dir: Path):
         num_train_epochs=train.epochs,
         learning_rate=train.learning_rate,
         per_device_train_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        # set by the trainer from its step plan (StepTrainer.get_train_dataloader)
+        gradient_accumulation_steps=1,
         # fit_to_length already fits every row; TRL refuses a max_length with padding_free
         max_length=None if train.padding_free else train.max_seq_length,
         padding_free=train.padding_free,
@@ -137,72 +138,129 @@ def train_adapter(
     """Train LoRA adapters on prompt/completion pairs; resume from a checkpoint in `out_dir`.
     With `processes` > 1, data-parallel over that many ranks (`parallel.train_data_parallel`).
 
-    On CUDA out-of-memory, retry with half the batch and twice the accumulation (the same
-    effective batch, the same rows in the same order), down to a batch of 1.
+    On CUDA out-of-memory, retry with micro-batches half as large (rows or tokens), down to one
+    row: the optimizer steps keep their rows (`train.rows_per_step`), only split finer.
     """
     if callbacks and processes > 1:
         raise ValueError("callbacks run in this process only: train with processes=1")
-    # With several ranks, the back-off below halves each rank's share of the global batch.
-    settings = per_rank_settings(train, processes)
+    settings = train
     while True:
         try:
             if processes > 1:
                 return train_data_parallel(
                     prompts_path, model_cfg, lora, settings, out_dir, processes, token, on_log
                 )
-            return _train_once(
+            return train_in_process(
                 prompts_path, model_cfg, lora, settings, out_dir, token, on_log, callbacks or []
             )
         except torch.OutOfMemoryError:
             release_memory()
-            budget = settings.max_tokens_per_batch  # halved like the batch, down to one row
-            if settings.batch_size == 1 and (budget is None or budget <= settings.max_seq_length):
-                raise TrainingError(
-                    "train.batch_size: out of GPU memory even at batch 1; lower "
-                    "train.max_seq_length or turn on train.gradient_checkpointing"
-                ) from None
-            settings = settings.model_copy(
-                update={
-                    "batch_size": max(settings.batch_size // 2, 1),
-                    "max_tokens_per_batch": budget and max(budget // 2, settings.max_seq_length),
-                    "gradient_accumulation_steps": settings.gradient_accumulation_steps * 2,
-                }
-            )
+            settings = smaller_micro_batches(settings)
             log.warning(
-                "out of GPU memory: retrying with batch %d x %d accumulation",
-                settings.batch_size,
-                settings.gradient_accumulation_steps,
+                "out of GPU memory: retrying with micro-batches of %s (%d rows a step, as before)",
+                f"{settings.max_tokens_per_batch} tokens"
+                if settings.max_tokens_per_batch
+                else f"{settings.batch_size} rows",
+                settings.rows_per_step,
             )
 
 
-def token_budget_trainer_class():
-    """TRL's SFTTrainer, with length-grouped token-budget batches when asked for."""
+def smaller_micro_batches(train: TrainSettings) -> TrainSettings:
+    """Half the micro-batch (rows, or the token budget down to one longest row); the step's rows
+    stay the same. TrainingError where it is one row already."""
+    budget = train.max_tokens_per_batch
+    if train.batch_size == 1 and (budget is None or budget <= train.max_seq_length):
+        raise TrainingError(
+            "train.batch_size: out of GPU memory even at one row a micro-batch; lower "
+            "train.max_seq_length or turn on train.gradient_checkpointing"
+        )
+    return train.model_copy(
+        update={
+            "batch_size": max(train.batch_size // 2, 1),
+            "max_tokens_per_batch": budget and max(budget // 2, train.max_seq_length),
+        }
+    )
+
+
+def micro_batching(train: TrainSettings) -> MicroBatching:
+    return MicroBatching(train.batch_size, train.max_tokens_per_batch, not train.padding_free)
+
+
+def warmup_that_updates(schedule, warmup_steps: int):
+    """A warm-up whose first step already updates: transformers' warm-up factor is step /
+    warmup, 0 at step 0 (a whole step at learning rate 0); read one step ahead during warm-up,
+    its w steps update at 1/w, 2/w, ... 1, and the schedule after warm-up is unchanged."""
+
+    def factor(step: int) -> float:
+        return schedule(step + 1) if step < warmup_steps else schedule(step)
+
+    return factor
+
+
+def step_trainer_class():
+    """TRL's SFTTrainer whose optimizer steps hold `train.rows_per_step` rows each, computed
+    in micro-batches (`batching.StepSampler`), with a warm-up that never runs at lr 0."""
+    from torch.optim.lr_scheduler import LambdaLR
     from torch.utils.data import DataLoader
+    from transformers import TrainerCallback
     from trl import SFTTrainer
 
-    class TokenBudgetSFTTrainer(SFTTrainer):
-        def __init__(self, *args, max_tokens_per_batch: int | None = None, **kwargs):
-            self.max_tokens_per_batch = max_tokens_per_batch
+    class EpochToSampler(TrainerCallback):
+        """The epoch reaches the sampler at each epoch's start, also on a resume, where the
+        Trainer wraps the loader to skip batches and no longer reaches the sampler itself."""
+
+        def __init__(self, trainer: StepTrainer):
+            self.trainer = trainer
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            if self.trainer.step_sampler is not None:
+                # state.epoch: whole at an epoch's start, fractional when resumed mid-epoch
+                self.trainer.step_sampler.set_epoch(math.floor(state.epoch + 1e-9))
+
+    class StepTrainer(SFTTrainer):
+        def __init__(self, *args, steps: TrainSettings, **kwargs):
+            self.steps = steps
+            self.step_sampler: StepSampler | None = None
             super().__init__(*args, **kwargs)
+            self.add_callback(EpochToSampler(self))
 
         def get_train_dataloader(self):
-            if not self.max_tokens_per_batch:
-                return super().get_train_dataloader()
+            # The Trainer's private column filter: what its own loader would feed the collator.
             dataset = self._remove_unused_columns(self.train_dataset, description="Training")
-            lengths = [len(ids) for ids in dataset["input_ids"]]
-            sampler = TokenBudgetSampler(
-                lengths, self.max_tokens_per_batch, self.args.seed, padded=not self.padding_free
+            sampler = StepSampler(
+                [len(ids) for ids in dataset["input_ids"]],
+                self.steps.rows_per_step,
+                micro_batching(self.steps),
+                self.args.seed,
+                epochs=math.ceil(self.args.num_train_epochs),
+                rank=self.args.process_index,
+                processes=self.args.world_size,
             )
-            loader = DataLoader(
-                dataset,
+            # The Trainer accumulates a fixed number of micro-batches per step: the plan's.
+            self.args.gradient_accumulation_steps = sampler.micro_batches_per_step
+            self.step_sampler = sampler
+            # Not through accelerate's prepare: the sampler shards the steps over the processes
+            # itself (accelerate would deal whole micro-batches round-robin and repeat the first
+            # ones to even them out); the Trainer moves each batch to the device.
+            return DataLoader(
+                MaskableRows(dataset),
                 batch_sampler=sampler,
                 collate_fn=self.data_collator,
                 num_workers=self.args.dataloader_num_workers,
                 pin_memory=self.args.dataloader_pin_memory,
             )
-            return self.accelerator.prepare(loader)
 
-    return TokenBudgetSFTTrainer
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.lr_scheduler is None:
+                optimizer = optimizer or self.optimizer
+                schedule = super().create_scheduler(num_training_steps, optimizer)
+                warmup = self.args.get_warmup_steps(num_training_steps)
+                if warmup and isinstance(schedule, LambdaLR):
+                    shifted = [warmup_that_updates(f, warmup) for f in schedule.lr_lambdas]
+                    self.lr_scheduler = LambdaLR(optimizer, shifted)
+            return self.lr_scheduler
+
+    return StepTrainer
 
 
 def row_length(tokenizer) -> Callable[[str, str], int]:
@@ -292,14 +350,14 @@ def build_trainer(
         prepare_for_lora(model, upcast, train.gradient_checkpointing)
     if train.padding_free:
         use_varlen_attention(model, model_cfg.name)
-    trainer = token_budget_trainer_class()(
+    trainer = step_trainer_class()(
         model=model,
         args=sft_config(train, dtype, out_dir),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(lora),
         callbacks=callbacks or [],
-        max_tokens_per_batch=train.max_tokens_per_batch,
+        steps=train,
     )
     # With disable_tqdm the Trainer prints every log dict to stdout; the train task logs the
     # loss itself, through Prefect.
@@ -314,7 +372,7 @@ def build_trainer(
     return trainer
 
 
-def _train_once(
+def train_in_process(
     prompts_path: Path,
     model_cfg: ModelConfig,
     lora: LoraSettings,
@@ -364,6 +422,8 @@ def _train_once(
         steps = trainer.state.global_step
         # Real (unpadded) tokens the model read: what "useful tokens/s" counts.
         tokens = round(sum(map(len, trainer.train_dataset["input_ids"])) * train.epochs)
+        rows = len(trainer.train_dataset)
+        micro_batches = trainer.args.gradient_accumulation_steps
     finally:
         trainer = None
         release_memory()
@@ -375,4 +435,7 @@ def _train_once(
         seconds=seconds,
         tokens=tokens,
         resumed_from=int(checkpoint.name.split("-")[1]) if checkpoint else None,
+        rows=rows,
+        rows_per_step=train.rows_per_step,
+        micro_batches_per_step=micro_batches,
     )

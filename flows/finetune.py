@@ -28,6 +28,7 @@ from finance_qlora.config import (
     PresetName,
     merge_assignments,
     resolve_config,
+    schedule_line,
 )
 from finance_qlora.errors import FinanceQLoRAError
 from finance_qlora.preflight import preflight
@@ -133,11 +134,25 @@ def finetune(
             "champion": champion_eval.rouge if champion_eval else None,
         },
         "train_losses": trained.losses,
+        # the schedule (rows a step, steps) and how this card computed it
+        "train": trained.model_dump(
+            include={
+                "rows",
+                "rows_per_step",
+                "steps",
+                "micro_batches_per_step",
+                "seconds",
+                "tokens",
+            }
+        ),
     }
     # What each run did, kept beside its results: the weekly history outlives the server.
     store_of(store).write_text(json.dumps(summary, indent=2), "runs", f"{summary['flow_run']}.json")
     create_markdown_artifact(run_markdown(summary), key="run-summary", description="This run")
     return summary | {"table": comparison.markdown.split("\n### ")[0]}
+
+
+SCHEDULE_FIELDS = {"rows", "rows_per_step", "steps", "micro_batches_per_step", "seconds", "tokens"}
 
 
 def protocol_of(config: FinetuneConfig, prompts: PromptRecord, source: DataVersion) -> Protocol:
@@ -265,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         config = resolve_config(preset, overrides)
         if show:
             print(config.model_dump_json(indent=2))
+            print(schedule_line(config), file=sys.stderr)
             return 0
 
         def api(function, *args):  # anything that talks to Prefect starts its server first

@@ -6,6 +6,7 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from finance_qlora.adapter import normalize_adapter_config
+from finance_qlora.batching import steps_per_epoch
 from finance_qlora.config import DeviceSettings, LoraSettings, ModelConfig, TrainSettings
 from finance_qlora.parallel import process_count
 from finance_qlora.records import PromptRecord, TrainRecord
@@ -51,6 +52,15 @@ def train(
 ) -> TrainRecord:
     logger = get_run_logger()
     processes = process_count(devices or DeviceSettings())
+    logger.info(
+        "schedule: %d rows an optimizer step, %d steps an epoch of %d rows; micro-batches of %s",
+        settings.rows_per_step,
+        steps_per_epoch(prompts.train_rows, settings.rows_per_step),
+        prompts.train_rows,
+        f"at most {settings.max_tokens_per_batch} tokens"
+        if settings.max_tokens_per_batch
+        else f"{settings.batch_size} rows",
+    )
     if processes > 1:
         logger.info("data-parallel training on %d processes", processes)
     progress = Progress("train", "Training steps done")
@@ -75,6 +85,13 @@ def train(
     if record.resumed_from:
         logger.info("resumed from the checkpoint at step %d", record.resumed_from)
     losses = f"; loss {record.losses[0]:.4f} -> {record.losses[-1]:.4f}" if record.losses else ""
-    logger.info("trained %d steps in %.1f s%s", record.steps, record.seconds, losses)
+    logger.info(
+        "trained %d steps of %d rows (%d micro-batches each) in %.1f s%s",
+        record.steps,
+        record.rows_per_step,
+        record.micro_batches_per_step,
+        record.seconds,
+        losses,
+    )
     normalize_adapter_config(record.path, model.name)
     return publish(store, record, "train", key)  # checkpoints go: they only served retries

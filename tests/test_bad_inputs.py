@@ -215,12 +215,6 @@ CASES = [
         "train.fused_kernels: this machine has no CUDA GPU; set train.fused_kernels=false to "
         "train without them",
     ),
-    (
-        "a global batch that does not split over the processes",
-        lambda t: [*TINY, "--set", "devices.cpu_processes=3"],
-        "train.batch_size x train.gradient_accumulation_steps (4 x 1 rows) does not split evenly "
-        "over 3 processes; make it a multiple of 3",
-    ),
 ]
 
 

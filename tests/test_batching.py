@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finance_qlora.batching import TokenBudgetSampler, token_budget_batches
+from finance_qlora.batching import token_budget_batches
 from finance_qlora.config import resolve_config
 from finance_qlora.files import write_jsonl
 from finance_qlora.generation import generate_answers
@@ -23,16 +23,6 @@ def test_every_row_once_and_within_budget():
         longest = max(lengths[i] for i in batch)
         assert longest * len(batch) <= 256 or len(batch) == 1
     assert [300] in [[lengths[i] for i in b] for b in batches]  # too long: alone
-
-
-def test_sampler_is_seeded_per_epoch():
-    sampler = TokenBudgetSampler(list(range(1, 200)), max_tokens=400, seed=3)
-    first = list(sampler)
-    assert list(sampler) == first
-    sampler.set_epoch(1)
-    second = list(sampler)
-    assert second != first and sorted(map(tuple, second)) == sorted(map(tuple, first))
-    assert len(sampler) == len(first)
 
 
 def _rows(n: int) -> list[dict[str, str]]:
@@ -73,11 +63,13 @@ def test_batch_loss_equals_per_row_losses(tmp_path):
 def test_training_with_a_token_budget(tmp_path):
     prompts = tmp_path / "train.jsonl"
     write_jsonl(prompts, [to_prompt_completion(r) for r in _rows(24)])
-    config = resolve_config("tiny-cpu", {"train": {"max_tokens_per_batch": 1024, "epochs": 1}})
+    train = {"max_tokens_per_batch": 1024, "epochs": 1, "rows_per_step": 8}
+    config = resolve_config("tiny-cpu", {"train": train})
     trainer = build_trainer(prompts, config.model, config.lora, config.train, tmp_path / "probe")
-    batches = len(trainer.get_train_dataloader())
+    micro_batches = len(trainer.get_train_dataloader())
     record = train_adapter(prompts, config.model, config.lora, config.train, tmp_path / "out")
-    assert record.steps == batches < 24 // config.train.batch_size
+    assert record.steps == 24 // 8  # the schedule's steps, whatever the budget
+    assert micro_batches == record.steps * record.micro_batches_per_step
     assert record.tokens == sum(map(len, trainer.train_dataset["input_ids"]))
 
 
@@ -109,10 +101,3 @@ def test_batches_group_rows_by_length_and_fill_the_budget_exactly():
 def test_rows_longer_than_the_budget_get_a_batch_each_and_no_empty_batch():
     assert token_budget_batches([300], max_tokens=256) == [[0]]
     assert token_budget_batches([400, 300], max_tokens=256) == [[1], [0]]
-
-
-def test_sampler_with_seed_zero_shuffles_every_epoch():
-    sampler = TokenBudgetSampler([10] * 40, max_tokens=40, seed=0)
-    first = list(sampler)
-    sampler.set_epoch(1)
-    assert sorted(map(tuple, list(sampler))) == sorted(map(tuple, first))

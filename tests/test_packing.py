@@ -127,7 +127,8 @@ def test_the_trainer_packs_budget_batches_and_attends_within_rows(tmp_path):
     write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(24)])
     sizes = {}
     for padding_free in (False, True):
-        train = {"padding_free": padding_free, "max_tokens_per_batch": 256}
+        # one step of all 24 rows, in micro-batches of at most 256 tokens
+        train = {"padding_free": padding_free, "max_tokens_per_batch": 256, "rows_per_step": 24}
         config = resolve_config("tiny-cpu", {"train": train})
         trainer = build_trainer(
             prompts, config.model, config.lora, config.train, tmp_path / str(padding_free)

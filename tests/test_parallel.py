@@ -24,7 +24,7 @@ from finance_qlora.evaluation import evaluate_model
 from finance_qlora.files import write_jsonl
 from finance_qlora.generation import shard_batches
 from finance_qlora.modeling import load_model
-from finance_qlora.parallel import RankFailed, per_rank_settings, process_count
+from finance_qlora.parallel import RankFailed, process_count
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import train_adapter
 from flows.finetune import main
@@ -65,42 +65,6 @@ def test_the_work_pools_gpu_count_reaches_the_configuration(monkeypatch):
     monkeypatch.setenv("FINANCE_QLORA_NUM_GPUS", "two")
     with pytest.raises(ConfigError, match="^FINANCE_QLORA_NUM_GPUS: 'two' is not a GPU count"):
         resolve_config("tiny-cpu")
-
-
-@pytest.mark.parametrize(
-    ("settings", "processes", "expected"),
-    [
-        ({"batch_size": 4, "gradient_accumulation_steps": 4}, 2, (4, 2, None)),
-        ({"batch_size": 4, "gradient_accumulation_steps": 4}, 4, (4, 1, None)),
-        ({"batch_size": 8, "gradient_accumulation_steps": 1}, 2, (4, 1, None)),
-        ({"batch_size": 2, "gradient_accumulation_steps": 3}, 2, (3, 1, None)),
-        ({"max_tokens_per_batch": 8192, "gradient_accumulation_steps": 2}, 2, (4, 1, 8192)),
-        ({"max_tokens_per_batch": 8192, "gradient_accumulation_steps": 2}, 4, (4, 1, 4096)),
-        ({"batch_size": 4, "gradient_accumulation_steps": 1}, 1, (4, 1, None)),
-    ],
-)
-def test_each_rank_gets_its_share_of_the_same_global_batch(settings, processes, expected):
-    train = resolve_config("llama2-7b-t4", {"train": {"max_tokens_per_batch": None, **settings}})
-    share = per_rank_settings(train.train, processes)
-    got = (share.batch_size, share.gradient_accumulation_steps, share.max_tokens_per_batch)
-    assert got == expected
-
-
-@pytest.mark.parametrize(
-    ("settings", "fragment"),
-    [
-        ({"batch_size": 4, "gradient_accumulation_steps": 1}, "(4 x 1 rows) does not split"),
-        (
-            {"max_tokens_per_batch": 600, "gradient_accumulation_steps": 1, "max_seq_length": 512},
-            "(600 x 1 tokens, at least train.max_seq_length a process) does not split",
-        ),
-    ],
-)
-def test_a_global_batch_that_does_not_split_is_one_line(settings, fragment):
-    train = resolve_config("llama2-7b-t4", {"train": {"max_tokens_per_batch": None, **settings}})
-    with pytest.raises(ConfigError, match="evenly over 3 processes") as error:
-        per_rank_settings(train.train, 3)
-    assert fragment in str(error.value)
 
 
 def test_shards_together_are_the_batches_of_one_process():
@@ -267,12 +231,12 @@ def test_only_rank_zero_writes_the_adapter(prompts, tmp_path, monkeypatch):
     """Every rank trains; a rank other than 0 writes nothing and returns no record."""
     from transformers import Trainer
 
-    from finance_qlora.training import _train_once
+    from finance_qlora.training import train_in_process
 
     monkeypatch.setattr(Trainer, "is_world_process_zero", lambda self: False)
     config = _config(checkpoint_steps=0)
     args = (prompts, config.model, config.lora, config.train, tmp_path, None, None, [])
-    assert _train_once(*args) is None
+    assert train_in_process(*args) is None
     assert not (tmp_path / "final").exists()
 
 
@@ -305,19 +269,20 @@ def test_every_gpu_template_asks_for_gpu_count_gpus(kind):
         assert "CUDA_VISIBLE_DEVICES" not in variables["env"]["default"]  # all of the host's
 
 
-def test_out_of_memory_on_several_ranks_halves_each_ranks_share(monkeypatch, tmp_path):
-    """The back-off halves one rank's batch (accumulation doubled), not the global one split
-    again: 6 rows over 3 ranks go 2 -> 1 row a rank, never an uneven split."""
+def test_out_of_memory_on_several_ranks_halves_the_micro_batches_not_the_steps(
+    monkeypatch, tmp_path
+):
+    """The back-off halves each rank's micro-batches; a step keeps its rows (rows_per_step)."""
     tried = []
 
     def out_of_memory_above_one_row(prompts, model, lora, train, out, processes, token, on_log):
-        tried.append((train.batch_size, train.gradient_accumulation_steps, processes))
+        tried.append((train.rows_per_step, train.batch_size, processes))
         if train.batch_size > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return "the record"
 
     monkeypatch.setattr(training, "train_data_parallel", out_of_memory_above_one_row)
-    config = resolve_config("tiny-cpu", {"train": {"batch_size": 6}})
+    config = resolve_config("tiny-cpu", {"train": {"batch_size": 6, "rows_per_step": 12}})
     args = (tmp_path / "train.jsonl", config.model, config.lora, config.train, tmp_path)
     assert train_adapter(*args, processes=3) == "the record"
-    assert tried == [(2, 1, 3), (1, 2, 3)]
+    assert tried == [(12, 6, 3), (12, 3, 3), (12, 1, 3)]

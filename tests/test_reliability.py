@@ -79,13 +79,13 @@ def test_a_half_written_checkpoint_is_not_resumed(tmp_path):
     assert latest_checkpoint(tmp_path).name == "checkpoint-2"
 
 
-def test_training_out_of_memory_halves_the_batch(prompts, tmp_path):
+def test_training_out_of_memory_halves_the_micro_batches_and_keeps_the_steps(prompts, tmp_path):
     class OutOfMemoryAboveBatch(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if args.per_device_train_batch_size > 1:
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    config = _config(batch_size=4, gradient_accumulation_steps=1, checkpoint_steps=0)
+    config = _config(batch_size=4, rows_per_step=4, checkpoint_steps=0)
     record = train_adapter(
         prompts,
         config.model,
@@ -94,17 +94,16 @@ def test_training_out_of_memory_halves_the_batch(prompts, tmp_path):
         tmp_path,
         callbacks=[OutOfMemoryAboveBatch()],
     )
-    assert record.steps == 24 // 4  # batch 1 x 4 accumulation: the same optimizer steps
+    # micro-batches of 1 row, 4 of them a step: the same optimizer steps
+    assert (record.steps, record.micro_batches_per_step) == (24 // 4, 4)
 
-    # Token-budget batches: the budget halves too, down to one row of train.max_seq_length.
+    # Token-budget micro-batches: the budget halves too, down to one row of max_seq_length.
     import finance_qlora.training as training
 
     tried, real_build = [], training.build_trainer
 
     def build(prompts_path, model_cfg, lora, train, *args, **kwargs):
-        tried.append(
-            (train.max_tokens_per_batch, train.batch_size, train.gradient_accumulation_steps)
-        )
+        tried.append((train.max_tokens_per_batch, train.batch_size, train.rows_per_step))
         if len(tried) > 4:
             raise AssertionError(f"no back-off to a budget that fits: {tried}")
         return real_build(prompts_path, model_cfg, lora, train, *args, **kwargs)
@@ -119,10 +118,10 @@ def test_training_out_of_memory_halves_the_batch(prompts, tmp_path):
         config = _config(
             max_tokens_per_batch=1024,
             max_seq_length=256,
-            gradient_accumulation_steps=1,
+            rows_per_step=4,
             checkpoint_steps=0,
         )
-        train_adapter(
+        budget = train_adapter(
             prompts,
             config.model,
             config.lora,
@@ -130,10 +129,13 @@ def test_training_out_of_memory_halves_the_batch(prompts, tmp_path):
             tmp_path / "budget",
             callbacks=[OutOfMemoryAboveBudget()],
         )
-    assert tried == [(1024, 4, 1), (512, 2, 2), (256, 1, 4)]
+    assert tried == [(1024, 4, 4), (512, 2, 4), (256, 1, 4)]
+    assert budget.steps == 24 // 4
 
     config = _config(batch_size=1, checkpoint_steps=0)
-    with pytest.raises(TrainingError, match="train.batch_size: out of GPU memory even at batch 1"):
+    with pytest.raises(
+        TrainingError, match="train.batch_size: out of GPU memory even at one row a micro-batch"
+    ):
         train_adapter(
             prompts,
             config.model,
