@@ -64,7 +64,9 @@ def test_the_champion_answers_as_the_final_evaluation_did(trained):
 def test_a_named_adapter_with_the_same_decoding_is_served_from_the_cache(trained):
     store, summary, test_split = trained
     first = answer_flow(questions=str(test_split), output_dir=str(store))
-    again = answer_flow(questions=str(test_split), adapter=summary["adapter"], output_dir=str(store))
+    again = answer_flow(
+        questions=str(test_split), adapter=summary["adapter"], output_dir=str(store)
+    )
     assert again["cached"] and again["answers"] == first["answers"]
 
 
