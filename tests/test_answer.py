@@ -168,3 +168,18 @@ def test_bad_adapter_or_decoding_is_one_line(trained, tmp_path, capsys, args, me
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
     assert _tree(store) == before
+
+
+def test_the_gpu_script_finds_the_run_and_compares_every_answer(trained, tmp_path):
+    """experiments/answer_smollm2.py on the tiny run: what the lead runs on the GPU."""
+    import runpy
+
+    store, summary, _ = trained
+    script = runpy.run_path(str(Path(__file__).parents[1] / "experiments" / "answer_smollm2.py"))
+    out = tmp_path / "answer.json"
+    assert script["main"](["--store", str(store), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = len(evaluation(store, summary["rouge"]["finetuned"]))
+    assert report["questions"] == report["n_identical"] == report["n_raw_identical"] == rows
+    assert report["adapter"] == summary["adapter"] and report["seconds"] > 0
+    assert {"machine", "date", "command"} <= set(report)
