@@ -167,6 +167,14 @@ class GenerationSettings(_Section):
     # The key/value cache: "dynamic" grows by concatenation (each new token copies the whole
     # cache); "static" is allocated once for prompt + max_new_tokens and written in place.
     cache: Literal["dynamic", "static"] = "dynamic"
+    # Sampling instead of greedy decoding (the answer flow; the evaluation and the gate are
+    # meant greedy). Each batch is seeded from `seed` and its first prompt, so one process or
+    # several give the same answers.
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0: no top-k cut
+    seed: Seed = 0
 
 
 def _env_gpu_count() -> int | None:
@@ -179,6 +187,11 @@ def _env_gpu_count() -> int | None:
             "(the work pool's gpu_count) or unset it"
         )
     return int(value)
+
+
+def default_store() -> str:
+    """$FINANCE_QLORA_STORE (set by the GPU work pools' templates), else ./runs."""
+    return os.environ.get("FINANCE_QLORA_STORE") or "runs"
 
 
 class DeviceSettings(_Section):
@@ -234,9 +247,7 @@ class FinetuneConfig(_Section):
     # the champion registry, Prefect's cached results). A folder (a mounted volume in a
     # container) or an fsspec URL: s3://bucket/prefix, gs://, az://, file://.
     # Default: $FINANCE_QLORA_STORE (set by the GPU work pools' templates), else ./runs.
-    output_dir: str = Field(
-        default_factory=lambda: os.environ.get("FINANCE_QLORA_STORE") or "runs", min_length=1
-    )
+    output_dir: str = Field(default_factory=lambda: default_store(), min_length=1)
     # A Prefect Secret block holding the store's fsspec options as JSON (credentials, endpoint);
     # None: the libraries read the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_*).
     output_dir_secret: Optional[str] = None

@@ -19,7 +19,7 @@ import pandas as pd
 from finance_qlora.config import EvaluationSettings, GenerationSettings, ModelConfig
 from finance_qlora.errors import ConfigError
 from finance_qlora.files import atomic_dir, fingerprint, read_jsonl
-from finance_qlora.generation import generate_shard
+from finance_qlora.generation import Generated, generate_shard
 from finance_qlora.modeling import loaded
 from finance_qlora.parallel import generate_sharded
 from finance_qlora.prompts import cut_answer
@@ -56,6 +56,27 @@ def _plain(value: Any) -> Any:
     return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
+def generate_all(
+    prompts: list[str],
+    model_cfg: ModelConfig,
+    generation: GenerationSettings,
+    work_dir: Path,
+    processes: int = 1,
+    adapter_dir: Path | None = None,
+    token: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[Generated]:
+    """Every prompt's answer, uncut, in order: in this process, or with `processes` > 1 dealt
+    out over that many GPUs (`parallel.generate_sharded`; `work_dir` holds their files)."""
+    if processes > 1:
+        return generate_sharded(
+            prompts, model_cfg, generation, work_dir, processes, adapter_dir, token, on_progress
+        )
+    with loaded(model_cfg, token, adapter_dir, generation.dequantize) as (model, tokenizer):
+        answers = generate_shard(model, tokenizer, prompts, generation, 0, 1, on_progress)
+    return [answers[i] for i in range(len(prompts))]
+
+
 def evaluate_model(
     prompts_path: Path,
     model_cfg: ModelConfig,
@@ -78,15 +99,10 @@ def evaluate_model(
     rows = read_jsonl(prompts_path)
     prompts = [r["prompt"] for r in rows]
     references = [r["completion"] for r in rows]
-    if processes > 1:
-        work = out_dir.with_name(out_dir.name + ".shards")
-        generated = generate_sharded(
-            prompts, model_cfg, generation, work, processes, adapter_dir, token, on_progress
-        )
-    else:
-        with loaded(model_cfg, token, adapter_dir, generation.dequantize) as (model, tokenizer):
-            answers = generate_shard(model, tokenizer, prompts, generation, 0, 1, on_progress)
-        generated = [answers[i] for i in range(len(prompts))]
+    work = out_dir.with_name(out_dir.name + ".shards")
+    generated = generate_all(
+        prompts, model_cfg, generation, work, processes, adapter_dir, token, on_progress
+    )
     predictions = [cut_answer(g.text) for g in generated]
     per_example = score_pairs(predictions, references)
     table = pd.DataFrame(

@@ -96,6 +96,19 @@ def generate_raw(
     return [answers[i] for i in range(len(prompts))]
 
 
+def decoding(generation: GenerationSettings) -> dict:
+    """generate()'s sampling arguments: greedy (the same answer every time, for every model)
+    unless `do_sample`."""
+    if not generation.do_sample:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {
+        "do_sample": True,
+        "temperature": generation.temperature,
+        "top_p": generation.top_p,
+        "top_k": generation.top_k,  # 0: no cut
+    }
+
+
 @torch.inference_mode()
 def generate_shard(
     model,
@@ -117,11 +130,8 @@ def generate_shard(
     stop = stop_token_ids(model, tokenizer)
     settings = {
         "max_new_tokens": generation.max_new_tokens,
-        "do_sample": False,  # greedy: the same answer every time, for both models
+        **decoding(generation),
         "num_beams": 1,
-        "temperature": None,
-        "top_p": None,
-        "top_k": None,
         "repetition_penalty": generation.repetition_penalty,
         "no_repeat_ngram_size": generation.no_repeat_ngram_size,
         "pad_token_id": tokenizer.pad_token_id,
@@ -135,6 +145,8 @@ def generate_shard(
         batch = pending.popleft()
         encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True)
         encoded = {k: v.to(device) for k, v in encoded.items()}
+        if generation.do_sample:  # by the batch's first prompt: the same in any process
+            torch.manual_seed(generation.seed + batch[0])
         blockers = LogitsProcessorList()
         if generation.block_repeat_ngram:
             blockers.append(

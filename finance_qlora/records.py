@@ -104,6 +104,28 @@ class ComparisonRecord(Stored):
         return self.path / "comparison.md"
 
 
+class QuestionRecord(Stored):
+    """`folder` holds questions.jsonl: each question's id, instruction and input, checked."""
+
+    rows: int
+    source: str  # the file as the user named it
+
+    @property
+    def questions_path(self) -> Path:
+        return self.path / "questions.jsonl"
+
+
+class AnswerRecord(Stored):
+    """`folder` holds answers.jsonl and answers.parquet (id, answer, ...) and answering.json."""
+
+    rows: int
+    adapter: str  # the adapter folder that answered
+
+    @property
+    def answers_path(self) -> Path:
+        return self.path / "answers.jsonl"
+
+
 RECORD_TYPES: dict[str, type[BaseModel]] = {
     cls.__name__: cls
     for cls in (
@@ -114,5 +136,7 @@ RECORD_TYPES: dict[str, type[BaseModel]] = {
         AdapterRecord,
         EvalRecord,
         ComparisonRecord,
+        QuestionRecord,
+        AnswerRecord,
     )
 }

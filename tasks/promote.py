@@ -6,11 +6,14 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 
 from finance_qlora.config import PromotionSettings
 from finance_qlora.records import AdapterRecord, ComparisonRecord, EvalRecord
 from finance_qlora.registry import Champion, Decision, Protocol, decide, record_decision
 from tasks.common import StoreRef, store_of
+
+PROMOTED_EVENT = "finance-qlora.champion.promoted"
 
 
 @task(name="promote", cache_policy=NO_CACHE)  # never cached: the champion changes between runs
@@ -55,8 +58,34 @@ def promote(
         protocol=protocol,
     )
     record_decision(store_of(store), decision, adapter, finetuned.rouge)
+    if promoted:  # after the champion file is written: whoever reacts reads the new one
+        announce_promotion(store, adapter, decision, finetuned.rouge)
     create_markdown_artifact(decision_markdown(decision), key="promotion", description="Gate")
     return decision
+
+
+def announce_promotion(
+    store: StoreRef, adapter: AdapterRecord, decision: Decision, rouge: dict[str, float]
+) -> None:
+    """The `finance-qlora.champion.promoted` event: deployments triggered by it (answer-standing
+    in prefect.yaml) get the adapter and its store from the payload."""
+    emit_event(
+        event=PROMOTED_EVENT,
+        resource={
+            "prefect.resource.id": f"finance-qlora.adapter.{adapter.fingerprint}",
+            "prefect.resource.name": adapter.folder,
+        },
+        payload={
+            "adapter": adapter.folder,
+            "fingerprint": adapter.fingerprint,
+            "store": store.url,
+            "store_secret": store.secret,
+            "metric": decision.metric,
+            "score": decision.candidate,
+            "rouge": rouge,
+            "data_version": decision.protocol.data_version,
+        },
+    )
 
 
 def decision_markdown(decision: Decision) -> str:
