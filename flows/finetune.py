@@ -33,20 +33,15 @@ from finance_qlora.errors import FinanceQLoRAError
 from finance_qlora.preflight import preflight
 from finance_qlora.records import AdapterRecord, DataVersion, PromptRecord
 from finance_qlora.registry import Champion, Protocol, read_champion
-from tasks.common import (
-    RecordSerializer,
-    StoreRef,
-    hf_token,
-    result_storage,
-    storage_options,
-    store_of,
-)
 from tasks.compare import compare_rouge
 from tasks.evaluate import evaluate
 from tasks.format import format_prompts
+from tasks.identity import RecordSerializer
 from tasks.load import data_version, load_splits
 from tasks.promote import promote
 from tasks.save_adapter import save_adapter
+from tasks.secrets import hf_token, storage_options
+from tasks.store_access import StoreRef, result_storage, store_of
 from tasks.train import train
 
 
@@ -56,7 +51,7 @@ def _run_name() -> str:
     return f"{config.preset}: {config.model.name} on {config.data.dataset}"
 
 
-class Steps:
+class StepRunner:
     """Runs tasks with their results kept in the store, and notes which were served from it."""
 
     def __init__(self, store: StoreRef):
@@ -81,7 +76,7 @@ def finetune(
     model, token_block = config.model, config.model.hf_token_secret
     store = StoreRef(url=config.output_dir, secret=config.output_dir_secret)
     preflight(config, lambda: hf_token(token_block, model.name), store_of(store).options)
-    run = Steps(store)
+    run = StepRunner(store)
     # Load
     source = data_version(store, config.data, token_block)
     splits = run(load_splits, store, config.data, source, token_block)

@@ -32,7 +32,7 @@ from finance_qlora.config import (
 )
 from finance_qlora.errors import ConfigError, FinanceQLoRAError
 from flows.finetune import finetune
-from tasks.common import open_store
+from tasks.store_access import open_store
 
 Metric = Literal["rouge1", "rouge2", "rougeL", "rougeLsum"]
 

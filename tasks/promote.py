@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from finance_qlora.config import PromotionSettings
 from finance_qlora.records import AdapterRecord, ComparisonRecord, EvalRecord
 from finance_qlora.registry import Champion, Decision, Protocol, decide, record_decision
-from tasks.common import StoreRef, store_of
+from tasks.store_access import StoreRef, store_of
 
 
 @task(name="promote", cache_policy=NO_CACHE)  # never cached: the champion changes between runs

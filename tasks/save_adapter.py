@@ -7,10 +7,14 @@ from prefect import task
 from finance_qlora.adapter import save_adapter as write_adapter
 from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
 from finance_qlora.records import AdapterRecord, DataVersion, TrainRecord
-from tasks.common import Step, StoreRef, hf_token, local, publish, step_key, store_of
+from tasks.identity import StepIdentity, step_key
+from tasks.secrets import hf_token
+from tasks.store_access import StoreRef, local, publish, store_of
 
 
-@task(name="save-adapter", cache_policy=Step(kind="adapters", code=("finance_qlora.adapter",)))
+@task(
+    name="save-adapter", cache_policy=StepIdentity(kind="adapters", code=("finance_qlora.adapter",))
+)
 def save_adapter(
     store: StoreRef,
     trained: TrainRecord,

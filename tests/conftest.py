@@ -39,15 +39,15 @@ def redaction():
     secrets are put back afterwards, so no later test logs through this one's factory."""
     import logging
 
-    import tasks.common
+    import tasks.secrets
 
-    factory, secrets = logging.getLogRecordFactory(), set(tasks.common._SECRETS)
+    factory, secrets = logging.getLogRecordFactory(), set(tasks.secrets._SECRETS)
     try:
         yield
     finally:
         logging.setLogRecordFactory(factory)
-        tasks.common._SECRETS.clear()
-        tasks.common._SECRETS.update(secrets)
+        tasks.secrets._SECRETS.clear()
+        tasks.secrets._SECRETS.update(secrets)
 
 
 @pytest.fixture

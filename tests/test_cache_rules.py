@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-import tasks.common
+import tasks.identity
 from tests.test_flow import run_flow, task_states
 
 pytestmark = pytest.mark.slow
@@ -32,9 +32,9 @@ def ran_again(state) -> set[str]:
 
 
 def with_changed_source(monkeypatch, module: str) -> None:
-    real = tasks.common.module_source
+    real = tasks.identity.module_source
     monkeypatch.setattr(
-        tasks.common,
+        tasks.identity,
         "module_source",
         lambda name: real(name) + (b"\n# edited\n" if name == module else b""),
     )

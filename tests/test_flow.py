@@ -180,8 +180,8 @@ def test_bad_input_fails_fast_and_is_not_retried(prefect_api, tmp_path, write_ro
     from finance_qlora.config import DataConfig
     from finance_qlora.files import fingerprint
     from finance_qlora.records import DataVersion
-    from tasks.common import StoreRef
     from tasks.load import load_splits
+    from tasks.store_access import StoreRef
 
     path = write_rows([{"instruction": "Q", "input": "", "answer": "A"}] * 3)
     # The flow checks its input before any task runs ...
@@ -298,7 +298,7 @@ def test_hf_token_never_reaches_logs_or_artifacts(prefect_api, tmp_path, monkeyp
 def test_redaction_covers_any_logger(caplog, redaction):
     import logging
 
-    from tasks.common import redact_in_logs
+    from tasks.secrets import redact_in_logs
 
     redact_in_logs("hf_SecretValue42")
     logging.getLogger("some.library").warning("auth header Bearer %s", "hf_SecretValue42")
