@@ -22,6 +22,7 @@ from finance_qlora.data import (
 )
 from finance_qlora.errors import ConfigError
 from finance_qlora.prompts import fit_completion, to_prompt_completion
+from finance_qlora.registry import read_champion
 from finance_qlora.store import Store
 from finance_qlora.training import check_targets, no_row_fits, row_length
 
@@ -281,3 +282,5 @@ def preflight(
     check_context(config, found)
     check_sequence_length(config, train_rows, token)
     store.check_writable()
+    if config.promotion.enabled:
+        read_champion(store)  # a damaged champion pointer: one line, before any work

@@ -94,7 +94,9 @@ def sweep(
             f"validation_size: {validation_size} leaves no training rows of "
             f"data.train_size {base.data.train_size}"
         )
-    shared = {"output_dir": f"{base.output_dir.rstrip('/')}/sweep"}
+    # Its own store, and no gate: a test-stage adapter trained on the validation rows must
+    # never become a champion that later candidates face on those rows.
+    shared = {"output_dir": f"{base.output_dir.rstrip('/')}/sweep", "promotion": {"enabled": False}}
     scored = []
     if len(candidates) > 1:
         carve = {

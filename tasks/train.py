@@ -70,5 +70,5 @@ def train(
         logger.info("resumed from the checkpoint at step %d", record.resumed_from)
     losses = f"; loss {record.losses[0]:.4f} -> {record.losses[-1]:.4f}" if record.losses else ""
     logger.info("trained %d steps in %.1f s%s", record.steps, record.seconds, losses)
-    normalize_adapter_config(record.path, model.name)
+    normalize_adapter_config(record.path, model.name, model.revision)
     return publish(store, record, "train", key)  # checkpoints go: they only served retries
