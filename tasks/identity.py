@@ -35,8 +35,14 @@ class RecordSerializer(Serializer):
         return json.dumps({"record": name, "data": obj.model_dump(mode="json")}).encode()
 
     def loads(self, blob: bytes) -> Any:
-        payload = json.loads(blob)
-        return RECORD_TYPES[payload["record"]].model_validate(payload["data"])
+        """A record, or ValueError for anything else (never unpickled, never run)."""
+        try:
+            payload = json.loads(blob)
+            return RECORD_TYPES[payload["record"]].model_validate(payload["data"])
+        except (ValueError, KeyError, TypeError) as exc:  # ValidationError is a ValueError
+            raise ValueError(
+                f"not a persisted finance-qlora record ({type(exc).__name__})"
+            ) from None
 
 
 # Fields that do not change a step's result: where the data came from once its version is
@@ -112,27 +118,29 @@ class StepIdentity(CachePolicy):
 
 def drop_stale_result(ref: StoreRef, kind: str, key: str) -> None:
     """Remove a persisted result that would hand back a folder no longer in the store, or
-    that is not plain JSON of our records (a pickle planted in a shared bucket)."""
+    that is not plain JSON of our records, text or binary (a pickle planted in a shared
+    bucket): read as data only, never run; the step then recomputes."""
     store = store_of(ref)
-    text = store.read_text(RESULTS, key)
-    if text is None:
+    path = store.path(RESULTS, key)
+    try:
+        blob = store.fs.cat_file(path)
+    except FileNotFoundError:
         return
     try:
-        saved = json.loads(text)
-        serializer = saved["metadata"]["serializer"]["type"]
+        saved = json.loads(blob)
+        if saved["metadata"]["serializer"]["type"] != RecordSerializer().type:
+            raise ValueError("another serializer")
         record = RecordSerializer().loads(saved["result"].encode())
-        fresh = serializer == RecordSerializer().type and store.intact(
-            record.folder, record.fingerprint
-        )
     except (ValueError, KeyError, TypeError, AttributeError):
-        fresh = False
-    if not fresh:
-        run_logger().warning(
-            "%s: the cached result's files at %s are gone or changed; recomputing",
-            kind,
-            store.uri(kind, key),
-        )
-        store.fs.rm_file(store.path(RESULTS, key))
+        why = "is not plain JSON of the project's records; removed"
+    else:
+        if store.intact(record.folder, record.fingerprint):
+            return
+        why = f"points at files gone or changed ({record.folder}); removed"
+    run_logger().warning(
+        "%s: the cached result %s %s, recomputing", kind, store.uri(RESULTS, key), why
+    )
+    store.fs.rm_file(path)
 
 
 def step_key() -> str:
