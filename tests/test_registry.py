@@ -124,3 +124,14 @@ def test_a_champion_whose_adapter_is_gone_is_dropped_not_kept(tmp_path):
     assert "is gone or changed" in note and a.folder in note
     (dropped,) = store.listdir("registry", "dropped")  # set aside, not lost
     assert a.folder in store.read_text("registry", "dropped", dropped)
+
+
+def test_the_command_line_says_which_registry_object_is_damaged(tmp_path, capsys):
+    from flows.finetune import main
+
+    store = Store(str(tmp_path / "store"))
+    store.write_text("not json", "registry", "champion.json")
+    assert main(["--preset", "tiny-cpu", "--output-dir", str(tmp_path / "store")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {store.uri('registry', 'champion.json')} is not a champion")
+    assert not store.listdir("data")  # before any work
