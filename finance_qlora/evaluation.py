@@ -78,6 +78,7 @@ def evaluate_model(
     rows = read_jsonl(prompts_path)
     prompts = [r["prompt"] for r in rows]
     references = [r["completion"] for r in rows]
+    dequantized = None  # not known from the processes of a sharded evaluation
     if processes > 1:
         work = out_dir.with_name(out_dir.name + ".shards")
         generated = generate_sharded(
@@ -85,6 +86,9 @@ def evaluate_model(
         )
     else:
         with loaded(model_cfg, token, adapter_dir, generation.dequantize) as (model, tokenizer):
+            dequantized = model_cfg.load_in_4bit and not any(
+                type(m).__name__ == "Linear4bit" for m in model.modules()
+            )
             answers = generate_shard(model, tokenizer, prompts, generation, 0, 1, on_progress)
         generated = [answers[i] for i in range(len(prompts))]
     predictions = [cut_answer(g.text) for g in generated]
@@ -119,6 +123,7 @@ def evaluate_model(
         rows=len(rows),
         rouge=rouge,
         max_new_tokens=generation.max_new_tokens,
+        runtime={"dequantized": dequantized},
         folder=out_dir,
         fingerprint=fingerprint(out_dir),
     )

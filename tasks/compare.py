@@ -14,9 +14,7 @@ from tasks.store_access import StoreRef, local, publish, store_of
 
 @task(
     name="compare",
-    cache_policy=StepIdentity(
-        kind="reports", code=("finance_qlora.report", "finance_qlora.bootstrap")
-    ),
+    cache_policy=StepIdentity(kind="reports", entry=__name__),
 )
 def compare_rouge(
     store: StoreRef,

@@ -10,7 +10,7 @@ from tasks.identity import StepIdentity, step_key
 from tasks.store_access import StoreRef, local, publish, store_of
 
 
-@task(name="format", cache_policy=StepIdentity(kind="prompts", code=("finance_qlora.prompts",)))
+@task(name="format", cache_policy=StepIdentity(kind="prompts", entry=__name__))
 def format_prompts(store: StoreRef, splits: SplitRecord) -> PromptRecord:
     key = step_key()
     staging = store_of(store).staging("prompts", key) / "prompts"

@@ -4,11 +4,13 @@ records."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import importlib.util
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +77,98 @@ def identity(value: Any) -> Any:
 
 
 def module_source(name: str) -> bytes:
-    return Path(importlib.util.find_spec(name).origin).read_bytes()
+    return module_file(name).read_bytes()
+
+
+PACKAGE = "finance_qlora"  # the library whose code decides results
+ROOT = Path(__file__).resolve().parents[1]
+# Libraries whose version can change a step's result (numbers, kernels, tokenization, ROUGE):
+# import name -> distribution. A step's key holds those its code imports that are installed.
+RESULT_LIBRARIES = {
+    "torch": "torch",
+    "transformers": "transformers",
+    "trl": "trl",
+    "peft": "peft",
+    "bitsandbytes": "bitsandbytes",
+    "liger_kernel": "liger-kernel",
+    "rouge_score": "rouge-score",
+}
+
+
+def module_file(name: str) -> Path | None:
+    """The source file of a module of this project, without importing it; None otherwise."""
+    base = ROOT.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(name: str) -> tuple[set[str], set[str]]:
+    """(project modules, top-level third-party names) a module imports anywhere in its code,
+    function-level imports included; files of the package it names by path (`*.py` strings,
+    such as an evaluate module loaded from its file) count as imported."""
+    path = module_file(name)
+    tree = ast.parse(path.read_text(), str(path))
+    named: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            named |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            named.add(node.module)
+            named |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if node.value.endswith(".py") and "/" not in node.value:
+                for found in (ROOT / PACKAGE).rglob(node.value):
+                    named.add(".".join(found.relative_to(ROOT).with_suffix("").parts))
+    ours = {m for m in named if m.split(".")[0] == PACKAGE and module_file(m) is not None}
+    # importing a module runs its packages' __init__ first
+    parents = {m.rsplit(".", i)[0] for m in ours for i in range(1, m.count(".") + 1)}
+    ours |= {m for m in parents if module_file(m) is not None}  # not a namespace package
+    return ours, {m.split(".")[0] for m in named if m.split(".")[0] != PACKAGE}
+
+
+@cache
+def code_modules(entry: str) -> tuple[str, ...]:
+    """The project modules whose code a step's entry module reaches, transitively."""
+    seen: set[str] = set()
+    todo = [entry]
+    while todo:
+        for found in _imports(todo.pop())[0] - seen:
+            seen.add(found)
+            todo.append(found)
+    return tuple(sorted(seen))
+
+
+@cache
+def result_libraries(entry: str) -> dict[str, str]:
+    """Versions of the RESULT_LIBRARIES that the step's code imports and that are installed."""
+    imported: set[str] = set()
+    for name in (entry, *code_modules(entry)):
+        imported |= _imports(name)[1]
+    versions = {}
+    for module, dist in sorted(RESULT_LIBRARIES.items()):
+        if module in imported:
+            try:
+                versions[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                pass  # not installed here: the code runs without it
+    return versions
+
+
+def runtime(entry: str, model: Any = None) -> dict[str, Any]:
+    """What a step's result depends on beyond its inputs and code: the library versions, and
+    for a step that runs a model, the GPU class and the compute dtype "auto" resolves to."""
+    found: dict[str, Any] = {"libraries": result_libraries(entry)}
+    if "torch" in found["libraries"]:
+        import torch
+
+        found["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        if model is not None:
+            from finance_qlora.modeling import compute_dtype
+
+            found["dtype"] = str(compute_dtype(model.compute_dtype)).removeprefix("torch.")
+    return found
 
 
 def code_digest(modules: tuple[str, ...]) -> str:
@@ -90,14 +183,20 @@ def code_digest(modules: tuple[str, ...]) -> str:
 class StepIdentity(CachePolicy):
     """The cache policy of a step: a key from the inputs that change its result (configuration
     fields, the fingerprints of upstream records, `uses` for a narrower part of one) and the
-    source of the modules in `code`. The key is Prefect's cache key, the name of the step's
+    source of the project modules its entry module reaches (`code_modules`, function-level
+    imports included) and the `runtime` they run on (library versions, GPU class, resolved
+    dtype). The key is Prefect's cache key, the name of the step's
     folder in the store (`<store>/<kind>/<key>`) and of its persisted result. A cached result
     whose folder is gone or changed is dropped before Prefect looks it up, so it is recomputed.
     """
 
     kind: str = ""
-    code: tuple[str, ...] = ()
+    entry: str = ""  # the task's module: its code is what the project modules it reaches
     uses: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
+
+    @property
+    def code(self) -> tuple[str, ...]:
+        return code_modules(self.entry)
 
     def key(self, inputs: dict[str, Any]) -> str:
         keyed = {
@@ -105,10 +204,13 @@ class StepIdentity(CachePolicy):
             for name, value in inputs.items()
             if name not in NOT_KEYED
         }
-        payload = json.dumps(
-            {"step": self.kind, "code": code_digest(self.code), "inputs": keyed}, sort_keys=True
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()
+        payload = {
+            "step": self.kind,
+            "code": code_digest(self.code),
+            "runtime": runtime(self.entry, inputs.get("model")),
+            "inputs": keyed,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
         key = self.key(inputs)

@@ -37,7 +37,7 @@ def data_version(store: StoreRef, data: DataConfig, token_block: str) -> DataVer
 
 @task(
     name="load",
-    cache_policy=StepIdentity(kind="data", code=("finance_qlora.data",)),
+    cache_policy=StepIdentity(kind="data", entry=__name__),
     retries=HUB_RETRIES,
     retry_delay_seconds=HUB_RETRY_DELAY_S,
     retry_condition_fn=retry_unless_bad_input,

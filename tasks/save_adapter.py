@@ -19,7 +19,7 @@ from tasks.store_access import StoreRef, local, publish, store_of
     # The prompts only for which rows were trained on: the train split's fingerprint.
     cache_policy=StepIdentity(
         kind="adapters",
-        code=("finance_qlora.adapter",),
+        entry=__name__,
         uses={"prompts": lambda p: p.train_sha256},
     ),
 )

@@ -16,20 +16,12 @@ from tasks.retries import GPU_RETRIES, GPU_RETRY_DELAY_S, retry_unless_bad_input
 from tasks.secrets import hf_token
 from tasks.store_access import StoreRef, local, publish, store_of
 
-TRAINING_CODE = (
-    "finance_qlora.training",
-    "finance_qlora.batching",
-    "finance_qlora.modeling",
-    "finance_qlora.builtin_models",
-    "finance_qlora.parallel",  # how the global batch is split over GPUs
-)
-
 
 @task(
     name="train",
     # Training reads the train prompts only: a new test sample does not retrain.
     cache_policy=StepIdentity(
-        kind="train", code=TRAINING_CODE, uses={"prompts": lambda p: p.train_sha256}
+        kind="train", entry=__name__, uses={"prompts": lambda p: p.train_sha256}
     ),
     retries=GPU_RETRIES,
     retry_delay_seconds=GPU_RETRY_DELAY_S,

@@ -84,13 +84,24 @@ def make_rows(n: int, with_input_every: int = 3) -> list[dict[str, str]]:
     ]
 
 
-def task_run_states(client, flow_run_id) -> dict[str, list[str]]:
-    """Task run name (without Prefect's random suffix) -> its state names, oldest first."""
+def task_run_states(client, flow_run_id, timeout_s: float = 60.0) -> dict[str, list[str]]:
+    """Task run name (without Prefect's random suffix) -> its state names, oldest first.
+
+    Prefect records task states asynchronously, after the flow has returned: poll until
+    every task run has reached a final state (with a deadline), then read."""
+    import time
+
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    runs = client.read_task_runs(
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-    )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+        final = runs and all(r.state is not None and r.state.is_final() for r in runs)
+        if final or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     states: dict[str, list[str]] = {}
     for run in sorted(runs, key=lambda r: r.expected_start_time):
         name = run.name if run.name.startswith("evaluate-") else run.name.rsplit("-", 1)[0]
