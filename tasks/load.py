@@ -3,14 +3,13 @@ train/test sample."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from finance_qlora.config import DataConfig
 from finance_qlora.data import resolve_version, write_splits
 from finance_qlora.records import DataVersion, SplitRecord
+from finance_qlora.store import gets_store_credentials
 from tasks.identity import StepIdentity, step_key
 from tasks.retries import HUB_RETRIES, HUB_RETRY_DELAY_S, retry_unless_bad_input
 from tasks.secrets import hf_token
@@ -19,8 +18,7 @@ from tasks.store_access import StoreRef, publish, store_of
 
 def data_options(store: StoreRef, dataset: str) -> dict:
     """A data file on the store's kind of file system is read with the store's credentials."""
-    scheme = urlsplit(dataset).scheme
-    return store_of(store).options if scheme and scheme in store.url else {}
+    return store_of(store).options if gets_store_credentials(dataset, store.url) else {}
 
 
 @task(

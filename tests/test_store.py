@@ -146,3 +146,30 @@ def test_a_download_with_one_changed_file_of_the_same_size_is_refused(
     with pytest.raises(StaleOutput, match="changed"):
         store.materialize(uri, digest)
     assert not (tmp_path / "cache" / "objects" / digest).exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "store_url", "gets"),
+    [
+        ("s3://bucket/incoming/rows.jsonl", "s3://bucket/runs", True),
+        ("s3://other-bucket/rows.jsonl", "s3://bucket/runs", True),  # the same provider's keys
+        ("gs://bucket/rows.jsonl", "s3://bucket/runs", False),
+        ("/data/rows.jsonl", "s3://bucket/runs", False),
+        ("file:///data/rows.jsonl", "/mnt/store", False),
+        ("s3://bucket/rows.jsonl", "/mnt/s3-store", False),  # a path containing "s3"
+    ],
+)
+def test_one_rule_says_which_data_urls_get_the_stores_credentials(url, store_url, gets):
+    from finance_qlora.store import gets_store_credentials
+
+    assert gets_store_credentials(url, store_url) is gets
+
+
+def test_preflight_and_load_ask_the_same_rule():
+    import inspect
+
+    import finance_qlora.preflight
+    import tasks.load
+
+    for module in (finance_qlora.preflight, tasks.load):
+        assert "gets_store_credentials(" in inspect.getsource(module)
