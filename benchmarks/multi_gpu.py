@@ -7,8 +7,8 @@ LLaMA-2-7B architecture with random weights (built as in gpu_throughput.py), tru
 evaluate tasks run (`train_data_parallel`, `generate_sharded`: fresh processes, one per GPU),
 the one-GPU baseline included, in this one call on this one machine:
 
-- train: the same global batch for every count (token-budget micro-batches of --tokens-per-batch
-  per GPU, accumulation --global-steps / GPUs), --epochs over 1,000 rows. `useful_tok_s` is
+- train: the same schedule for every count (--rows-per-step rows an optimizer step, split over
+  the GPUs, each in token-budget micro-batches of --tokens-per-batch), --epochs over 1,000 rows. `useful_tok_s` is
   real (unpadded) tokens / the Trainer's wall time, whose first steps pay each process's
   one-time CUDA costs; `steady_useful_tok_s` leaves out the first --skip-steps optimizer steps
   (timed by rank 0's progress lines, tokens per step taken as the run's mean). Loss per step
@@ -44,7 +44,6 @@ from finance_qlora.data import resolve_version, write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl  # noqa: E402
 from finance_qlora.parallel import (  # noqa: E402
     generate_sharded,
-    per_rank_settings,
     train_data_parallel,
 )
 from finance_qlora.prompts import cut_answer, write_prompts  # noqa: E402
@@ -70,7 +69,7 @@ def config_for(args, model_dir: Path):
             "train": {
                 "dequantize": "never",  # true 4-bit: the kernels users train with
                 "max_tokens_per_batch": args.tokens_per_batch,
-                "gradient_accumulation_steps": args.global_steps,  # split over the GPUs
+                "rows_per_step": args.rows_per_step,  # the recipe's, split over the GPUs
                 "gradient_checkpointing": False,
                 "epochs": args.epochs,
                 "logging_steps": 1,
@@ -95,7 +94,7 @@ def train_phase(args, train_path: Path, model_dir: Path, result: dict) -> None:
             train_path,
             config.model,
             config.lora,
-            per_rank_settings(config.train, gpus),
+            config.train,
             args.work / f"train-{gpus}",
             gpus,
             on_log=lambda step, total, loss, stamps=stamps: stamps.append(time.perf_counter()),
@@ -179,7 +178,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/finance-qlora-multi-gpu"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--tokens-per-batch", type=int, default=8192)
-    parser.add_argument("--global-steps", type=int, default=4)
+    parser.add_argument("--rows-per-step", type=int, default=16)
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--skip-steps", type=int, default=2)
     parser.add_argument("--eval-batch", type=int, default=75)
@@ -203,7 +202,7 @@ def main() -> None:
         "command": "python benchmarks/multi_gpu.py " + " ".join(sys.argv[1:]),
         "settings": {
             "tokens_per_batch_per_gpu": args.tokens_per_batch,
-            "global_batch_tokens": args.tokens_per_batch * args.global_steps,
+            "rows_per_step": args.rows_per_step,
             "epochs": args.epochs,
             "eval_batch": args.eval_batch,
             "max_new_tokens": args.max_new_tokens,

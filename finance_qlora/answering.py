@@ -208,7 +208,7 @@ def answer_questions(
     questions = read_jsonl(questions_path)
     prompts = [build_prompt(q["instruction"], q["input"]) for q in questions]
     work = out_dir.with_name(out_dir.name + ".shards")
-    generated = generate_all(
+    generated, _ = generate_all(
         prompts, model_cfg, generation, work, processes, adapter_dir, token, on_progress
     )
     rows = [

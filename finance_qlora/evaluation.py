@@ -65,16 +65,21 @@ def generate_all(
     adapter_dir: Path | None = None,
     token: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
-) -> list[Generated]:
+) -> tuple[list[Generated], bool | None]:
     """Every prompt's answer, uncut, in order: in this process, or with `processes` > 1 dealt
-    out over that many GPUs (`parallel.generate_sharded`; `work_dir` holds their files)."""
+    out over that many GPUs (`parallel.generate_sharded`; `work_dir` holds their files). Also
+    whether the base ran on dequantized weights (None: not known from a sharded run)."""
     if processes > 1:
-        return generate_sharded(
+        generated = generate_sharded(
             prompts, model_cfg, generation, work_dir, processes, adapter_dir, token, on_progress
         )
+        return generated, None
     with loaded(model_cfg, token, adapter_dir, generation.dequantize) as (model, tokenizer):
+        dequantized = model_cfg.load_in_4bit and not any(
+            type(m).__name__ == "Linear4bit" for m in model.modules()
+        )
         answers = generate_shard(model, tokenizer, prompts, generation, 0, 1, on_progress)
-    return [answers[i] for i in range(len(prompts))]
+    return [answers[i] for i in range(len(prompts))], dequantized
 
 
 def evaluate_model(
@@ -100,7 +105,7 @@ def evaluate_model(
     prompts = [r["prompt"] for r in rows]
     references = [r["completion"] for r in rows]
     work = out_dir.with_name(out_dir.name + ".shards")
-    generated = generate_all(
+    generated, dequantized = generate_all(
         prompts, model_cfg, generation, work, processes, adapter_dir, token, on_progress
     )
     predictions = [cut_answer(g.text) for g in generated]
@@ -135,6 +140,7 @@ def evaluate_model(
         rows=len(rows),
         rouge=rouge,
         max_new_tokens=generation.max_new_tokens,
+        runtime={"dequantized": dequantized},
         folder=out_dir,
         fingerprint=fingerprint(out_dir),
     )

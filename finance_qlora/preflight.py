@@ -6,7 +6,6 @@ import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from finance_qlora import builtin_models
 from finance_qlora.config import FinetuneConfig
@@ -22,7 +21,8 @@ from finance_qlora.data import (
 )
 from finance_qlora.errors import ConfigError
 from finance_qlora.prompts import fit_completion, to_prompt_completion
-from finance_qlora.store import Store
+from finance_qlora.registry import read_champion
+from finance_qlora.store import Store, gets_store_credentials
 from finance_qlora.training import check_targets, no_row_fits, row_length
 
 
@@ -34,7 +34,7 @@ def check_data(
     left to the load step's retries) and None returned."""
     data = config.data
     if local_path(data.dataset) is not None or is_store_url(data.dataset):
-        same_store = urlsplit(data.dataset).scheme in config.output_dir
+        same_store = gets_store_credentials(data.dataset, config.output_dir)
         rows = read_rows(data.dataset, options=options if same_store else None)
         rows = drop_duplicates(check_rows(rows, data.dataset))
         train, _, _ = split_rows(
@@ -281,3 +281,5 @@ def preflight(
     check_context(config, found)
     check_sequence_length(config, train_rows, token)
     store.check_writable()
+    if config.promotion.enabled:
+        read_champion(store)  # a damaged champion pointer: one line, before any work

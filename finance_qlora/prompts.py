@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,8 @@ def write_prompts(splits: SplitRecord, out_dir: Path) -> PromptRecord:
     with atomic_dir(out_dir) as tmp:
         for name, path in (("train", splits.train_path), ("test", splits.test_path)):
             write_jsonl(tmp / f"{name}.jsonl", map(to_prompt_completion, read_jsonl(path)))
+        # the rows' ids, in the same order (see data.write_splits)
+        shutil.copy2(splits.row_ids_path, tmp / splits.row_ids_path.name)
     return PromptRecord(
         folder=out_dir,
         fingerprint=fingerprint(out_dir),

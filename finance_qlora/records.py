@@ -11,6 +11,9 @@ from pydantic import BaseModel, field_validator
 
 from finance_qlora.bootstrap import PairedInterval
 
+# Beside a split's files: {"train": [row id...], "test": [row id...]}, in file order.
+ROW_IDS = "rows.json"
+
 
 class Stored(BaseModel):
     folder: str
@@ -49,6 +52,10 @@ class SplitRecord(Stored):
     def test_path(self) -> Path:
         return self.path / "test.jsonl"
 
+    @property
+    def row_ids_path(self) -> Path:
+        return self.path / ROW_IDS
+
 
 class PromptRecord(SplitRecord):
     """Prompt/completion pairs; in the test split the completion is the ROUGE reference."""
@@ -72,7 +79,12 @@ class TrainRecord(Stored):
 
 
 class AdapterRecord(Stored):
-    """`folder` is the versioned adapter folder users keep."""
+    """`folder` is the versioned adapter folder users keep; its `train_rows.json` lists the
+    ids of the rows it trained on (see data.row_id)."""
+
+    @property
+    def train_rows_path(self) -> Path:
+        return self.path / "train_rows.json"
 
 
 class EvalRecord(Stored):
@@ -80,6 +92,9 @@ class EvalRecord(Stored):
     rows: int
     rouge: dict[str, float]  # mean F1 over test rows
     max_new_tokens: int
+    # What the scores were computed with: library versions, GPU class, resolved dtype, and
+    # whether the 4-bit weights were dequantized (None: not known, a sharded evaluation).
+    runtime: dict[str, Any] = {}
 
     @property
     def predictions_parquet(self) -> Path:

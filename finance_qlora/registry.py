@@ -2,6 +2,7 @@
 
 <store>/registry/champion.json          the champion: its adapter, scores and protocol
 <store>/registry/decisions/<time>.json  every gate decision, promoted or not
+<store>/registry/dropped/<time>.json    champion pointers set aside (their adapter was gone)
 
 Adapters are immutable folders in the store (`<store>/adapters/<name>/`, manifest last); the
 champion file points at one and is written last, in one put, so an interrupted write never
@@ -13,9 +14,11 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from finance_qlora.bootstrap import Interval
+from finance_qlora.errors import FinanceQLoRAError
+from finance_qlora.gate import VersusChampion
 from finance_qlora.records import AdapterRecord
 from finance_qlora.store import Store
 
@@ -30,6 +33,13 @@ class Protocol(BaseModel):
     generation: dict  # decoding settings
     base_model: str  # name@revision
     data_version: str  # the data the adapter was trained and tested on
+    # How the rows were split: seed, sizes, which rows were scored (test or validation).
+    split: dict = {}
+    # The model as it was run: name, revision, quantization, the resolved compute dtype and
+    # whether the 4-bit weights were dequantized.
+    model: dict = {}
+    # Library versions and GPU class the scores were computed with.
+    runtime: dict = {}
 
 
 class Champion(BaseModel):
@@ -47,46 +57,60 @@ class Decision(BaseModel):
     candidate: float
     pretrained: float
     delta: Interval  # candidate minus pretrained, with its bootstrap interval
-    champion: float | None  # the champion on the candidate's prompts; None: no champion
+    champion: float | None  # the champion on the rows compared; None: not compared
     candidate_adapter: str
     adapter: str | None  # the champion adapter after the decision; None: still no champion
     reason: str
     protocol: Protocol
+    # The candidate against the champion on the test rows the champion never trained on.
+    versus_champion: VersusChampion | None = None
+
+
+class RegistryError(FinanceQLoRAError):
+    """An object of the registry is not what it should be: one line naming it."""
+
+
+def _load(model: type[BaseModel], store: Store, *parts: str, fix: str):
+    text = store.read_text(*parts)
+    if text is None:
+        return None
+    try:
+        return model.model_validate_json(text)
+    except (ValidationError, ValueError):
+        raise RegistryError(
+            f"{store.uri(*parts)} is not a {model.__name__.lower()} record (damaged or "
+            f"edited); {fix}"
+        ) from None
 
 
 def read_champion(store: Store) -> Champion | None:
-    text = store.read_text(*CHAMPION)
-    return Champion.model_validate_json(text) if text else None
-
-
-def decide(
-    metric: str,
-    candidate: float,
-    delta: Interval,
-    champion: float | None,
-    min_delta: float = 0.0,
-    beat_pretrained: bool = True,
-) -> tuple[bool, str]:
-    """A candidate must beat the pretrained model (its delta interval above zero) and the
-    champion, scored on the same prompts, by more than `min_delta`."""
-    if beat_pretrained and delta.low <= 0.0:
-        return False, (
-            f"{metric} {candidate:.4f} does not beat the pretrained model: the delta "
-            f"{delta.mean:+.4f} has a 95% interval [{delta.low:+.4f}, {delta.high:+.4f}] "
-            "that is not above zero"
-        )
-    if champion is None:
-        beaten = "beats the pretrained model" if beat_pretrained else "(pretrained not required)"
-        return True, f"no champion yet; {metric} {candidate:.4f} {beaten}"
-    if candidate > champion + min_delta:
-        return True, (
-            f"{metric} {candidate:.4f} beats the champion's {champion:.4f} on the same prompts"
-            + (f" by more than {min_delta}" if min_delta else "")
-        )
-    return False, (
-        f"{metric} {candidate:.4f} does not beat the champion's {champion:.4f} on the same "
-        "prompts" + (f" by more than {min_delta}" if min_delta else "")
+    return _load(
+        Champion,
+        store,
+        *CHAMPION,
+        fix="restore it (each promotion's decision in registry/decisions names the adapter) "
+        "or delete it to go on without a champion",
     )
+
+
+def live_champion(store: Store) -> tuple[Champion | None, str | None]:
+    """The champion, if its adapter is still complete in the store. One whose adapter is gone
+    or changed is set aside (moved to registry/dropped/) and the gate decides without it; the
+    second value says so, for the decision."""
+    champion = read_champion(store)
+    if champion is None or store.intact(champion.adapter.folder, champion.adapter.fingerprint):
+        return champion, None
+    name = _timestamped(datetime.now(UTC))
+    store.write_text(champion.model_dump_json(indent=2), "registry", "dropped", name)
+    store.fs.rm_file(store.path(*CHAMPION))
+    return None, (
+        f"the champion's adapter {champion.adapter.folder} is gone or changed in the store; "
+        f"the champion was dropped (registry/dropped/{name})"
+    )
+
+
+def _timestamped(now: datetime) -> str:
+    return f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}.json"  # sorts by time
 
 
 def record_decision(
@@ -100,8 +124,7 @@ def record_decision(
     if decision.promoted and not store.intact(candidate.folder, candidate.fingerprint):
         raise RuntimeError(f"adapter {candidate.folder} is incomplete in the store; not promoted")
     now = datetime.now(UTC)
-    name = f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}.json"  # sorts by time
-    store.write_text(decision.model_dump_json(indent=2), "registry", "decisions", name)
+    store.write_text(decision.model_dump_json(indent=2), "registry", "decisions", _timestamped(now))
     if decision.promoted:
         champion = Champion(
             adapter=candidate,
@@ -116,7 +139,5 @@ def record_decision(
 
 def decisions(store: Store) -> list[Decision]:
     names = [n for n in store.listdir("registry", "decisions") if n.endswith(".json")]
-    return [
-        Decision.model_validate_json(store.read_text("registry", "decisions", n) or "{}")
-        for n in names
-    ]
+    fix = "move it out of registry/decisions (it is a record, not used by the gate)"
+    return [_load(Decision, store, "registry", "decisions", n, fix=fix) for n in names]

@@ -241,6 +241,15 @@ class Store:
             pass
 
 
+def gets_store_credentials(url: str, store_url: str) -> bool:
+    """Whether a data URL is read with the store's options (credentials, endpoint): only a
+    URL on the store's own kind of object store (s3:// data for an s3:// store), never a
+    local file or another provider, which must not receive this store's secrets."""
+    scheme = urlsplit(url).scheme.lower()
+    store_scheme = urlsplit(normalize_url(store_url)).scheme.lower()
+    return scheme in REMOTE_SCHEMES and scheme == store_scheme
+
+
 class StaleOutput(RuntimeError):
     """A record points at files that are gone or changed: recompute the step."""
 

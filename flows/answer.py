@@ -30,9 +30,10 @@ from finance_qlora.config import (
 )
 from finance_qlora.errors import ConfigError, FinanceQLoRAError
 from finance_qlora.files import read_jsonl
-from flows.finetune import Steps, start_local_api
+from flows.finetune import StepRunner, start_local_api
 from tasks.answer import answer, checked_questions, load_questions
-from tasks.common import StoreRef, local, storage_options, store_of
+from tasks.secrets import storage_options
+from tasks.store_access import StoreRef, local, store_of
 
 SHOWN = 10  # answers in the run's table artifact
 
@@ -65,7 +66,7 @@ def answer_flow(
     store = StoreRef(url=output_dir or default_store(), secret=output_dir_secret)
     gated, model, decoding = prepare(store, adapter, generation)
     asked = load_questions(store, questions, model, decoding)
-    run = Steps(store)
+    run = StepRunner(store)
     answers = run(answer, store, asked, gated, model, decoding, devices or DeviceSettings())
     rows = read_jsonl(local(store, answers).answers_path)
     shown = [{k: row[k] for k in ("id", "instruction", "answer")} for row in rows[:SHOWN]]

@@ -24,16 +24,9 @@ from finance_qlora.errors import ConfigError, FinanceQLoRAError
 from finance_qlora.export import export_merged, upload
 from finance_qlora.store import local_cache, normalize_url
 from flows.finetune import start_local_api
-from tasks.common import (
-    GPU_RETRIES,
-    GPU_RETRY_DELAY_S,
-    StoreRef,
-    hf_token,
-    local,
-    retry_unless_bad_input,
-    storage_options,
-    store_of,
-)
+from tasks.retries import GPU_RETRIES, GPU_RETRY_DELAY_S, retry_unless_bad_input
+from tasks.secrets import hf_token, storage_options
+from tasks.store_access import StoreRef, local, store_of
 
 
 @task(

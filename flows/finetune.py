@@ -32,22 +32,24 @@ from finance_qlora.config import (
 )
 from finance_qlora.errors import FinanceQLoRAError
 from finance_qlora.preflight import preflight
-from finance_qlora.records import AdapterRecord, DataVersion, PromptRecord
-from finance_qlora.registry import Champion, Protocol, read_champion
-from tasks.common import (
-    RecordSerializer,
-    StoreRef,
-    hf_token,
-    result_storage,
-    storage_options,
-    store_of,
+from finance_qlora.records import (
+    AdapterRecord,
+    ComparisonRecord,
+    DataVersion,
+    EvalRecord,
+    PromptRecord,
+    TrainRecord,
 )
+from finance_qlora.registry import Champion, Decision, Protocol, live_champion
 from tasks.compare import compare_rouge
 from tasks.evaluate import evaluate
 from tasks.format import format_prompts
+from tasks.identity import RecordSerializer
 from tasks.load import data_version, load_splits
 from tasks.promote import promote
 from tasks.save_adapter import save_adapter
+from tasks.secrets import hf_token, storage_options
+from tasks.store_access import StoreRef, result_storage, store_of
 from tasks.train import train
 
 
@@ -57,7 +59,7 @@ def _run_name() -> str:
     return f"{config.preset}: {config.model.name} on {config.data.dataset}"
 
 
-class Steps:
+class StepRunner:
     """Runs tasks with their results kept in the store, and notes which were served from it."""
 
     def __init__(self, store: StoreRef):
@@ -82,7 +84,7 @@ def finetune(
     model, token_block = config.model, config.model.hf_token_secret
     store = StoreRef(url=config.output_dir, secret=config.output_dir_secret)
     preflight(config, lambda: hf_token(token_block, model.name), store_of(store).options)
-    run = Steps(store)
+    run = StepRunner(store)
     # Load
     source = data_version(store, config.data, token_block)
     splits = run(load_splits, store, config.data, source, token_block)
@@ -95,37 +97,110 @@ def finetune(
     # Train
     trained = run(train, store, prompts, model, config.lora, config.train, **devices)
     # Save adapter
-    adapter = run(save_adapter, store, trained, model, config.lora, config.train, source)
+    adapter = run(save_adapter, store, trained, model, config.lora, config.train, source, prompts)
     # Final eval
     finetuned = run(evaluate, "finetuned", store, prompts, model, *scoring, adapter, **devices)
     # Compare
     comparison = run(compare_rouge, store, pretrained, finetuned, config.bootstrap)
-    # Promote: the champion, scored on these same prompts, and the gate
-    protocol = protocol_of(config, prompts, source)
-    champion = read_champion(store_of(store))
-    champion_eval = None
-    if rescorable(champion, adapter, protocol):
+    # Promote: the champion, re-scored on these same prompts, and the gate
+    decision, champion_eval = gate(
+        run, config, store, prompts, source, adapter, finetuned, comparison
+    )
+    return record_run(
+        store,
+        run,
+        source,
+        trained,
+        adapter,
+        (pretrained, finetuned, champion_eval),
+        comparison,
+        decision,
+    )
+
+
+def gate(
+    run: StepRunner,
+    config: FinetuneConfig,
+    store: StoreRef,
+    prompts: PromptRecord,
+    source: DataVersion,
+    adapter: AdapterRecord,
+    finetuned: EvalRecord,
+    comparison: ComparisonRecord,
+) -> tuple[Decision | None, EvalRecord | None]:
+    """The champion (one whose adapter is gone is dropped), re-scored on this run's test
+    prompts when it can be, and the gate's decision; (None, None) with promotion off."""
+    if not config.promotion.enabled:
+        return None, None
+    protocol = protocol_of(config, prompts, source, finetuned)
+    champion, note = live_champion(store_of(store))
+    if note:
+        get_run_logger().warning(note)
+    same = champion is not None and champion.adapter.fingerprint == adapter.fingerprint
+    unscorable = unscorable_reason(champion, protocol) if champion and not same else None
+    champion_eval = finetuned if same else None  # no new data: the candidate is the champion
+    if champion is not None and not same and unscorable is None:
+        scoring = (config.generation, config.evaluation)
         champion_eval = run(
-            evaluate, "champion", store, prompts, model, *scoring, champion.adapter, **devices
+            evaluate,
+            "champion",
+            store,
+            prompts,
+            config.model,
+            *scoring,
+            champion.adapter,
+            devices=config.devices,
         )
     decision = promote(
-        store, adapter, finetuned, comparison, champion, champion_eval, config.promotion, protocol
+        store,
+        adapter,
+        finetuned,
+        comparison,
+        champion,
+        champion_eval,
+        prompts,
+        config.promotion,
+        config.bootstrap,
+        protocol,
+        unscorable,
+        note,
     )
-    if champion_eval is None and champion and champion.adapter.fingerprint == adapter.fingerprint:
-        champion_eval = finetuned  # no new data: the candidate is the champion
+    return decision, champion_eval
+
+
+def record_run(
+    store: StoreRef,
+    run: StepRunner,
+    source: DataVersion,
+    trained: TrainRecord,
+    adapter: AdapterRecord,
+    evaluations: tuple[EvalRecord, EvalRecord, EvalRecord | None],
+    comparison: ComparisonRecord,
+    decision: Decision | None,
+) -> dict[str, Any]:
+    """What the run did, in the logs, in the store (`runs/<flow-run-id>.json`: the weekly
+    history outlives the server) and as the run-summary artifact; returned to the caller."""
+    pretrained, finetuned, champion_eval = evaluations
     logger = get_run_logger()
-    if "load" in run.cached and not decision.promoted and decision.adapter == adapter.folder:
-        logger.info("no new data since %s; champion unchanged", source.version)
+    if decision is None:
+        decision_json = {"promoted": False, "reason": "promotion is off (promotion.enabled)"}
+    else:
+        decision_json = decision.model_dump(mode="json")
+        if "load" in run.cached and not decision.promoted and decision.adapter == adapter.folder:
+            logger.info("no new data since %s; champion unchanged", source.version)
     ui_logger().info(
-        "%s\nchampion: %s (%s)", comparison.markdown, decision.adapter, decision.reason
+        "%s\nchampion: %s (%s)",
+        comparison.markdown,
+        decision_json.get("adapter"),
+        decision_json["reason"],
     )
     summary = {
         "flow_run": str(flow_run.get_id()),
         "data_version": source.version,
         "adapter": adapter.folder,
-        "champion": decision.adapter,
-        "promoted": decision.promoted,
-        "decision": decision.model_dump(mode="json"),
+        "champion": decision_json.get("adapter"),
+        "promoted": decision_json["promoted"],
+        "decision": decision_json,
         "cached_steps": run.cached,
         "report": f"{comparison.folder}/comparison.md",
         "rouge": {
@@ -135,18 +210,8 @@ def finetune(
         },
         "train_losses": trained.losses,
         # the schedule (rows a step, steps) and how this card computed it
-        "train": trained.model_dump(
-            include={
-                "rows",
-                "rows_per_step",
-                "steps",
-                "micro_batches_per_step",
-                "seconds",
-                "tokens",
-            }
-        ),
+        "train": trained.model_dump(include=SCHEDULE_FIELDS),
     }
-    # What each run did, kept beside its results: the weekly history outlives the server.
     store_of(store).write_text(json.dumps(summary, indent=2), "runs", f"{summary['flow_run']}.json")
     create_markdown_artifact(run_markdown(summary), key="run-summary", description="This run")
     return summary | {"table": comparison.markdown.split("\n### ")[0]}
@@ -155,14 +220,31 @@ def finetune(
 SCHEDULE_FIELDS = {"rows", "rows_per_step", "steps", "micro_batches_per_step", "seconds", "tokens"}
 
 
-def protocol_of(config: FinetuneConfig, prompts: PromptRecord, source: DataVersion) -> Protocol:
-    """What this run's scores were measured on."""
+def protocol_of(
+    config: FinetuneConfig, prompts: PromptRecord, source: DataVersion, scored: EvalRecord
+) -> Protocol:
+    """What this run's scores were measured on: prompts, split, decoding, the model as it ran
+    (`scored.runtime`: resolved dtype, dequantized or not, library versions, GPU class)."""
+    model, runtime = config.model, dict(scored.runtime)
     return Protocol(
         test_sha256=prompts.test_sha256,
         template=prompts.template,
         generation=config.generation.model_dump(mode="json"),
-        base_model=f"{config.model.name}@{config.model.revision or 'default'}",
+        base_model=f"{model.name}@{model.revision or 'default'}",
         data_version=source.version,
+        split=config.data.model_dump(
+            mode="json",
+            include={"seed", "train_size", "test_size", "validation_size", "evaluate_on"},
+        ),
+        model={
+            **model.model_dump(
+                mode="json",
+                include={"name", "revision", "load_in_4bit", "quant_type", "double_quant"},
+            ),
+            "compute_dtype": runtime.pop("dtype", model.compute_dtype),
+            "dequantized": runtime.pop("dequantized", None),
+        },
+        runtime=runtime,
     )
 
 
@@ -192,13 +274,13 @@ def ui_logger() -> logging.LoggerAdapter:
     return logging.LoggerAdapter(logger, get_run_logger().extra)
 
 
-def rescorable(champion: Champion | None, adapter: AdapterRecord, protocol: Protocol) -> bool:
-    """A champion other than this candidate, trained on the same base model."""
-    return (
-        champion is not None
-        and champion.adapter.fingerprint != adapter.fingerprint
-        and champion.protocol.base_model == protocol.base_model
-    )
+def unscorable_reason(champion: Champion, protocol: Protocol) -> str | None:
+    """Why the champion's adapter cannot be applied to this run's model; None when it can."""
+    if champion.protocol.base_model != protocol.base_model:
+        return (
+            f"it was trained on {champion.protocol.base_model}, this run uses {protocol.base_model}"
+        )
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, dict[str, Any]]:

@@ -32,7 +32,7 @@ from finance_qlora.config import (
 )
 from finance_qlora.errors import ConfigError, FinanceQLoRAError
 from flows.finetune import finetune
-from tasks.common import open_store
+from tasks.store_access import open_store
 
 Metric = Literal["rouge1", "rouge2", "rougeL", "rougeLsum"]
 
@@ -94,7 +94,9 @@ def sweep(
             f"validation_size: {validation_size} leaves no training rows of "
             f"data.train_size {base.data.train_size}"
         )
-    shared = {"output_dir": f"{base.output_dir.rstrip('/')}/sweep"}
+    # Its own store, and no gate: a test-stage adapter trained on the validation rows must
+    # never become a champion that later candidates face on those rows.
+    shared = {"output_dir": f"{base.output_dir.rstrip('/')}/sweep", "promotion": {"enabled": False}}
     scored = []
     if len(candidates) > 1:
         carve = {

@@ -20,26 +20,18 @@ from finance_qlora.modeling import load_tokenizer
 from finance_qlora.parallel import process_count
 from finance_qlora.records import AdapterRecord, AnswerRecord, QuestionRecord
 from finance_qlora.store import sha256_file
-from tasks.common import (
+from tasks.identity import StepIdentity, step_key
+from tasks.load import data_options
+from tasks.progress import Progress
+from tasks.retries import (
     GPU_RETRIES,
     GPU_RETRY_DELAY_S,
     HUB_RETRIES,
     HUB_RETRY_DELAY_S,
-    Progress,
-    Step,
-    StoreRef,
-    clear_staging,
-    hf_token,
-    local,
-    publish,
     retry_unless_bad_input,
-    step_key,
-    store_of,
 )
-from tasks.evaluate import EVALUATION_CODE
-from tasks.load import data_options
-
-ANSWER_CODE = (*EVALUATION_CODE, "finance_qlora.answering")
+from tasks.secrets import hf_token
+from tasks.store_access import StoreRef, clear_staging, local, publish, store_of
 
 
 def checked_questions(
@@ -75,7 +67,7 @@ def load_questions(
 
 @task(
     name="answer",
-    cache_policy=Step(kind="answers", code=ANSWER_CODE),
+    cache_policy=StepIdentity(kind="answers", entry=__name__),
     retries=GPU_RETRIES,
     retry_delay_seconds=GPU_RETRY_DELAY_S,
     retry_condition_fn=retry_unless_bad_input,

@@ -8,12 +8,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from finance_qlora.config import BootstrapSettings
 from finance_qlora.records import ComparisonRecord, EvalRecord
 from finance_qlora.report import compare, rouge_table
-from tasks.common import Step, StoreRef, local, publish, step_key, store_of
+from tasks.identity import StepIdentity, step_key
+from tasks.store_access import StoreRef, local, publish, store_of
 
 
 @task(
     name="compare",
-    cache_policy=Step(kind="reports", code=("finance_qlora.report", "finance_qlora.bootstrap")),
+    cache_policy=StepIdentity(kind="reports", entry=__name__),
 )
 def compare_rouge(
     store: StoreRef,

@@ -14,37 +14,20 @@ from finance_qlora.config import (
 from finance_qlora.evaluation import evaluate_model
 from finance_qlora.parallel import process_count
 from finance_qlora.records import AdapterRecord, EvalRecord, PromptRecord
-from tasks.common import (
-    GPU_RETRIES,
-    GPU_RETRY_DELAY_S,
-    Progress,
-    Step,
-    StoreRef,
-    hf_token,
-    local,
-    publish,
-    retry_unless_bad_input,
-    step_key,
-    store_of,
-)
-
-EVALUATION_CODE = (
-    "finance_qlora.evaluation",
-    "finance_qlora.generation",
-    "finance_qlora.modeling",
-    "finance_qlora.builtin_models",
-    "finance_qlora.rouge",
-    "finance_qlora.evaluate_modules.finance_rouge",
-    "finance_qlora.prompts",  # cut_answer
-    "finance_qlora.parallel",  # which process answers which batch
-)
+from tasks.identity import StepIdentity, runtime, step_key
+from tasks.progress import Progress
+from tasks.retries import GPU_RETRIES, GPU_RETRY_DELAY_S, retry_unless_bad_input
+from tasks.secrets import hf_token
+from tasks.store_access import StoreRef, local, publish, store_of
 
 
 @task(
     name="evaluate",
     task_run_name="evaluate-{label}",
     # Evaluation reads the test prompts only: new training rows alone do not re-score.
-    cache_policy=Step(kind="eval", code=EVALUATION_CODE, uses={"prompts": lambda p: p.test_sha256}),
+    cache_policy=StepIdentity(
+        kind="eval", entry=__name__, uses={"prompts": lambda p: p.test_sha256}
+    ),
     retries=GPU_RETRIES,
     retry_delay_seconds=GPU_RETRY_DELAY_S,
     retry_condition_fn=retry_unless_bad_input,
@@ -73,4 +56,6 @@ def evaluate(
         evaluation=evaluation,
         processes=process_count(devices or DeviceSettings()),
     )
+    # what the scores were computed with, for the gate's protocol (the key holds the same)
+    record.runtime = {**runtime(__name__, model), **record.runtime}
     return publish(store, record, "eval", key)

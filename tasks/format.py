@@ -6,10 +6,11 @@ from prefect import task
 
 from finance_qlora.prompts import write_prompts
 from finance_qlora.records import PromptRecord, SplitRecord
-from tasks.common import Step, StoreRef, local, publish, step_key, store_of
+from tasks.identity import StepIdentity, step_key
+from tasks.store_access import StoreRef, local, publish, store_of
 
 
-@task(name="format", cache_policy=Step(kind="prompts", code=("finance_qlora.prompts",)))
+@task(name="format", cache_policy=StepIdentity(kind="prompts", entry=__name__))
 def format_prompts(store: StoreRef, splits: SplitRecord) -> PromptRecord:
     key = step_key()
     staging = store_of(store).staging("prompts", key) / "prompts"

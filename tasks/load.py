@@ -3,31 +3,22 @@ train/test sample."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from finance_qlora.config import DataConfig
 from finance_qlora.data import resolve_version, write_splits
 from finance_qlora.records import DataVersion, SplitRecord
-from tasks.common import (
-    HUB_RETRIES,
-    HUB_RETRY_DELAY_S,
-    Step,
-    StoreRef,
-    hf_token,
-    publish,
-    retry_unless_bad_input,
-    step_key,
-    store_of,
-)
+from finance_qlora.store import gets_store_credentials
+from tasks.identity import StepIdentity, step_key
+from tasks.retries import HUB_RETRIES, HUB_RETRY_DELAY_S, retry_unless_bad_input
+from tasks.secrets import hf_token
+from tasks.store_access import StoreRef, publish, store_of
 
 
 def data_options(store: StoreRef, dataset: str) -> dict:
     """A data file on the store's kind of file system is read with the store's credentials."""
-    scheme = urlsplit(dataset).scheme
-    return store_of(store).options if scheme and scheme in store.url else {}
+    return store_of(store).options if gets_store_credentials(dataset, store.url) else {}
 
 
 @task(
@@ -44,7 +35,7 @@ def data_version(store: StoreRef, data: DataConfig, token_block: str) -> DataVer
 
 @task(
     name="load",
-    cache_policy=Step(kind="data", code=("finance_qlora.data",)),
+    cache_policy=StepIdentity(kind="data", entry=__name__),
     retries=HUB_RETRIES,
     retry_delay_seconds=HUB_RETRY_DELAY_S,
     retry_condition_fn=retry_unless_bad_input,

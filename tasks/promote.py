@@ -1,5 +1,5 @@
-"""The promotion gate: a candidate must beat the pretrained model and the champion, both scored
-on the candidate's test prompts, before it becomes champion."""
+"""The promotion gate: a candidate must beat the pretrained model and the champion, the champion
+re-scored on the candidate's test prompts and compared only on rows it never trained on."""
 
 from __future__ import annotations
 
@@ -8,10 +8,18 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from finance_qlora.config import PromotionSettings
-from finance_qlora.records import AdapterRecord, ComparisonRecord, EvalRecord
-from finance_qlora.registry import Champion, Decision, Protocol, decide, record_decision
-from tasks.common import StoreRef, store_of
+from finance_qlora.config import BootstrapSettings, PromotionSettings
+from finance_qlora.gate import (
+    VersusChampion,
+    decide,
+    read_row_ids,
+    read_scores,
+    read_trained_rows,
+    versus_champion,
+)
+from finance_qlora.records import AdapterRecord, ComparisonRecord, EvalRecord, PromptRecord
+from finance_qlora.registry import Champion, Decision, Protocol, record_decision
+from tasks.store_access import StoreRef, local, store_of
 
 PROMOTED_EVENT = "finance-qlora.champion.promoted"
 
@@ -24,38 +32,52 @@ def promote(
     comparison: ComparisonRecord,
     champion: Champion | None,
     champion_eval: EvalRecord | None,
+    prompts: PromptRecord,
     settings: PromotionSettings,
+    bootstrap: BootstrapSettings,
     protocol: Protocol,
+    unscorable: str | None = None,
+    note: str | None = None,
 ) -> Decision:
+    """`champion_eval`: the champion on these prompts (None: no champion, or `unscorable`
+    says why it cannot be scored); `note`: what happened to the registry first (a champion
+    dropped), said in the decision."""
     metric = settings.metric
     delta = comparison.rouge[metric].delta
+    versus: VersusChampion | None = None
     if champion is not None and champion.adapter.fingerprint == adapter.fingerprint:
         promoted, reason = False, "this adapter is already the champion"
-        champion_score = finetuned.rouge[metric]
     else:
-        champion_score = champion_eval.rouge[metric] if champion_eval else None
+        if champion is not None and champion_eval is not None and unscorable is None:
+            trained = read_trained_rows(local(store, champion.adapter).path)
+            if trained is None:
+                unscorable = "its adapter does not record which rows it trained on"
+            else:
+                versus = versus_champion(
+                    read_row_ids(local(store, prompts).path, "test"),
+                    read_scores(local(store, finetuned).path, metric),
+                    read_scores(local(store, champion_eval).path, metric),
+                    trained,
+                    bootstrap,
+                )
         promoted, reason = decide(
-            metric,
-            finetuned.rouge[metric],
-            delta,
-            champion_score,
-            settings.min_delta,
-            settings.beat_pretrained,
+            metric, finetuned.rouge[metric], delta, settings, versus, unscorable
         )
-        if champion is not None and champion_eval is None:
-            reason += f" (the champion was trained on {champion.protocol.base_model}; it cannot "
-            reason += "be scored with this base model)"
+    if note:
+        reason = f"{note}; {reason}"
+    kept = champion.adapter.folder if champion else None
     decision = Decision(
         promoted=promoted,
         metric=metric,
         candidate=finetuned.rouge[metric],
         pretrained=comparison.rouge[metric].pretrained.mean,
         delta=delta,
-        champion=champion_score,
+        champion=versus.champion if versus else None,
         candidate_adapter=adapter.folder,
-        adapter=adapter.folder if promoted else champion.adapter.folder if champion else None,
+        adapter=adapter.folder if promoted else kept,
         reason=reason,
         protocol=protocol,
+        versus_champion=versus,
     )
     record_decision(store_of(store), decision, adapter, finetuned.rouge)
     if promoted:  # after the champion file is written: whoever reacts reads the new one
@@ -89,20 +111,33 @@ def announce_promotion(
 
 
 def decision_markdown(decision: Decision) -> str:
-    champion = "none" if decision.champion is None else f"{decision.champion:.4f}"
+    versus = decision.versus_champion
+    rows = [
+        f"| pretrained | {decision.pretrained:.4f} | all test rows |",
+        f"| candidate | {decision.candidate:.4f} (delta {decision.delta.mean:+.4f}, 95% "
+        f"[{decision.delta.low:+.4f}, {decision.delta.high:+.4f}]) | all test rows |",
+    ]
+    if versus is not None:
+        d = versus.delta
+        rows += [
+            f"| candidate | {versus.candidate:.4f} | {versus.rows} rows the champion never "
+            "trained on |",
+            f"| champion before | {versus.champion:.4f} | the same {versus.rows} rows |",
+            f"| candidate - champion | {d.mean:+.4f}, {versus.confidence:.0%} "
+            f"[{d.low:+.4f}, {d.high:+.4f}] | paired bootstrap over those rows |",
+        ]
+    else:
+        rows.append("| champion before | not compared | |")
     return "\n".join(
         [
             f"## {'Promoted' if decision.promoted else 'Kept the champion'}",
             "",
-            f"All three scored on the same {decision.protocol.test_sha256[:12]} test prompts "
+            f"Scored on the same {decision.protocol.test_sha256[:12]} test prompts "
             f"(data {decision.protocol.data_version}).",
             "",
-            f"| model | {decision.metric} |",
-            "|---|---|",
-            f"| pretrained | {decision.pretrained:.4f} |",
-            f"| candidate | {decision.candidate:.4f} (delta {decision.delta.mean:+.4f}, 95% "
-            f"[{decision.delta.low:+.4f}, {decision.delta.high:+.4f}]) |",
-            f"| champion before | {champion} |",
+            f"| model | {decision.metric} | rows |",
+            "|---|---|---|",
+            *rows,
             "",
             f"{decision.reason}.",
             "",

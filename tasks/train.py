@@ -11,33 +11,19 @@ from finance_qlora.config import DeviceSettings, LoraSettings, ModelConfig, Trai
 from finance_qlora.parallel import process_count
 from finance_qlora.records import PromptRecord, TrainRecord
 from finance_qlora.training import train_adapter
-from tasks.common import (
-    GPU_RETRIES,
-    GPU_RETRY_DELAY_S,
-    Progress,
-    Step,
-    StoreRef,
-    hf_token,
-    local,
-    publish,
-    retry_unless_bad_input,
-    step_key,
-    store_of,
-)
-
-TRAINING_CODE = (
-    "finance_qlora.training",
-    "finance_qlora.batching",
-    "finance_qlora.modeling",
-    "finance_qlora.builtin_models",
-    "finance_qlora.parallel",  # how the global batch is split over GPUs
-)
+from tasks.identity import StepIdentity, step_key
+from tasks.progress import Progress
+from tasks.retries import GPU_RETRIES, GPU_RETRY_DELAY_S, retry_unless_bad_input
+from tasks.secrets import hf_token
+from tasks.store_access import StoreRef, local, publish, store_of
 
 
 @task(
     name="train",
     # Training reads the train prompts only: a new test sample does not retrain.
-    cache_policy=Step(kind="train", code=TRAINING_CODE, uses={"prompts": lambda p: p.train_sha256}),
+    cache_policy=StepIdentity(
+        kind="train", entry=__name__, uses={"prompts": lambda p: p.train_sha256}
+    ),
     retries=GPU_RETRIES,
     retry_delay_seconds=GPU_RETRY_DELAY_S,
     retry_condition_fn=retry_unless_bad_input,
@@ -93,5 +79,5 @@ def train(
         record.seconds,
         losses,
     )
-    normalize_adapter_config(record.path, model.name)
+    normalize_adapter_config(record.path, model.name, model.revision)
     return publish(store, record, "train", key)  # checkpoints go: they only served retries

@@ -39,15 +39,15 @@ def redaction():
     secrets are put back afterwards, so no later test logs through this one's factory."""
     import logging
 
-    import tasks.common
+    import tasks.secrets
 
-    factory, secrets = logging.getLogRecordFactory(), set(tasks.common._SECRETS)
+    factory, secrets = logging.getLogRecordFactory(), set(tasks.secrets._SECRETS)
     try:
         yield
     finally:
         logging.setLogRecordFactory(factory)
-        tasks.common._SECRETS.clear()
-        tasks.common._SECRETS.update(secrets)
+        tasks.secrets._SECRETS.clear()
+        tasks.secrets._SECRETS.update(secrets)
 
 
 @pytest.fixture
@@ -84,15 +84,28 @@ def make_rows(n: int, with_input_every: int = 3) -> list[dict[str, str]]:
     ]
 
 
-def task_run_states(client, flow_run_id) -> dict[str, list[str]]:
-    """Task run name (without Prefect's random suffix) -> its state names, oldest first."""
+def final_task_runs(client, flow_run_id, timeout_s: float = 60.0) -> list:
+    """A flow run's task runs once each has reached a final state. Prefect records task states
+    asynchronously, after the flow has returned: poll (with a deadline), then read."""
+    import time
+
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    runs = client.read_task_runs(
-        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-    )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+        final = runs and all(r.state is not None and r.state.is_final() for r in runs)
+        if final or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
+
+
+def task_run_states(client, flow_run_id) -> dict[str, list[str]]:
+    """Task run name (without Prefect's random suffix) -> its final state names, oldest first."""
     states: dict[str, list[str]] = {}
-    for run in sorted(runs, key=lambda r: r.expected_start_time):
+    for run in sorted(final_task_runs(client, flow_run_id), key=lambda r: r.expected_start_time):
         name = run.name if run.name.startswith("evaluate-") else run.name.rsplit("-", 1)[0]
         states.setdefault(name, []).append(run.state.name)
     return states

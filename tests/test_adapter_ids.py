@@ -40,3 +40,19 @@ def test_the_saved_adapter_config_does_not_depend_on_the_hash_seed():
     raw = {digest(seed, "raw") for seed in seeds}
     assert len(raw) > 1  # PEFT's own file does differ: the case this guards against
     assert len({digest(seed, "normalize") for seed in seeds}) == 1
+
+
+def test_the_adapter_config_names_the_base_models_revision(tmp_path):
+    import json
+
+    from peft import LoraConfig
+
+    from finance_qlora.adapter import normalize_adapter_config
+
+    LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM").save_pretrained(tmp_path)
+    normalize_adapter_config(tmp_path, "meta-llama/Llama-2-7b-hf", "8cca527")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == (
+        "meta-llama/Llama-2-7b-hf",
+        "8cca527",
+    )

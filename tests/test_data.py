@@ -347,3 +347,27 @@ def test_write_splits_follows_the_seed_the_validation_rows_and_evaluate_on(write
     # the validation rows: the first training rows of the plain split, now set aside
     set_aside = [r for r in read_jsonl(plain.train_path) if r not in read_jsonl(carved.train_path)]
     assert read_jsonl(scored.test_path) == set_aside
+
+
+def test_dedup_rank_and_row_ids_normalise_alike():
+    """Whichever copy of a whitespace-variant duplicate survives, it ranks, and is named, as
+    the other would: a trained row cannot move into test by which copy dedup kept."""
+    from finance_qlora.data import row_id, row_rank
+
+    row = {"instruction": "What is a bond?", "input": "", "output": "A loan to an issuer."}
+    variant = {**row, "instruction": "  What is a bond?\n", "output": "A loan to an issuer. "}
+    assert drop_duplicates([row, variant]) == [row]
+    assert drop_duplicates([variant, row]) == [variant]
+    assert row_rank(variant, 42) == row_rank(row, 42)
+    assert row_id(variant) == row_id(row) != row_id({**row, "output": "Another answer."})
+
+
+def test_write_splits_names_each_rows_ids_in_file_order(write_rows, tmp_path):
+    from finance_qlora.data import row_id
+
+    path = write_rows(make_rows(30))
+    data = DataConfig(dataset=str(path), train_size=12, test_size=6)
+    record = write_splits(resolve_version(str(path)), data, tmp_path / "splits")
+    ids = json.loads(record.row_ids_path.read_text())
+    for split, file in (("train", record.train_path), ("test", record.test_path)):
+        assert ids[split] == [row_id(r) for r in read_jsonl(file)]

@@ -14,7 +14,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 import flows.finetune as finetune_module
 from finance_qlora.rouge import METRICS
-from tests.conftest import task_run_states
+from tests.conftest import final_task_runs, task_run_states
 
 pytestmark = pytest.mark.slow
 
@@ -165,11 +165,7 @@ def test_transient_failure_is_retried(prefect_api, tmp_path, monkeypatch):
     assert state.is_completed()
     assert len(calls) == 2
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
-            )
-        )
+        runs = final_task_runs(client, state.state_details.flow_run_id)
     train_run = next(r for r in runs if r.name.startswith("train"))
     assert train_run.run_count == 2 and train_run.state.name == "Completed"
 
@@ -180,8 +176,8 @@ def test_bad_input_fails_fast_and_is_not_retried(prefect_api, tmp_path, write_ro
     from finance_qlora.config import DataConfig
     from finance_qlora.files import fingerprint
     from finance_qlora.records import DataVersion
-    from tasks.common import StoreRef
     from tasks.load import load_splits
+    from tasks.store_access import StoreRef
 
     path = write_rows([{"instruction": "Q", "input": "", "answer": "A"}] * 3)
     # The flow checks its input before any task runs ...
@@ -209,11 +205,7 @@ def test_bad_input_fails_fast_and_is_not_retried(prefect_api, tmp_path, write_ro
     state = load_only(return_state=True)
     assert state.is_failed()
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
-            )
-        )
+        runs = final_task_runs(client, state.state_details.flow_run_id)
     assert [(r.run_count, r.state.name) for r in runs] == [(1, "Failed")]
     assert load_splits.retries == 3
 
@@ -298,7 +290,7 @@ def test_hf_token_never_reaches_logs_or_artifacts(prefect_api, tmp_path, monkeyp
 def test_redaction_covers_any_logger(caplog, redaction):
     import logging
 
-    from tasks.common import redact_in_logs
+    from tasks.secrets import redact_in_logs
 
     redact_in_logs("hf_SecretValue42")
     logging.getLogger("some.library").warning("auth header Bearer %s", "hf_SecretValue42")
@@ -336,11 +328,7 @@ def test_retried_training_resumes_from_its_checkpoint(prefect_api, tmp_path, mon
     assert resumed["train_losses"] == pytest.approx(whole["train_losses"], rel=1e-4)
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
-            )
-        )
+        runs = final_task_runs(client, state.state_details.flow_run_id)
         train_run = next(r for r in runs if r.name.startswith("train"))
     assert train_run.run_count == 2
     messages = sent_logs(task_run_id=train_run.id)

@@ -28,7 +28,7 @@ from finance_qlora.parallel import RankFailed, process_count
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import train_adapter
 from flows.finetune import main
-from tasks.common import is_transient
+from tasks.retries import is_transient
 from tests.conftest import make_rows
 
 

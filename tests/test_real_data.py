@@ -15,9 +15,9 @@ def test_load_and_format_tasks_on_real_rows(prefect_api, tmp_path):
     from prefect import flow
 
     from finance_qlora.data import resolve_version
-    from tasks.common import StoreRef, local
     from tasks.format import format_prompts
     from tasks.load import load_splits
+    from tasks.store_access import StoreRef, local
 
     data = resolve_config(overrides={"data": {"dataset": str(SHARED_DATA)}}).data
     store = StoreRef(url=str(tmp_path))

@@ -128,3 +128,48 @@ def test_a_damaged_folder_is_replaced_on_publish(store, tmp_path):
     store.fs.rm_file(store.path("eval", "k1", "a.txt"))
     again, second = store.publish(local_folder(tmp_path, "two"), "eval", "k1")
     assert second == digest and store.intact(again, second)
+
+
+def test_a_download_with_one_changed_file_of_the_same_size_is_refused(
+    bucket, tmp_path, monkeypatch
+):
+    """On an object store `intact` checks sizes only; the download itself is checked against
+    every file's sha256 in the manifest."""
+    monkeypatch.setenv("FINANCE_QLORA_CACHE", str(tmp_path / "cache"))
+    store = Store(bucket + "/runs")
+    uri, digest = store.publish(local_folder(tmp_path, text="hello"), "prompts", "k1")
+    store.fs.pipe_file(store.path("prompts", "k1", "a.txt"), b"jello")  # same size
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache")  # no verified copy on this machine: a download
+    assert store.intact(uri, digest)  # the sizes alone cannot tell
+    with pytest.raises(StaleOutput, match="changed"):
+        store.materialize(uri, digest)
+    assert not (tmp_path / "cache" / "objects" / digest).exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "store_url", "gets"),
+    [
+        ("s3://bucket/incoming/rows.jsonl", "s3://bucket/runs", True),
+        ("s3://other-bucket/rows.jsonl", "s3://bucket/runs", True),  # the same provider's keys
+        ("gs://bucket/rows.jsonl", "s3://bucket/runs", False),
+        ("/data/rows.jsonl", "s3://bucket/runs", False),
+        ("file:///data/rows.jsonl", "/mnt/store", False),
+        ("s3://bucket/rows.jsonl", "/mnt/s3-store", False),  # a path containing "s3"
+    ],
+)
+def test_one_rule_says_which_data_urls_get_the_stores_credentials(url, store_url, gets):
+    from finance_qlora.store import gets_store_credentials
+
+    assert gets_store_credentials(url, store_url) is gets
+
+
+def test_preflight_and_load_ask_the_same_rule():
+    import inspect
+
+    import finance_qlora.preflight
+    import tasks.load
+
+    for module in (finance_qlora.preflight, tasks.load):
+        assert "gets_store_credentials(" in inspect.getsource(module)

@@ -38,6 +38,9 @@ def test_sweep_picks_the_better_candidate_on_validation(prefect_api, tmp_path):
     assert all(path.is_file() for path in runs)
     test = result["test"]
     assert test["rouge"]["finetuned"]["rougeL"] >= 0.0 and "sweep" in test["report"]
+    # no gate in a recipe search: its adapters never become anyone's champion
+    assert not (tmp_path / "sweep" / "registry").exists()
+    assert not (tmp_path / "registry").exists() and not test["promoted"]
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sweep"]))

@@ -1,0 +1,70 @@
+"""The durable store as tasks reach it: a reference to it (URL and Secret block name), the
+opened store, Prefect's result storage inside it, and moving step folders in and out."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+from prefect.filesystems import RemoteFileSystem
+from pydantic import BaseModel
+
+from finance_qlora.records import Stored
+from finance_qlora.store import Store
+from tasks.secrets import storage_options
+
+RESULTS = "prefect-results"  # Prefect's persisted task results, inside the store
+
+
+class StoreRef(BaseModel):
+    """Where the durable store is, as tasks receive it: the URL and the name of the Prefect
+    Secret block holding its fsspec options (credentials), never the options themselves."""
+
+    url: str
+    secret: str | None = None
+
+
+@lru_cache(maxsize=8)
+def open_store(url: str, secret: str | None = None) -> Store:
+    return Store(url, storage_options(secret))
+
+
+def store_of(ref: StoreRef) -> Store:
+    return open_store(ref.url, ref.secret)
+
+
+def result_storage(ref: StoreRef) -> Path | RemoteFileSystem:
+    """Prefect's result storage inside the store, so the cache works across containers.
+
+    Prefect wants a remote one saved as a block: saved without credentials (those stay in the
+    environment or the Secret block); this process's copy gets the store's options."""
+    store = store_of(ref)
+    if store.is_local:
+        return Path(store.path(RESULTS))
+    name = "finance-qlora-results-" + hashlib.sha256(store.url.encode()).hexdigest()[:12]
+    block = RemoteFileSystem(basepath=store.uri(RESULTS))
+    block.save(name, overwrite=True)
+    block.settings = store.options
+    return block
+
+
+def publish(ref: StoreRef, record: Stored, kind: str, key: str) -> Stored:
+    """Put a record's local folder into the store; the record then names the store's copy."""
+    store = store_of(ref)
+    uri, digest = store.publish(record.path, kind, key)
+    clear_staging(store.staging(kind, key))  # what is left there served only this try
+    return record.model_copy(update={"folder": uri, "fingerprint": digest})
+
+
+def local(ref: StoreRef, record: Stored) -> Stored:
+    """The record with `folder` on this machine: the store's folder itself, or a verified
+    download. Files that vanished or changed raise StaleOutput (retried: the upstream step's
+    next cache lookup recomputes them)."""
+    path = store_of(ref).materialize(record.folder, record.fingerprint)
+    return record.model_copy(update={"folder": str(path)})
+
+
+def clear_staging(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
