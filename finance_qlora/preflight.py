@@ -21,7 +21,7 @@ from finance_qlora.data import (
     split_rows,
 )
 from finance_qlora.errors import ConfigError
-from finance_qlora.prompts import fit_completion, to_prompt_completion
+from finance_qlora.prompts import shortest_form, to_prompt_completion
 from finance_qlora.store import Store
 from finance_qlora.training import check_targets, no_row_fits, row_length
 
@@ -249,11 +249,9 @@ def check_sequence_length(
         ) from None
     length, limit = row_length(tokenizer), config.train.max_seq_length
     pairs = [to_prompt_completion(r) for r in train_rows]
-    fits = (
-        fit_completion(p["completion"], lambda c, p=p: length(p["prompt"], c), limit) is not None
-        for p in pairs
-    )
-    if not any(fits):
+    # a row fits once its first sentence does: one short tokenization a row (the train step
+    # cuts the long answers, once)
+    if not any(length(p["prompt"], shortest_form(p["completion"])) <= limit for p in pairs):
         raise no_row_fits(pairs, length, limit)
 
 

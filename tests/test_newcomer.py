@@ -1,0 +1,126 @@
+"""Issue 24, "no surprises for a newcomer": long and odd data, the first second of a command,
+signals and the quick start's output. The CLI's one-line refusals are cases of
+tests/test_bad_inputs.py; what needs more than one line to show lives here."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+
+import pytest
+
+from finance_qlora.config import resolve_config
+from finance_qlora.files import read_jsonl
+from finance_qlora.prompts import fit_rows, shortest_row, to_prompt_completion
+from tests.conftest import SHARED_DATA, make_rows
+
+_OLD_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def _old_fit_rows(rows, length, max_length):
+    """fit_rows as it was before issue 24 (every sentence prefix tried, longest first): the
+    reference the linear-time version must agree with."""
+
+    def prefixes(text):
+        cuts = {text[: m.start()].rstrip() for m in _OLD_BREAK.finditer(text.rstrip())}
+        return sorted((c for c in cuts if c), key=len, reverse=True)
+
+    kept, trimmed, dropped = [], 0, 0
+    for row in rows:
+        p, c = row["prompt"], row["completion"]
+        fit = c if length(p, c) <= max_length else None
+        if fit is None:
+            fit = next((x for x in prefixes(c) if length(p, x) <= max_length), None)
+        if fit is None:
+            dropped += 1
+            continue
+        trimmed += fit != c
+        kept.append({"prompt": p, "completion": fit})
+    return kept, trimmed, dropped
+
+
+@pytest.fixture(scope="module")
+def tiny_length() -> Callable[[str, str], int]:
+    from finance_qlora.modeling import load_tokenizer
+    from finance_qlora.training import row_length
+
+    return row_length(load_tokenizer(resolve_config("tiny-cpu").model))
+
+
+def _odd_answers(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Answers with every kind of break: spaces before line breaks, runs of blank lines,
+    '?!' inside sentences, leading spaces, a trailing break."""
+    rng, pieces = random.Random(seed), ["Bonds pay.", "Yields move!", "Why?", " x", "\n", "\n\n"]
+    pieces += ["  ", " \n ", "A long clause without an end", "e.g. this.", "3.5% a year."]
+    rows = []
+    for i in range(n):
+        answer = " ".join(rng.choice(pieces) for _ in range(rng.randint(1, 40))).strip() or "A."
+        rows.append({"prompt": f"Question {i}?\n", "completion": answer})
+    return rows
+
+
+def test_answers_are_cut_exactly_as_before_on_normal_rows(tiny_length):
+    """The bisection finds the same cut as trying every prefix, on hand-made odd answers and,
+    where present, on real Finance-Alpaca rows, at several limits."""
+    rows = _odd_answers(150) + [to_prompt_completion(r) for r in make_rows(20)]
+    if SHARED_DATA.is_file():
+        rows += [to_prompt_completion(r) for r in read_jsonl(SHARED_DATA)[:300]]
+    for limit in (40, 64, 100, 160, 256):
+        assert fit_rows(rows, tiny_length, limit) == _old_fit_rows(rows, tiny_length, limit)
+
+
+def _long_rows(n: int, chars: int = 100_000) -> list[dict[str, str]]:
+    sentence = "The bond's coupon is paid twice a year at a fixed rate. "
+    answer = (sentence * (chars // len(sentence) + 1))[:chars].strip()
+    return [{"instruction": f"Explain coupon {i}.", "input": "", "output": answer} for i in range(n)]
+
+
+def test_100000_character_answers_take_a_few_tokenizer_calls_each(tiny_length):
+    """Ten answers of about 1,800 sentences each: cutting one takes a bisection's calls (about
+    twice log2 of its sentences), not one call per sentence."""
+    pairs = [to_prompt_completion(r) for r in _long_rows(10)]
+    calls, bound = [], 10 * 14  # 1 whole + at most ceil(log2(1,800)) + 1 prefixes a row
+
+    def counted(prompt: str, completion: str) -> int:
+        calls.append(len(completion))
+        assert len(calls) <= bound, "one tokenizer call per sentence: quadratic again"
+        return tiny_length(prompt, completion)
+
+    kept, trimmed, dropped = fit_rows(pairs, counted, 256)
+    assert (len(kept), trimmed, dropped) == (10, 10, 0)
+    assert all(tiny_length(r["prompt"], r["completion"]) <= 256 for r in kept)
+    calls.clear()
+    assert shortest_row(pairs, counted) < 256 and len(calls) == 10
+
+
+def test_preflight_tells_whether_a_long_row_fits_with_one_call_a_row(monkeypatch, tmp_path):
+    """Preflight on the 100,000-character rows (the CLI and the flow each run it): one
+    tokenization a row, of its prompt and first sentence."""
+    import json
+
+    import finance_qlora.preflight as preflight
+    import finance_qlora.training
+
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _long_rows(10)))
+    config = resolve_config(
+        "tiny-cpu",
+        {"data": {"dataset": str(data), "train_size": 8, "test_size": 2}},
+    )
+    real, calls = finance_qlora.training.row_length, []
+
+    def counting(tokenizer):
+        length = real(tokenizer)
+
+        def counted(prompt: str, completion: str) -> int:
+            calls.append(len(completion))
+            assert len(calls) <= len(train_rows), "more than one tokenization a row"
+            return length(prompt, completion)
+
+        return counted
+
+    monkeypatch.setattr(preflight, "row_length", counting)
+    train_rows = preflight.check_data(config, None, {})
+    preflight.check_sequence_length(config, train_rows, None)
+    assert 1 <= len(calls) <= len(train_rows) and max(calls) < 100
