@@ -73,7 +73,9 @@ def test_answers_are_cut_exactly_as_before_on_normal_rows(tiny_length):
 def _long_rows(n: int, chars: int = 100_000) -> list[dict[str, str]]:
     sentence = "The bond's coupon is paid twice a year at a fixed rate. "
     answer = (sentence * (chars // len(sentence) + 1))[:chars].strip()
-    return [{"instruction": f"Explain coupon {i}.", "input": "", "output": answer} for i in range(n)]
+    return [
+        {"instruction": f"Explain coupon {i}.", "input": "", "output": answer} for i in range(n)
+    ]
 
 
 def test_100000_character_answers_take_a_few_tokenizer_calls_each(tiny_length):
