@@ -135,6 +135,22 @@ def shortest_row(rows: list[dict[str, str]], length: Callable[[str, str], int]) 
     return min(length(r["prompt"], shortest_form(r["completion"])) for r in rows)
 
 
+def prompt_length(tokenizer) -> Callable[[str], int]:
+    """Tokens of a prompt as generation encodes it (special tokens included)."""
+    return lambda prompt: len(tokenizer(text=prompt)["input_ids"])
+
+
+def fit_prompts(
+    prompts: list[str], length: Callable[[str], int], limit: int
+) -> tuple[list[int], int]:
+    """The indexes of the test prompts of at most `limit` tokens (the context minus
+    generation.max_new_tokens: room for a whole answer), and how many were left out. The
+    same rule as for training rows: what cannot fit the model is left out and counted, never
+    run past the context."""
+    kept = [i for i, prompt in enumerate(prompts) if length(prompt) <= limit]
+    return kept, len(prompts) - len(kept)
+
+
 def write_prompts(splits: SplitRecord, out_dir: Path) -> PromptRecord:
     """Both splits as prompt/completion pairs, written atomically."""
     with atomic_dir(out_dir) as tmp:

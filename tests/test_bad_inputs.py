@@ -59,6 +59,27 @@ CASES = [
         "malformed jsonl (line 31: Unterminated string",
     ),
     (
+        "bytes that are not UTF-8 in a JSONL file",
+        lambda t: [*TINY, "--data", _latin1(t, "rows.jsonl")],
+        "rows.jsonl: not UTF-8 (line 2, byte offset ",
+    ),
+    (
+        "bytes that are not UTF-8 in a CSV file",
+        lambda t: [*TINY, "--data", _latin1(t, "rows.csv")],
+        "rows.csv: not UTF-8 (line 3, byte offset ",
+    ),
+    (
+        "a JSON object with two lists",
+        lambda t: [*TINY, "--data", _json(t, {"train": make_rows(30), "test": make_rows(9)})],
+        "rows.json: a JSON object with 2 lists (train, test); keep the one list of rows",
+    ),
+    (
+        "new tokens that leave no room for any test prompt",
+        lambda t: [*TINY, "--set", "generation.max_new_tokens=511"],
+        "generation.max_new_tokens: 511 new tokens leave no room for any test prompt in the "
+        "context of builtin:tiny-llama (512 tokens; the shortest prompt takes ",
+    ),
+    (
         "missing column",
         lambda t: [*TINY, "--data", _jsonl(t, [{"instruction": "Q", "input": ""}] * 3)],
         "missing column(s) output; Finance-Alpaca rows need instruction, input, output",
@@ -222,6 +243,25 @@ CASES = [
         "over 3 processes; make it a multiple of 3",
     ),
 ]
+
+
+def _latin1(tmp: Path, name: str) -> str:
+    """Rows with a Latin-1 'é' in the second row (line 3 of a CSV, under its header)."""
+    rows = make_rows(40)
+    rows[1]["output"] = "Caf\u00e9 revenue rose."
+    if name.endswith(".csv"):
+        import pandas as pd
+
+        text = pd.DataFrame(rows).to_csv(index=False)
+    else:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    (tmp / name).write_bytes(text.encode("latin-1"))
+    return str(tmp / name)
+
+
+def _json(tmp: Path, value) -> str:
+    (tmp / "rows.json").write_text(json.dumps(value, indent=2))
+    return str(tmp / "rows.json")
 
 
 def _not_a_model(tmp: Path) -> str:

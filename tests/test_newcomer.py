@@ -123,6 +123,42 @@ def test_preflight_tells_whether_a_long_row_fits_with_one_call_a_row(monkeypatch
         return counted
 
     monkeypatch.setattr(preflight, "row_length", counting)
-    train_rows = preflight.check_data(config, None, {})
+    train_rows, _ = preflight.check_data(config, None, {})
     preflight.check_sequence_length(config, train_rows, None)
     assert 1 <= len(calls) <= len(train_rows) and max(calls) < 100
+
+
+def test_a_json_object_holding_one_list_of_rows_is_read_as_those_rows(write_rows):
+    """{"data": [...]}, indented, as many exports write it (it read as "malformed json
+    (line 1)"); a single object is one row; JSON Lines in a .json file still read."""
+    from finance_qlora.data import read_rows
+
+    rows = make_rows(5)
+    assert read_rows(str(write_rows({"data": rows}, "rows.json"))) == rows
+    assert read_rows(str(write_rows(rows[0], "one.json"))) == rows[:1]
+    lines = write_rows(rows, "lines.jsonl")
+    assert read_rows(str(lines.rename(lines.with_suffix(".json")))) == rows
+
+
+def test_test_prompts_past_the_context_are_left_out_and_counted(tmp_path, caplog):
+    """A 20,000-character test prompt (far past the tiny model's 512 tokens) is not generated
+    and scored: evaluation leaves it out with a warning that counts it, as training does with
+    rows that cannot fit."""
+    import json
+
+    from finance_qlora.evaluation import evaluate_model
+    from finance_qlora.prompts import build_prompt
+
+    config = resolve_config("tiny-cpu")
+    rows = [to_prompt_completion(r) for r in make_rows(3)]
+    rows.insert(1, {"prompt": build_prompt("Summarize. " * 2000), "completion": "Short."})
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING", logger="finance_qlora.evaluation"):
+        record = evaluate_model(path, config.model, config.generation, tmp_path / "eval", "t")
+    assert record.rows == 3
+    assert "1 of 4 test prompts take more than 488 tokens" in caplog.text
+    import pandas as pd
+
+    scored = pd.read_parquet(record.path / "predictions.parquet")
+    assert list(scored["prompt"]) == [rows[0]["prompt"], *(r["prompt"] for r in rows[2:])]
