@@ -14,6 +14,7 @@ from functools import lru_cache
 from typing import Annotated, Any, Literal, Optional, get_args
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -33,6 +34,21 @@ DEFAULT_PRESET: PresetName = "llama2-7b-t4"
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
+def _filled(what: str):
+    """A text field that must not be empty: "" would read as the current folder."""
+
+    def check(value: str) -> str:
+        if not value.strip():
+            raise PydanticCustomError("empty", "empty; {what}", {"what": what})
+        return value
+
+    return AfterValidator(check)
+
+
+DataName = Annotated[str, _filled("name a data file, a URL on your store or a hub id")]
+ModelName = Annotated[str, _filled("name a model folder, a hub id or builtin:tiny-llama")]
+
+
 class _Section(BaseModel):
     # inf and nan are never meant: `--set train.epochs=1e309` reads as inf
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -40,7 +56,7 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     # A hub id, a local .json/.jsonl/.csv/.parquet file, or "builtin:<name>" (shipped assets).
-    dataset: str = "gbharti/finance-alpaca"
+    dataset: DataName = "gbharti/finance-alpaca"
     revision: Optional[str] = None
     train_size: int = Field(1000, gt=0)
     test_size: int = Field(300, gt=0)
@@ -59,7 +75,7 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     # A hub id, a local folder, or "builtin:<name>" (built offline on first use).
-    name: str = "meta-llama/Llama-2-7b-hf"
+    name: ModelName = "meta-llama/Llama-2-7b-hf"
     revision: Optional[str] = None
     load_in_4bit: bool = True
     quant_type: Literal["nf4", "fp4"] = "nf4"
@@ -75,11 +91,24 @@ class ModelConfig(_Section):
 
 
 class LoraSettings(_Section):
-    r: int = Field(16, gt=0)
+    # A rank-r adapter adds r x (in + out) weights to each target; no recipe goes past 256, and
+    # a rank above a layer's width adds weights, not capacity (preflight checks the model's).
+    r: int = Field(16, gt=0, le=1024)
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     # Module names, or ["all-linear"] for every linear layer but the output head.
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _all_linear_alone(cls, targets: list[str]) -> list[str]:
+        if "all-linear" in targets and len(targets) > 1:
+            raise PydanticCustomError(
+                "all_linear_alone",
+                'all-linear already names every linear layer; pass ["all-linear"] alone, or '
+                "module names without it",
+            )
+        return targets
 
 
 class TrainSettings(_Section):
@@ -148,8 +177,11 @@ def transformers_choices() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 class GenerationSettings(_Section):
     # Greedy decoding, identical for the pretrained and the fine-tuned model.
+    # Preflight checks it against the model's context, with room for the test prompts.
     max_new_tokens: int = Field(128, gt=0)
-    batch_size: int = Field(16, gt=0)
+    # Prompts generated at once: memory grows with it (the key/value cache); 300 (all test
+    # rows, one batch on an 80 GB card) is the largest any preset uses.
+    batch_size: int = Field(16, gt=0, le=4096)
     # Deterministic guards against answers that repeat one sentence until the token limit;
     # 1.0 and 0 turn them off (the reference recipe).
     repetition_penalty: float = Field(1.0, ge=1.0)
@@ -200,7 +232,9 @@ class EvaluationSettings(_Section):
 
 
 class BootstrapSettings(_Section):
-    resamples: int = Field(1000, gt=0)
+    # Each resample draws one index per test row (8 bytes, twice): 100,000 resamples of 300
+    # rows take about 0.5 GB; a 95% interval's ends settle long before (1,000 is the default).
+    resamples: int = Field(1000, gt=0, le=100_000)
     confidence: float = Field(0.95, gt=0.0, lt=1.0)
     seed: Seed = 0
 
@@ -235,6 +269,17 @@ class FinetuneConfig(_Section):
     # A Prefect Secret block holding the store's fsspec options as JSON (credentials, endpoint);
     # None: the libraries read the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_*).
     output_dir_secret: Optional[str] = None
+
+    @field_validator("output_dir")
+    @classmethod
+    def _durable(cls, url: str) -> str:
+        if url.strip().lower().startswith("memory:"):
+            raise PydanticCustomError(
+                "not_durable",
+                "memory:// keeps nothing once this process ends; give a folder or a URL such "
+                "as s3://bucket/runs",
+            )
+        return url
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -336,6 +381,10 @@ def resolve_config(
         raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if isinstance(overrides, BaseModel):
         overrides = overrides.model_dump(exclude_none=True)
+    if "preset" in (overrides or {}):
+        raise ConfigError(
+            "preset: not a field to override; choose it with --preset (the flow's preset parameter)"
+        )
     values = deep_merge(PRESETS[preset], overrides or {})
     values["preset"] = preset
     try:

@@ -190,6 +190,26 @@ def check_lora_targets(config: FinetuneConfig, model_config) -> None:
     check_targets(model, targets, config.model.name)
 
 
+def check_lora_rank(config: FinetuneConfig, model_config) -> None:
+    """A LoRA rank above the model's width: B @ A cannot have a higher rank than the layer's
+    width, so the extra weights only cost memory (a rank of a billion asked 256 GB)."""
+    hidden = getattr(model_config.get_text_config(), "hidden_size", None) if model_config else None
+    if isinstance(hidden, int) and config.lora.r > hidden:
+        raise ConfigError(
+            f"lora.r: {config.lora.r} exceeds the width of {config.model.name} ({hidden}); a "
+            f"rank above it adds weights, not capacity: lower it to at most {hidden}"
+        )
+
+
+def check_metrics(config: FinetuneConfig) -> None:
+    """Every extra metric loads now (evaluate.load), not after the first evaluation."""
+    from finance_qlora.evaluation import load_metric
+
+    for name in dict.fromkeys(config.evaluation.metrics):
+        if name != "rouge":
+            load_metric(name)
+
+
 def check_padding_free(config: FinetuneConfig, model_config) -> None:
     """Padding-free batches need a model whose attention is transformers' pluggable kind (the
     packed-rows attention replaces it); remote code is checked when the model is built."""
@@ -306,8 +326,10 @@ def preflight(
     check_hub_access(config, token)
     found = read_model_config(config, token)
     check_lora_targets(config, found)
+    check_lora_rank(config, found)
     check_padding_free(config, found)
     check_context(config, found)
+    check_metrics(config)
     if rows is not None:  # a data file: its rows are known now
         tokenizer = _tokenizer(config, token)
         check_sequence_length(config, rows[0], token, tokenizer)
