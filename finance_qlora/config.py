@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
 from typing import Annotated, Any, Literal, Optional, get_args
 
 from pydantic import (
@@ -166,13 +165,31 @@ class TrainSettings(_Section):
         return name
 
 
-@lru_cache(maxsize=1)
-def transformers_choices() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """transformers' scheduler and optimizer names (imported on first use: it takes seconds)."""
-    from transformers.trainer_utils import SchedulerType
-    from transformers.training_args import OptimizerNames
+# transformers' scheduler and optimizer names (SchedulerType, OptimizerNames of transformers
+# 5.24), written out so that a config error is told without importing transformers (seconds);
+# tests/test_newcomer.py checks them against the installed transformers.
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+    "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy",
+)  # fmt: skip
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused",
+    "adafactor", "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix",
+    "sgd", "adagrad", "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit",
+    "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit",
+    "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb",
+    "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit",
+    "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise",
+    "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw", "schedule_free_radam",
+    "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise",
+    "stable_adamw",
+)  # fmt: skip
 
-    return tuple(s.value for s in SchedulerType), tuple(o.value for o in OptimizerNames)
+
+def transformers_choices() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """transformers' scheduler and optimizer names, without importing transformers."""
+    return SCHEDULERS, OPTIMIZERS
 
 
 class GenerationSettings(_Section):

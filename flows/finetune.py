@@ -8,11 +8,18 @@ Runs on Prefect's local embedded API unless PREFECT_API_URL points at a server.
 
 from __future__ import annotations
 
-import argparse
+import sys
+
+if __name__ == "__main__":
+    # --help, --show-config and config errors answer before the imports below (torch,
+    # transformers, Prefect: seconds) are paid
+    from finance_qlora.cli import answer_early
+
+    answer_early(sys.argv[1:])
+
 import json
 import logging
 import signal
-import sys
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -20,13 +27,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 
+from finance_qlora.cli import resolve_args
 from finance_qlora.config import (
     DEFAULT_PRESET,
-    PRESETS,
     ConfigOverrides,
     FinetuneConfig,
     PresetName,
-    merge_assignments,
     resolve_config,
 )
 from finance_qlora.errors import FinanceQLoRAError
@@ -186,41 +192,6 @@ def rescorable(champion: Champion | None, adapter: AdapterRecord, protocol: Prot
     )
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[str, dict[str, Any]]:
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.finetune",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--preset",
-        default=DEFAULT_PRESET,
-        help=f"one of {', '.join(PRESETS)} (default {DEFAULT_PRESET})",
-    )
-    parser.add_argument("--data", help="a local JSON/JSONL/CSV/Parquet file or a hub id")
-    parser.add_argument(
-        "--output-dir", help="the durable store: a folder or s3://, gs://, az:// URL (default runs)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="assignments",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override any config field, e.g. train.epochs=2 (repeatable)",
-    )
-    parser.add_argument(
-        "--show-config", action="store_true", help="print the resolved config as JSON and exit"
-    )
-    args = parser.parse_args(argv)
-    overrides = merge_assignments(args.assignments)
-    if args.data:
-        overrides.setdefault("data", {})["dataset"] = args.data
-    if args.output_dir is not None:
-        overrides["output_dir"] = args.output_dir
-    return args.preset, overrides | ({"_show": True} if args.show_config else {})
-
-
 INTERRUPTED = (
     "interrupted: run the same command again to resume (finished steps come from the cache, "
     "training from its last checkpoint)"
@@ -260,9 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if previous is not signal.SIG_IGN:  # ignored (a background job of a script): stays so
         signal.signal(signal.SIGINT, _interrupt_once)
     try:
-        preset, overrides = parse_args(argv)
-        show = overrides.pop("_show", False)
-        config = resolve_config(preset, overrides)
+        preset, overrides, config, show = resolve_args(argv)
         if show:
             print(config.model_dump_json(indent=2))
             return 0

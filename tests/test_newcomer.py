@@ -162,3 +162,57 @@ def test_test_prompts_past_the_context_are_left_out_and_counted(tmp_path, caplog
 
     scored = pd.read_parquet(record.path / "predictions.parquet")
     assert list(scored["prompt"]) == [rows[0]["prompt"], *(r["prompt"] for r in rows[2:])]
+
+
+_FIRST_SECOND = """
+import json, runpy, sys
+sys.argv = ["finetune", *json.loads(sys.argv[1])]
+try:
+    runpy.run_module("flows.finetune", run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+heavy = [m for m in ("torch", "transformers", "prefect", "datasets") if m in sys.modules]
+print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "args, code",
+    [
+        (["--help"], 0),
+        (["--preset", "tiny-cpu", "--show-config"], 0),
+        (["--preset", "tiny-cpu", "--set", "train.learning_rate=-1"], 2),
+        (["--preset", "tiny-cpu", "--set", "train.lr_scheduler=bogus"], 2),
+        (["--preset", "gpt-5"], 2),
+    ],
+)
+def test_the_first_second_imports_no_torch_transformers_or_prefect(args, code):
+    """`python -m flows.finetune` answers --help, --show-config and a config error from the
+    arguments alone: none of the libraries that take seconds to import is loaded."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run(
+        [sys.executable, "-c", _FIRST_SECOND, json.dumps(args)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    result = json.loads(done.stderr.strip().splitlines()[-1])
+    assert result == {"code": code, "heavy": []}, done.stderr
+    if code == 2:
+        assert done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 2
+
+
+def test_the_written_out_scheduler_and_optimizer_names_are_transformers_own():
+    """The config checks names without importing transformers: the lists must be its own."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    from finance_qlora.config import OPTIMIZERS, SCHEDULERS
+
+    assert SCHEDULERS == tuple(s.value for s in SchedulerType)
+    assert OPTIMIZERS == tuple(o.value for o in OptimizerNames)
