@@ -17,9 +17,11 @@ if __name__ == "__main__":
 
     answer_early(sys.argv[1:])
 
+import atexit
 import json
 import logging
 import signal
+import subprocess
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -198,11 +200,37 @@ INTERRUPTED = (
 )
 
 
+# Ctrl-C, and SIGTERM (what `timeout`, Docker and Kubernetes send before killing): both stop
+# the run the same way, recorded as Crashed and resumable; the exit status tells which came.
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Stopped(KeyboardInterrupt):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def _interrupt_once(signum, frame) -> None:
-    """Ctrl-C: stop now; a second Ctrl-C must not cut short Prefect's recording of the run as
-    Crashed, so it is ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
+    """Stop now; a second Ctrl-C or SIGTERM must not cut short Prefect's recording of the run
+    as Crashed, so it is ignored."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+# The temporary server's watchdog: it waits for this process's end (its stdin closes however
+# the process ends, kill -9 included) and stops the server, which would outlive it otherwise.
+_WATCHDOG = """
+import os, signal, sys
+sys.stdin.buffer.read()
+try:
+    os.kill(int(sys.argv[1]), signal.SIGTERM)
+except OSError:
+    pass
+"""
+# Kept for the life of the process: a watchdog's pipe closes when its Popen is collected.
+_WATCHDOGS: list[subprocess.Popen] = []
 
 
 def start_local_api() -> None:
@@ -219,17 +247,37 @@ def start_local_api() -> None:
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         server.start()
+        _WATCHDOGS.append(watch_server(server.server_process.pid))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def watch_server(pid: int) -> subprocess.Popen:
+    """A watchdog that stops process `pid` once this process is gone (started with SIGINT
+    blocked, like the server: a Ctrl-C leaves it waiting)."""
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(pid)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # the pipe's write end stays open in this process until it ends
+
+    def reap() -> None:  # a normal exit: the watchdog ends now and is waited for, no zombie
+        watchdog.stdin.close()
+        watchdog.wait(timeout=10)
+
+    atexit.register(reap)
+    return watchdog
 
 
 def main(argv: list[str] | None = None) -> int:
     # bitsandbytes warns on import on every CPU without the optional `kernels` package; the
     # configuration check imports it (through transformers), and an error must stay one line.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is not signal.SIG_IGN:  # ignored (a background job of a script): stays so
-        signal.signal(signal.SIGINT, _interrupt_once)
+    previous = {stop: signal.getsignal(stop) for stop in STOP_SIGNALS}
+    for stop, handler in previous.items():
+        if handler is not signal.SIG_IGN:  # ignored (a background job of a script): stays so
+            signal.signal(stop, _interrupt_once)
     try:
         preset, overrides, config, show = resolve_args(argv)
         if show:
@@ -252,12 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     except FinanceQLoRAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(INTERRUPTED, file=sys.stderr)
-        return 130
+        return STOP_SIGNALS.get(getattr(exc, "signum", signal.SIGINT), 130)
     finally:
-        if previous is not None:  # None: a handler not set from Python, left as it was
-            signal.signal(signal.SIGINT, previous)
+        for stop, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, left as it was
+                signal.signal(stop, handler)
     print(result["table"])
     print(f"data: {result['data_version']}")
     print(f"adapter: {result['adapter']}")

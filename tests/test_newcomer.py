@@ -216,3 +216,112 @@ def test_the_written_out_scheduler_and_optimizer_names_are_transformers_own():
 
     assert SCHEDULERS == tuple(s.value for s in SchedulerType)
     assert OPTIMIZERS == tuple(o.value for o in OptimizerNames)
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The processes whose parent is `pid`, with their command lines (Linux /proc)."""
+    from pathlib import Path
+
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ")
+                found[int(stat.parent.name)] = cmdline.decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a reaper that this container may not have."""
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _tiny_run(tmp_path):
+    import os
+
+    from tests.test_cli import Run
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")  # its own temporary server and database
+    args = ["--preset", "tiny-cpu", "--output-dir", str(tmp_path / "runs")]
+    args += ["--set", "train.epochs=200", "--set", "train.checkpoint_steps=3"]
+    return env, args, Run(env, *args)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="reads /proc")
+def test_kill_9_leaves_no_prefect_server_behind(tmp_path):
+    """kill -9 of the command while it trains: Prefect's temporary server, its child, stops
+    within seconds instead of living on as an orphan (about 200 MB each)."""
+    import os
+    import signal
+    import time
+
+    _, _, run = _tiny_run(tmp_path)
+    try:
+        run.first_step()
+        servers = [p for p, cmd in _children(run.process.pid).items() if "uvicorn" in cmd]
+        assert len(servers) == 1, _children(run.process.pid)
+        os.kill(run.process.pid, signal.SIGKILL)
+        run.process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(servers[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(servers[0]), "the temporary server outlived its command"
+    finally:
+        try:
+            os.killpg(run.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
+    """SIGTERM to the command alone (as `timeout` sends it) while training: exit 143 within
+    seconds with the one interrupted line, the flow run recorded as Crashed, and the same
+    command resumes from the last checkpoint."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from flows.finetune import INTERRUPTED
+    from tests.test_cli import _FLOW_RUN_STATES, ROOT
+
+    env, args, run = _tiny_run(tmp_path)
+    assert run.first_step() == 1
+    while not any(" - step 5/" in line for line in list(run.lines)):  # a checkpoint at 3
+        assert run.process.poll() is None, "\n".join(run.lines[-40:])
+        time.sleep(0.2)
+    os.kill(run.process.pid, signal.SIGTERM)
+    try:
+        assert run.process.wait(timeout=20) == 143
+    except subprocess.TimeoutExpired:
+        os.killpg(run.process.pid, signal.SIGKILL)
+        pytest.fail("still running 20 s after SIGTERM:\n" + "\n".join(run.lines[-40:]))
+    time.sleep(0.5)  # the reader thread takes the last lines
+    assert run.lines.count(INTERRUPTED) == 1, "\n".join(run.lines[-40:])
+    assert not [line for line in run.lines if "Traceback" in line], "\n".join(run.lines)
+    states = subprocess.run(
+        [sys.executable, "-c", _FLOW_RUN_STATES],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert json.loads(states.stdout.strip().splitlines()[-1]) == ["CRASHED"], states.stderr
+    _, _, again = _tiny_run(tmp_path)
+    first = again.first_step()
+    assert first > 1 and (first - 1) % 3 == 0  # resumed from a checkpoint (every 3 steps)
+    assert again.ctrl_c() == 130
