@@ -22,6 +22,8 @@ import json
 import logging
 import signal
 import subprocess
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -246,10 +248,30 @@ def start_local_api() -> None:
         return
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        server.start()
+        with first_start_lock():
+            server.start()
         _WATCHDOGS.append(watch_server(server.server_process.pid))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+@contextmanager
+def first_start_lock():
+    """One temporary server starting at a time per PREFECT_HOME: the first creates and
+    migrates the database, and a second run started at the same moment would crash in that
+    migration; it waits here instead (start() returns once the server answers)."""
+    import fcntl
+
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "finance-qlora-server.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def watch_server(pid: int) -> subprocess.Popen:

@@ -325,3 +325,37 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
     first = again.first_step()
     assert first > 1 and (first - 1) % 3 == 0  # resumed from a checkpoint (every 3 steps)
     assert again.ctrl_c() == 130
+
+
+def test_temporary_servers_start_one_at_a_time_per_prefect_home(monkeypatch, tmp_path):
+    """Two first runs on a fresh PREFECT_HOME: the database is created by one server start at
+    a time (the second crashed in Prefect's migration); here a server start sees the lock
+    held, so another run's start would wait."""
+    import fcntl
+    from types import SimpleNamespace
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    import flows.finetune
+
+    seen = []
+
+    def start(self, timeout=None):
+        with open(tmp_path / "home" / "finance-qlora-server.lock") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append("free")
+            except BlockingIOError:
+                seen.append("held")
+        self.server_process = SimpleNamespace(pid=0)  # for the watchdog, not started here
+
+    monkeypatch.setattr(SubprocessASGIServer, "start", start)
+    monkeypatch.setattr(flows.finetune, "watch_server", lambda pid: None)
+    monkeypatch.setattr(SubprocessASGIServer, "running", False, raising=False)
+    try:
+        with temporary_settings({PREFECT_HOME: tmp_path / "home", PREFECT_API_URL: None}):
+            flows.finetune.start_local_api()
+    finally:
+        SubprocessASGIServer().server_process = None
+    assert seen == ["held"]
