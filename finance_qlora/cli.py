@@ -79,3 +79,22 @@ def answer_early(argv: list[str]) -> None:
     if show:
         print(config.model_dump_json(indent=2))
         sys.exit(0)
+
+
+def outcome(summary: dict[str, Any], preset: str) -> list[str]:
+    """What a run prints after its table: the data version, the adapter, and in words whether
+    it was promoted or the champion kept, and why."""
+    decision = summary["decision"]
+    if summary["promoted"]:
+        verdict = f"promoted: this adapter is the new champion ({decision['reason']})"
+    elif summary["champion"]:
+        verdict = f"kept: the champion stays {summary['champion']} ({decision['reason']})"
+    else:
+        verdict = f"kept: no champion yet, this adapter is not one ({decision['reason']})"
+    lines = [f"data: {summary['data_version']}", f"adapter: {summary['adapter']}", verdict]
+    if preset == "tiny-cpu":
+        lines.append(
+            "note: tiny-cpu's model has random weights: its scores prove only that every step "
+            "ran, not that fine-tuning helps"
+        )
+    return lines

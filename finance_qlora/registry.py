@@ -76,7 +76,11 @@ def decide(
             "that is not above zero"
         )
     if champion is None:
-        beaten = "beats the pretrained model" if beat_pretrained else "(pretrained not required)"
+        beaten = (
+            "beats the pretrained model"
+            if beat_pretrained
+            else "(promotion.beat_pretrained is off: the pretrained model need not be beaten)"
+        )
         return True, f"no champion yet; {metric} {candidate:.4f} {beaten}"
     if candidate > champion + min_delta:
         return True, (

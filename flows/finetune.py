@@ -31,7 +31,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 
-from finance_qlora.cli import resolve_args
+from finance_qlora.cli import outcome, resolve_args
 from finance_qlora.config import (
     DEFAULT_PRESET,
     ConfigOverrides,
@@ -330,9 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             if handler is not None:  # None: a handler not set from Python, left as it was
                 signal.signal(stop, handler)
     print(result["table"])
-    print(f"data: {result['data_version']}")
-    print(f"adapter: {result['adapter']}")
-    print(f"champion: {result['champion']} ({result['decision']['reason']})")
+    print("\n".join(outcome(result, preset)))
     return 0
 
 

@@ -359,3 +359,32 @@ def test_temporary_servers_start_one_at_a_time_per_prefect_home(monkeypatch, tmp
     finally:
         SubprocessASGIServer().server_process = None
     assert seen == ["held"]
+
+
+def test_the_run_ends_with_promoted_or_kept_in_words_and_the_tiny_note():
+    """The last lines a newcomer reads: promoted or kept, with the reason; for tiny-cpu, that
+    its random weights prove only that every step ran (it said "champion: ... (no champion
+    yet; ... (pretrained not required))" after promoting)."""
+    from finance_qlora.cli import outcome
+
+    summary = {
+        "data_version": "sha256:abc",
+        "adapter": "runs/adapters/new",
+        "champion": "runs/adapters/new",
+        "promoted": True,
+        "decision": {"reason": "no champion yet; rougeL 0.0000"},
+    }
+    first = outcome(summary, "tiny-cpu")
+    assert first[:3] == [
+        "data: sha256:abc",
+        "adapter: runs/adapters/new",
+        "promoted: this adapter is the new champion (no champion yet; rougeL 0.0000)",
+    ]
+    assert first[3].startswith("note: tiny-cpu's model has random weights")
+    kept = summary | {"champion": "runs/adapters/old", "promoted": False}
+    kept["decision"] = {"reason": "rougeL 0.1 does not beat the champion's 0.2"}
+    assert outcome(kept, "llama2-7b-t4") == [
+        "data: sha256:abc",
+        "adapter: runs/adapters/new",
+        "kept: the champion stays runs/adapters/old (rougeL 0.1 does not beat the champion's 0.2)",
+    ]

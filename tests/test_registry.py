@@ -113,7 +113,8 @@ def test_the_gate_gives_its_reason_in_words():
     )
     assert decide("rouge1", 0.3, low, champion=None, beat_pretrained=False) == (
         True,
-        "no champion yet; rouge1 0.3000 (pretrained not required)",
+        "no champion yet; rouge1 0.3000 (promotion.beat_pretrained is off: the pretrained model "
+        "need not be beaten)",
     )
     assert decide("rougeL", 0.311, delta(0.01), champion=0.3, min_delta=0.01) == (
         True,
