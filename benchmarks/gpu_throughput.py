@@ -53,7 +53,7 @@ from finance_qlora.config import (  # noqa: E402
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl, write_jsonl  # noqa: E402
 from finance_qlora.generation import generate_shard  # noqa: E402
-from finance_qlora.modeling import loaded  # noqa: E402
+from finance_qlora.modeling import compute_dtype, loaded  # noqa: E402
 from finance_qlora.prompts import write_prompts  # noqa: E402
 from finance_qlora.quantized import quantized_folder  # noqa: E402
 from finance_qlora.training import train_adapter  # noqa: E402
@@ -251,7 +251,9 @@ def timed_train(setup: Setup, name: str, config, rows: int | None, runs: int) ->
 
 def section_loads(setup: Setup) -> dict:
     config = setup.config()
-    kept = quantized_folder(config.model, str(setup.model_dir), None)
+    kept = quantized_folder(
+        config.model, str(setup.model_dir), None, compute_dtype(config.model.compute_dtype)
+    )
     shutil.rmtree(kept, ignore_errors=True)
     prompts, answers, result = setup.test_prompts[:32], [], {}
     for name in ("quantize_and_keep", "kept"):
@@ -442,7 +444,8 @@ def flow_in_process(setup: Setup, run: int) -> dict:
 
 
 def section_flow(args, setup: Setup, runs: int, evaluated: dict | None) -> dict:
-    kept = quantized_folder(setup.config().model, str(setup.model_dir), None)
+    model = setup.config().model
+    kept = quantized_folder(model, str(setup.model_dir), None, compute_dtype(model.compute_dtype))
     shutil.rmtree(kept, ignore_errors=True)  # the first run quantizes, as on a new worker
     if evaluated and "project" in evaluated:  # generate as the fastest measured setting did
         chosen = evaluated["project"]["settings"]

@@ -8,11 +8,11 @@ evaluate tasks run (`train_data_parallel`, `generate_sharded`: fresh processes, 
 the one-GPU baseline included, in this one call on this one machine:
 
 - train: the same schedule for every count (--rows-per-step rows an optimizer step, split over
-  the GPUs, each in token-budget micro-batches of --tokens-per-batch), --epochs over 1,000 rows. `useful_tok_s` is
-  real (unpadded) tokens / the Trainer's wall time, whose first steps pay each process's
-  one-time CUDA costs; `steady_useful_tok_s` leaves out the first --skip-steps optimizer steps
-  (timed by rank 0's progress lines, tokens per step taken as the run's mean). Loss per step
-  beside the one-GPU curve.
+  the GPUs, each in token-budget micro-batches of --tokens-per-batch), --epochs over 1,000
+  rows. `useful_tok_s` is real (unpadded) tokens / the Trainer's wall time, whose first steps
+  pay each process's one-time CUDA costs; `steady_useful_tok_s` leaves out the first
+  --skip-steps optimizer steps (timed by rank 0's progress lines, tokens per step taken as the
+  run's mean). Loss per step beside the one-GPU curve.
 - eval: 300 prompts x 128 new tokens, greedy (random weights never stop early: the worst
   case), batches of --eval-batch prompts dealt out over the GPUs. `seconds_300x128` is the
   slowest process's generation time; `wall_seconds` adds model loading and process start.

@@ -15,7 +15,7 @@ from typing import Any
 
 from finance_qlora import builtin_models
 from finance_qlora.config import GenerationSettings, ModelConfig
-from finance_qlora.data import _file_bytes, file_suffix, is_store_url, local_path, parse_rows
+from finance_qlora.data import file_bytes, file_suffix, is_store_url, local_path, parse_rows
 from finance_qlora.errors import ConfigError, DataError
 from finance_qlora.evaluation import generate_all
 from finance_qlora.files import atomic_dir, fingerprint, read_jsonl, write_jsonl
@@ -104,7 +104,7 @@ def read_questions(source: str, options: dict[str, Any] | None = None) -> list[d
     try:
         if local_path(source) is None and not is_store_url(source):
             raise DataError(f"{source} does not exist; pass a JSONL, CSV or Parquet file")
-        rows = parse_rows(_file_bytes(source, options), file_suffix(source), source)
+        rows = parse_rows(file_bytes(source, options), file_suffix(source), source)
     except DataError as exc:
         raise DataError(f"questions: {exc}") from None
     return check_questions(rows, source)

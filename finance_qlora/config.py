@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
 from typing import Annotated, Any, Literal, Optional, get_args
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -33,6 +33,21 @@ DEFAULT_PRESET: PresetName = "llama2-7b-t4"
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
+def _filled(what: str):
+    """A text field that must not be empty: "" would read as the current folder."""
+
+    def check(value: str) -> str:
+        if not value.strip():
+            raise PydanticCustomError("empty", "empty; {what}", {"what": what})
+        return value
+
+    return AfterValidator(check)
+
+
+DataName = Annotated[str, _filled("name a data file, a URL on your store or a hub id")]
+ModelName = Annotated[str, _filled("name a model folder, a hub id or builtin:tiny-llama")]
+
+
 class _Section(BaseModel):
     # inf and nan are never meant: `--set train.epochs=1e309` reads as inf
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -40,7 +55,7 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     # A hub id, a local .json/.jsonl/.csv/.parquet file, or "builtin:<name>" (shipped assets).
-    dataset: str = "gbharti/finance-alpaca"
+    dataset: DataName = "gbharti/finance-alpaca"
     revision: Optional[str] = None
     train_size: int = Field(1000, gt=0)
     test_size: int = Field(300, gt=0)
@@ -59,7 +74,7 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     # A hub id, a local folder, or "builtin:<name>" (built offline on first use).
-    name: str = "meta-llama/Llama-2-7b-hf"
+    name: ModelName = "meta-llama/Llama-2-7b-hf"
     revision: Optional[str] = None
     load_in_4bit: bool = True
     quant_type: Literal["nf4", "fp4"] = "nf4"
@@ -75,11 +90,24 @@ class ModelConfig(_Section):
 
 
 class LoraSettings(_Section):
-    r: int = Field(16, gt=0)
+    # A rank-r adapter adds r x (in + out) weights to each target; no recipe goes past 256, and
+    # a rank above a layer's width adds weights, not capacity (preflight checks the model's).
+    r: int = Field(16, gt=0, le=1024)
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     # Module names, or ["all-linear"] for every linear layer but the output head.
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _all_linear_alone(cls, targets: list[str]) -> list[str]:
+        if "all-linear" in targets and len(targets) > 1:
+            raise PydanticCustomError(
+                "all_linear_alone",
+                'all-linear already names every linear layer; pass ["all-linear"] alone, or '
+                "module names without it",
+            )
+        return targets
 
 
 class TrainSettings(_Section):
@@ -87,11 +115,12 @@ class TrainSettings(_Section):
     learning_rate: float = Field(2e-4, gt=0)
     # The schedule, part of the recipe: rows in one optimizer step (16: QLoRA's setting for 7B
     # models at lr 2e-4; 63 steps for 1,000 rows), whatever the card computes them in.
-    rows_per_step: int = Field(16, gt=0, le=100_000)
+    rows_per_step: int = Field(16, gt=0, le=65_536)
     # Micro-batches (how the card computes a step, never how many rows a step holds): this
     # many rows each, or with max_tokens_per_batch as many as fit that budget. Gradients
     # accumulate over a step's micro-batches.
-    batch_size: int = Field(4, gt=0)
+    # (at most 1,024: memory grows with it, and the largest preset computes 16 rows at once)
+    batch_size: int = Field(4, gt=0, le=1024)
     max_seq_length: int = Field(512, gt=0)
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     # Any transformers scheduler name: "constant_with_warmup" (the reference recipe) keeps the
@@ -101,7 +130,8 @@ class TrainSettings(_Section):
     optimizer: str = "paged_adamw_8bit"
     # Length-grouped micro-batches of at most this many padded tokens (batch_size is then
     # ignored); None: micro-batches of batch_size rows.
-    max_tokens_per_batch: Optional[int] = Field(None, gt=0)
+    # (at most 2^20: 64x the 80 GB preset's 16,384, more than any card holds at 7B)
+    max_tokens_per_batch: Optional[int] = Field(None, gt=0, le=2**20)
     # Pad every batch to a multiple of this length (the reference notebook padded to 512).
     pad_to_multiple_of: Optional[int] = Field(None, gt=0)
     # Train on base weights dequantized once from NF4 (the same values the 4-bit kernels
@@ -117,6 +147,16 @@ class TrainSettings(_Section):
     # A retried or re-run training resumes from the newest checkpoint; 0 turns them off.
     checkpoint_steps: int = Field(50, ge=0)
     seed: Seed = 42
+
+    @model_validator(mode="after")
+    def _padding_within_a_row(self) -> TrainSettings:
+        if self.pad_to_multiple_of and self.pad_to_multiple_of > self.max_seq_length:
+            # past the longest row, padding only adds padding
+            raise ValueError(
+                f"pad_to_multiple_of {self.pad_to_multiple_of} is above max_seq_length "
+                f"{self.max_seq_length}; lower it or leave it unset"
+            )
+        return self
 
     @field_validator("lr_scheduler")
     @classmethod
@@ -142,19 +182,40 @@ class TrainSettings(_Section):
         return name
 
 
-@lru_cache(maxsize=1)
-def transformers_choices() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """transformers' scheduler and optimizer names (imported on first use: it takes seconds)."""
-    from transformers.trainer_utils import SchedulerType
-    from transformers.training_args import OptimizerNames
+# transformers' scheduler and optimizer names (SchedulerType, OptimizerNames of transformers
+# 5.24), written out so that a config error is told without importing transformers (seconds);
+# tests/test_newcomer.py checks them against the installed transformers.
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+    "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy",
+)  # fmt: skip
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused",
+    "adafactor", "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix",
+    "sgd", "adagrad", "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit",
+    "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit",
+    "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb",
+    "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit",
+    "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise",
+    "galore_adafactor_layerwise", "lomo", "adalomo", "grokadamw", "schedule_free_radam",
+    "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw", "apollo_adamw_layerwise",
+    "stable_adamw",
+)  # fmt: skip
 
-    return tuple(s.value for s in SchedulerType), tuple(o.value for o in OptimizerNames)
+
+def transformers_choices() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """transformers' scheduler and optimizer names, without importing transformers."""
+    return SCHEDULERS, OPTIMIZERS
 
 
 class GenerationSettings(_Section):
     # Greedy decoding, identical for the pretrained and the fine-tuned model.
+    # Preflight checks it against the model's context, with room for the test prompts.
     max_new_tokens: int = Field(128, gt=0)
-    batch_size: int = Field(16, gt=0)
+    # Prompts generated at once: memory grows with it (the key/value cache); 300 (all test
+    # rows, one batch on an 80 GB card) is the largest any preset uses.
+    batch_size: int = Field(16, gt=0, le=4096)
     # Deterministic guards against answers that repeat one sentence until the token limit;
     # 1.0 and 0 turn them off (the reference recipe).
     repetition_penalty: float = Field(1.0, ge=1.0)
@@ -218,7 +279,9 @@ class EvaluationSettings(_Section):
 
 
 class BootstrapSettings(_Section):
-    resamples: int = Field(1000, gt=0)
+    # Each resample draws one index per test row (8 bytes, twice): 100,000 resamples of 300
+    # rows take about 0.5 GB; a 95% interval's ends settle long before (1,000 is the default).
+    resamples: int = Field(1000, gt=0, le=100_000)
     confidence: float = Field(0.95, gt=0.0, lt=1.0)
     seed: Seed = 0
 
@@ -259,6 +322,17 @@ class FinetuneConfig(_Section):
     # A Prefect Secret block holding the store's fsspec options as JSON (credentials, endpoint);
     # None: the libraries read the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, AZURE_*).
     output_dir_secret: Optional[str] = None
+
+    @field_validator("output_dir")
+    @classmethod
+    def _durable(cls, url: str) -> str:
+        if url.strip().lower().startswith("memory:"):
+            raise PydanticCustomError(
+                "not_durable",
+                "memory:// keeps nothing once this process ends; give a folder or a URL such "
+                "as s3://bucket/runs",
+            )
+        return url
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -376,6 +450,10 @@ def resolve_config(
         raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if isinstance(overrides, BaseModel):
         overrides = overrides.model_dump(exclude_none=True)
+    if "preset" in (overrides or {}):
+        raise ConfigError(
+            "preset: not a field to override; choose it with --preset (the flow's preset parameter)"
+        )
     values = deep_merge(PRESETS[preset], overrides or {})
     values["preset"] = preset
     try:

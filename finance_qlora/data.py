@@ -82,9 +82,7 @@ def resolve_version(
     commit sha its revision points at now. Later reads check they got this version."""
     path = local_path(dataset)
     if path is not None or is_store_url(dataset):
-        return DataVersion(
-            source=dataset, version=f"sha256:{sha256(_file_bytes(dataset, options))}"
-        )
+        return DataVersion(source=dataset, version=f"sha256:{sha256(file_bytes(dataset, options))}")
     sha = hub_revision(dataset, revision, token)
     return DataVersion(source=dataset, version=f"hub:{dataset}@{sha}", revision=sha)
 
@@ -123,7 +121,7 @@ def hub_revision(dataset: str, revision: str | None, token: str | None) -> str:
         raise DataError(f"data.revision: {revision!r} not found in {dataset}") from None
 
 
-def _file_bytes(dataset: str, options: dict[str, Any] | None = None) -> bytes:
+def file_bytes(dataset: str, options: dict[str, Any] | None = None) -> bytes:
     path = local_path(dataset)
     if path is not None:
         return path.read_bytes()
@@ -149,29 +147,28 @@ def parse_rows(data: bytes, suffix: str, source: str) -> list[dict[str, Any]]:
     suffix = suffix.lower()
     if not data.strip():
         raise DataError(f"data file {source} is empty; pass a file with Finance-Alpaca rows")
+    if suffix != ".parquet":  # Parquet's strings are UTF-8 by its format
+        text = utf8_text(data, source)
     if suffix in (".csv", ".parquet"):
         import pandas as pd
 
         try:
             if suffix == ".csv":
-                table = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+                table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
             else:
                 table = pd.read_parquet(io.BytesIO(data))
         except Exception as exc:  # pandas and pyarrow word parse errors in many types
             reason = " ".join(str(exc).split())[:160]
             raise DataError(f"data file {source}: malformed {suffix[1:]} ({reason})") from None
         return table.to_dict(orient="records")
-    text = data.decode("utf-8", errors="replace")
-    if suffix == ".json" and text.lstrip().startswith("["):
+    if suffix == ".json":
         try:
-            rows = json.loads(text)
+            return json_rows(json.loads(text), source)
         except json.JSONDecodeError as exc:
-            raise DataError(
-                f"data file {source}: malformed json (line {exc.lineno}: {exc.msg}); fix it"
-            ) from None
-        if not all(isinstance(r, dict) for r in rows):
-            raise DataError(f"data file {source}: a JSON list of objects is expected")
-        return rows
+            if exc.msg != "Extra data":  # "Extra data": JSON Lines in a .json file
+                raise DataError(
+                    f"data file {source}: malformed json (line {exc.lineno}: {exc.msg}); fix it"
+                ) from None
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -192,12 +189,44 @@ def parse_rows(data: bytes, suffix: str, source: str) -> list[dict[str, Any]]:
     return rows
 
 
+def utf8_text(data: bytes, source: str) -> str:
+    """The file's text, read strictly: a byte that is not UTF-8 is an error, never a silent
+    U+FFFD trained on (a leading byte-order mark is allowed)."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"data file {source}: not UTF-8 (line {line}, byte offset {exc.start}: "
+            f"{data[exc.start : exc.start + 1]!r}); save the file as UTF-8"
+        ) from None
+
+
+def json_rows(value: Any, source: str) -> list[dict[str, Any]]:
+    """A JSON file's rows: a list of objects, an object holding one such list under any name
+    (as {"data": [...]}), or a single row."""
+    if isinstance(value, dict):
+        lists = [key for key, item in value.items() if isinstance(item, list)]
+        if len(lists) > 1:
+            raise DataError(
+                f"data file {source}: a JSON object with {len(lists)} lists "
+                f"({', '.join(lists)}); keep the one list of rows"
+            )
+        value = value[lists[0]] if lists else [value]
+    if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+        raise DataError(
+            f"data file {source}: a JSON list of objects is expected (or an object holding "
+            "one such list)"
+        )
+    return value
+
+
 def read_version(
     source: DataVersion, token: str | None = None, options: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """The rows of exactly `source.version`: the bytes hashed are the bytes parsed."""
     if source.revision is None:
-        data = _file_bytes(source.source, options)
+        data = file_bytes(source.source, options)
         if f"sha256:{sha256(data)}" != source.version:
             raise DataError(f"data file {source.source} changed while this run read it; run again")
         return parse_rows(data, file_suffix(source.source), source.source)

@@ -10,6 +10,7 @@ tokens that was; equal to max_new_tokens when the answer hit the limit)."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,11 @@ from finance_qlora.files import atomic_dir, fingerprint, read_jsonl
 from finance_qlora.generation import Generated, generate_shard
 from finance_qlora.modeling import loaded
 from finance_qlora.parallel import generate_sharded
-from finance_qlora.prompts import cut_answer
+from finance_qlora.prompts import cut_answer, fit_prompts, prompt_length
 from finance_qlora.records import EvalRecord
 from finance_qlora.rouge import mean_scores, score_pairs
+
+log = logging.getLogger(__name__)
 
 
 def load_metric(name: str):
@@ -49,6 +52,50 @@ def load_metric(name: str):
             f"evaluation.metrics: cannot load {name!r} with evaluate.load ({reason}); the hub is "
             f"{hub}: name a metric it can reach, or keep only 'rouge'"
         ) from None
+
+
+def fitting_rows(
+    rows: list[dict[str, str]],
+    model_cfg: ModelConfig,
+    generation: GenerationSettings,
+    token: str | None = None,
+) -> list[dict[str, str]]:
+    """The test rows whose prompt leaves room for max_new_tokens in the model's context; the
+    others are left out with a warning that counts them (`prompts.fit_prompts`)."""
+    from transformers import AutoConfig
+
+    from finance_qlora.builtin_models import resolve
+    from finance_qlora.modeling import context_length, load_tokenizer
+
+    model_config = AutoConfig.from_pretrained(
+        resolve(model_cfg.name),
+        revision=model_cfg.revision,
+        token=token,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    context = context_length(model_config)
+    if context is None:
+        return rows
+    limit = context - generation.max_new_tokens
+    length = prompt_length(load_tokenizer(model_cfg, token))
+    kept, dropped = fit_prompts([r["prompt"] for r in rows], length, limit)
+    if dropped:
+        log.warning(
+            "%d of %d test prompts take more than %d tokens (the context of %s, %d, minus "
+            "generation.max_new_tokens=%d): left out of this evaluation",
+            dropped,
+            len(rows),
+            limit,
+            model_cfg.name,
+            context,
+            generation.max_new_tokens,
+        )
+    if not kept:
+        raise ConfigError(
+            f"generation.max_new_tokens: {generation.max_new_tokens} new tokens leave no room "
+            f"for any test prompt in the context of {model_cfg.name} ({context} tokens); lower it"
+        )
+    return [rows[i] for i in kept]
 
 
 def _plain(value: Any) -> Any:
@@ -101,7 +148,7 @@ def evaluate_model(
     names = (evaluation or EvaluationSettings()).metrics
     # before any answer is generated: a bad name costs no GPU time
     others = {name: load_metric(name) for name in dict.fromkeys(names) if name != "rouge"}
-    rows = read_jsonl(prompts_path)
+    rows = fitting_rows(read_jsonl(prompts_path), model_cfg, generation, token)
     prompts = [r["prompt"] for r in rows]
     references = [r["completion"] for r in rows]
     work = out_dir.with_name(out_dir.name + ".shards")

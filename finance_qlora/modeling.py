@@ -28,6 +28,17 @@ def compute_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
 
 
+def context_length(model_config) -> int | None:
+    """Positions the model has (prompt and answer together); None where the config does not
+    say (a position scheme without a limit)."""
+    text_config = model_config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def device_map() -> dict[str, Any]:
     return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
 
@@ -111,7 +122,7 @@ def load_model(cfg: ModelConfig, token: str | None = None, adapter_dir: Path | N
         "trust_remote_code": cfg.trust_remote_code,
         "use_safetensors": True,
     }
-    kept = quantized_folder(cfg, source, token)
+    kept = quantized_folder(cfg, source, token, common["dtype"])
     model = load_kept(kept, common) if kept is not None else None
     if model is not None:
         # adapters (PEFT's base_model_name_or_path) name the model, not the kept copy

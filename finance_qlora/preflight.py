@@ -20,27 +20,30 @@ from finance_qlora.data import (
     split_rows,
 )
 from finance_qlora.errors import ConfigError
-from finance_qlora.prompts import fit_completion, to_prompt_completion
+from finance_qlora.prompts import fit_prompts, prompt_length, shortest_form, to_prompt_completion
 from finance_qlora.registry import read_champion
 from finance_qlora.store import Store, gets_store_credentials
 from finance_qlora.training import check_targets, no_row_fits, row_length
 
+Rows = list[dict[str, str]]
+
 
 def check_data(
     config: FinetuneConfig, token: str | None, options: dict[str, Any]
-) -> list[dict[str, str]] | None:
-    """A data file (local or on a store) is read and checked whole, and its training rows
-    returned; a hub data set is looked up (a missing one is bad input; an unreachable hub is
-    left to the load step's retries) and None returned."""
+) -> tuple[Rows, Rows] | None:
+    """A data file (local or on a store) is read and checked whole, and its training rows and
+    the rows evaluated (test or validation) returned; a hub data set is looked up (a missing
+    one is bad input; an unreachable hub is left to the load step's retries) and None
+    returned."""
     data = config.data
     if local_path(data.dataset) is not None or is_store_url(data.dataset):
         same_store = gets_store_credentials(data.dataset, config.output_dir)
         rows = read_rows(data.dataset, options=options if same_store else None)
         rows = drop_duplicates(check_rows(rows, data.dataset))
-        train, _, _ = split_rows(
+        train, test, validation = split_rows(
             rows, data.train_size, data.test_size, data.seed, data.validation_size
         )
-        return train
+        return train, validation if data.evaluate_on == "validation" else test
     try:
         hub_revision(data.dataset, data.revision, token)
     except (OSError, ConnectionError, TimeoutError):
@@ -187,6 +190,26 @@ def check_lora_targets(config: FinetuneConfig, model_config) -> None:
     check_targets(model, targets, config.model.name)
 
 
+def check_lora_rank(config: FinetuneConfig, model_config) -> None:
+    """A LoRA rank above the model's width: B @ A cannot have a higher rank than the layer's
+    width, so the extra weights only cost memory (a rank of a billion asked 256 GB)."""
+    hidden = getattr(model_config.get_text_config(), "hidden_size", None) if model_config else None
+    if isinstance(hidden, int) and config.lora.r > hidden:
+        raise ConfigError(
+            f"lora.r: {config.lora.r} exceeds the width of {config.model.name} ({hidden}); a "
+            f"rank above it adds weights, not capacity: lower it to at most {hidden}"
+        )
+
+
+def check_metrics(config: FinetuneConfig) -> None:
+    """Every extra metric loads now (evaluate.load), not after the first evaluation."""
+    from finance_qlora.evaluation import load_metric
+
+    for name in dict.fromkeys(config.evaluation.metrics):
+        if name != "rouge":
+            load_metric(name)
+
+
 def check_padding_free(config: FinetuneConfig, model_config) -> None:
     """Padding-free batches need a model whose attention is transformers' pluggable kind (the
     packed-rows attention replaces it); remote code is checked when the model is built."""
@@ -201,19 +224,10 @@ def check_padding_free(config: FinetuneConfig, model_config) -> None:
         raise not_pluggable(config.model.name, model_class.__name__)
 
 
-def context_length(model_config) -> int | None:
-    """Positions the model has (prompt and answer together); None where the config does not
-    say (a position scheme without a limit)."""
-    text_config = model_config.get_text_config()
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(text_config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def check_context(config: FinetuneConfig, model_config) -> None:
     """Answers and training rows fit the model's context."""
+    from finance_qlora.modeling import context_length
+
     context = context_length(model_config) if model_config is not None else None
     if context is None:
         return
@@ -230,31 +244,59 @@ def check_context(config: FinetuneConfig, model_config) -> None:
         )
 
 
+def _tokenizer(config: FinetuneConfig, token: str | None):
+    """The model's tokenizer; None for a hub model that cannot be reached (the load task
+    reports it)."""
+    from finance_qlora.modeling import load_tokenizer
+
+    try:
+        return load_tokenizer(config.model, token)
+    except (OSError, ValueError) as exc:
+        if is_hub_model(config.model.name):
+            return None
+        raise ConfigError(
+            f"model.name: {config.model.name}: its tokenizer cannot be loaded ({_reason(exc)})"
+        ) from None
+
+
 def check_sequence_length(
-    config: FinetuneConfig, train_rows: list[dict[str, str]] | None, token: str | None
+    config: FinetuneConfig, train_rows: Rows | None, token: str | None, tokenizer=None
 ) -> None:
     """Some training row fits train.max_seq_length (training drops the rows that do not), told
     with the tokenizer alone; rows of a hub data set are not known yet: the train step tells."""
     if not train_rows:
         return
-    from finance_qlora.modeling import load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(config.model, token)
-    except (OSError, ValueError) as exc:
-        if is_hub_model(config.model.name):
-            return  # unreachable hub: the load task reports it
-        raise ConfigError(
-            f"model.name: {config.model.name}: its tokenizer cannot be loaded ({_reason(exc)})"
-        ) from None
+    tokenizer = tokenizer or _tokenizer(config, token)
+    if tokenizer is None:
+        return
     length, limit = row_length(tokenizer), config.train.max_seq_length
     pairs = [to_prompt_completion(r) for r in train_rows]
-    fits = (
-        fit_completion(p["completion"], lambda c, p=p: length(p["prompt"], c), limit) is not None
-        for p in pairs
-    )
-    if not any(fits):
+    # a row fits once its first sentence does: one short tokenization a row (the train step
+    # cuts the long answers, once)
+    if not any(length(p["prompt"], shortest_form(p["completion"])) <= limit for p in pairs):
         raise no_row_fits(pairs, length, limit)
+
+
+def check_test_prompts(
+    config: FinetuneConfig, test_rows: Rows | None, model_config, tokenizer
+) -> None:
+    """Some test prompt leaves room for generation.max_new_tokens in the context (evaluation
+    leaves out, and counts, the prompts that do not: `prompts.fit_prompts`)."""
+    from finance_qlora.modeling import context_length
+
+    context = context_length(model_config) if model_config is not None else None
+    if not test_rows or context is None or tokenizer is None:
+        return
+    new_tokens = config.generation.max_new_tokens
+    prompts = [to_prompt_completion(r)["prompt"] for r in test_rows]
+    _, dropped = fit_prompts(prompts, prompt_length(tokenizer), context - new_tokens)
+    if dropped == len(prompts):
+        shortest = min(map(prompt_length(tokenizer), prompts))
+        raise ConfigError(
+            f"generation.max_new_tokens: {new_tokens} new tokens leave no room for any test "
+            f"prompt in the context of {config.model.name} ({context} tokens; the shortest "
+            f"prompt takes {shortest}); lower it to at most {max(context - shortest, 0)}"
+        )
 
 
 def preflight(
@@ -273,13 +315,18 @@ def preflight(
     hub_data = local_path(config.data.dataset) is None and not is_store_url(config.data.dataset)
     hub = is_hub_model(config.model.name) or hub_data
     token = get_token() if hub else None
-    train_rows = check_data(config, token, store.options)
+    rows = check_data(config, token, store.options)
     check_hub_access(config, token)
     found = read_model_config(config, token)
     check_lora_targets(config, found)
+    check_lora_rank(config, found)
     check_padding_free(config, found)
     check_context(config, found)
-    check_sequence_length(config, train_rows, token)
+    check_metrics(config)
+    if rows is not None:  # a data file: its rows are known now
+        tokenizer = _tokenizer(config, token)
+        check_sequence_length(config, rows[0], token, tokenizer)
+        check_test_prompts(config, rows[1], found, tokenizer)
     store.check_writable()
     if config.promotion.enabled:
         read_champion(store)  # a damaged champion pointer: one line, before any work

@@ -44,11 +44,11 @@ def source_identity(source: str, revision: str | None, token: str | None) -> str
     return f"{source}@{Path(config).parent.name}"  # .../snapshots/<commit>/config.json
 
 
-def quantized_folder(cfg: ModelConfig, source: str, token: str | None) -> Path | None:
+def quantized_folder(
+    cfg: ModelConfig, source: str, token: str | None, dtype: torch.dtype
+) -> Path | None:
     """Where the 4-bit weights of `source` under `cfg`'s quantization settings are kept."""
     import bitsandbytes
-
-    from finance_qlora.modeling import compute_dtype
 
     if not (cfg.load_in_4bit and cfg.reuse_quantized) or cfg.trust_remote_code:
         return None  # remote code may not survive a save: always load from the source
@@ -60,7 +60,7 @@ def quantized_folder(cfg: ModelConfig, source: str, token: str | None) -> Path |
             identity,
             cfg.quant_type,
             cfg.double_quant,
-            str(compute_dtype(cfg.compute_dtype)),
+            str(dtype),
             bitsandbytes.__version__,  # its storage format may change between versions
         ]
     )

@@ -8,11 +8,22 @@ Runs on Prefect's local embedded API unless PREFECT_API_URL points at a server.
 
 from __future__ import annotations
 
-import argparse
+import sys
+
+if __name__ == "__main__":
+    # --help, --show-config and config errors answer before the imports below (torch,
+    # transformers, Prefect: seconds) are paid
+    from finance_qlora.cli import answer_early
+
+    answer_early(sys.argv[1:])
+
+import atexit
 import json
 import logging
 import signal
-import sys
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -20,13 +31,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 
+from finance_qlora.cli import outcome, resolve_args
 from finance_qlora.config import (
     DEFAULT_PRESET,
-    PRESETS,
     ConfigOverrides,
     FinetuneConfig,
     PresetName,
-    merge_assignments,
     resolve_config,
     schedule_line,
 )
@@ -283,52 +293,43 @@ def unscorable_reason(champion: Champion, protocol: Protocol) -> str | None:
     return None
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[str, dict[str, Any]]:
-    parser = argparse.ArgumentParser(
-        prog="python -m flows.finetune",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--preset",
-        default=DEFAULT_PRESET,
-        help=f"one of {', '.join(PRESETS)} (default {DEFAULT_PRESET})",
-    )
-    parser.add_argument("--data", help="a local JSON/JSONL/CSV/Parquet file or a hub id")
-    parser.add_argument(
-        "--output-dir", help="the durable store: a folder or s3://, gs://, az:// URL (default runs)"
-    )
-    parser.add_argument(
-        "--set",
-        dest="assignments",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override any config field, e.g. train.epochs=2 (repeatable)",
-    )
-    parser.add_argument(
-        "--show-config", action="store_true", help="print the resolved config as JSON and exit"
-    )
-    args = parser.parse_args(argv)
-    overrides = merge_assignments(args.assignments)
-    if args.data:
-        overrides.setdefault("data", {})["dataset"] = args.data
-    if args.output_dir is not None:
-        overrides["output_dir"] = args.output_dir
-    return args.preset, overrides | ({"_show": True} if args.show_config else {})
-
-
 INTERRUPTED = (
     "interrupted: run the same command again to resume (finished steps come from the cache, "
     "training from its last checkpoint)"
 )
 
 
+# Ctrl-C, and SIGTERM (what `timeout`, Docker and Kubernetes send before killing): both stop
+# the run the same way, recorded as Crashed and resumable; the exit status tells which came.
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class Stopped(KeyboardInterrupt):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def _interrupt_once(signum, frame) -> None:
-    """Ctrl-C: stop now; a second Ctrl-C must not cut short Prefect's recording of the run as
-    Crashed, so it is ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
+    """Stop now; a second Ctrl-C or SIGTERM must not cut short Prefect's recording of the run
+    as Crashed, so it is ignored."""
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+# The temporary server's watchdog: it waits for this process's end (its stdin closes however
+# the process ends, kill -9 included) and stops the server, which would outlive it otherwise.
+_WATCHDOG = """
+import os, signal, sys
+sys.stdin.buffer.read()
+try:
+    os.kill(int(sys.argv[1]), signal.SIGTERM)
+except OSError:
+    pass
+"""
+# Kept for the life of the process: a watchdog's pipe closes when its Popen is collected.
+_WATCHDOGS: list[subprocess.Popen] = []
 
 
 def start_local_api() -> None:
@@ -344,22 +345,60 @@ def start_local_api() -> None:
         return
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        server.start()
+        with first_start_lock():
+            server.start()
+        _WATCHDOGS.append(watch_server(server.server_process.pid))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+@contextmanager
+def first_start_lock():
+    """One temporary server starting at a time per PREFECT_HOME: the first creates and
+    migrates the database, and a second run started at the same moment would crash in that
+    migration; it waits here instead (start() returns once the server answers)."""
+    import fcntl
+
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "finance-qlora-server.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def watch_server(pid: int) -> subprocess.Popen:
+    """A watchdog that stops process `pid` once this process is gone (started with SIGINT
+    blocked, like the server: a Ctrl-C leaves it waiting)."""
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(pid)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # the pipe's write end stays open in this process until it ends
+
+    def reap() -> None:  # a normal exit: the watchdog ends now and is waited for, no zombie
+        watchdog.stdin.close()
+        watchdog.wait(timeout=10)
+
+    atexit.register(reap)
+    return watchdog
 
 
 def main(argv: list[str] | None = None) -> int:
     # bitsandbytes warns on import on every CPU without the optional `kernels` package; the
     # configuration check imports it (through transformers), and an error must stay one line.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is not signal.SIG_IGN:  # ignored (a background job of a script): stays so
-        signal.signal(signal.SIGINT, _interrupt_once)
+    previous = {stop: signal.getsignal(stop) for stop in STOP_SIGNALS}
+    for stop, handler in previous.items():
+        if handler is not signal.SIG_IGN:  # ignored (a background job of a script): stays so
+            signal.signal(stop, _interrupt_once)
     try:
-        preset, overrides = parse_args(argv)
-        show = overrides.pop("_show", False)
-        config = resolve_config(preset, overrides)
+        preset, overrides, config, show = resolve_args(argv)
         if show:
             print(config.model_dump_json(indent=2))
             print(schedule_line(config), file=sys.stderr)
@@ -381,16 +420,15 @@ def main(argv: list[str] | None = None) -> int:
     except FinanceQLoRAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(INTERRUPTED, file=sys.stderr)
-        return 130
+        return STOP_SIGNALS.get(getattr(exc, "signum", signal.SIGINT), 130)
     finally:
-        if previous is not None:  # None: a handler not set from Python, left as it was
-            signal.signal(signal.SIGINT, previous)
+        for stop, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, left as it was
+                signal.signal(stop, handler)
     print(result["table"])
-    print(f"data: {result['data_version']}")
-    print(f"adapter: {result['adapter']}")
-    print(f"champion: {result['champion']} ({result['decision']['reason']})")
+    print("\n".join(outcome(result, preset)))
     return 0
 
 

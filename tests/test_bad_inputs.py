@@ -59,6 +59,80 @@ CASES = [
         "malformed jsonl (line 31: Unterminated string",
     ),
     (
+        "bytes that are not UTF-8 in a JSONL file",
+        lambda t: [*TINY, "--data", _latin1(t, "rows.jsonl")],
+        "rows.jsonl: not UTF-8 (line 2, byte offset ",
+    ),
+    (
+        "bytes that are not UTF-8 in a CSV file",
+        lambda t: [*TINY, "--data", _latin1(t, "rows.csv")],
+        "rows.csv: not UTF-8 (line 3, byte offset ",
+    ),
+    (
+        "a JSON object with two lists",
+        lambda t: [*TINY, "--data", _json(t, {"train": make_rows(30), "test": make_rows(9)})],
+        "rows.json: a JSON object with 2 lists (train, test); keep the one list of rows",
+    ),
+    (
+        "new tokens that leave no room for any test prompt",
+        lambda t: [*TINY, "--set", "generation.max_new_tokens=511"],
+        "generation.max_new_tokens: 511 new tokens leave no room for any test prompt in the "
+        "context of builtin:tiny-llama (512 tokens; the shortest prompt takes ",
+    ),
+    (
+        "a LoRA rank of a billion",
+        lambda t: [*TINY, "--set", "lora.r=1000000000"],
+        "lora.r: Input should be less than or equal to 1024 (got 1000000000)",
+    ),
+    (
+        "a LoRA rank above the model's width",
+        lambda t: [*TINY, "--set", "lora.r=128"],
+        "lora.r: 128 exceeds the width of builtin:tiny-llama (64); a rank above it adds "
+        "weights, not capacity: lower it to at most 64",
+    ),
+    (
+        "a billion bootstrap resamples",
+        lambda t: [*TINY, "--set", "bootstrap.resamples=1000000000"],
+        "bootstrap.resamples: Input should be less than or equal to 100000 (got 1000000000)",
+    ),
+    (
+        "a generation batch of a million prompts",
+        lambda t: [*TINY, "--set", "generation.batch_size=1000000"],
+        "generation.batch_size: Input should be less than or equal to 4096 (got 1000000)",
+    ),
+    (
+        "preset given with --set",
+        lambda t: [*TINY, "--set", "preset=llama2-7b-t4"],
+        "preset: not a field to override; choose it with --preset (the flow's preset parameter)",
+    ),
+    (
+        "an extra metric that cannot load",
+        lambda t: [*TINY, "--set", 'evaluation.metrics=["rouge","no-such-metric-24"]'],
+        "evaluation.metrics: cannot load 'no-such-metric-24' with evaluate.load (",
+    ),
+    (
+        "a memory:// store",
+        lambda t: [*TINY, "--output-dir", "memory://runs"],
+        "output_dir: memory:// keeps nothing once this process ends; give a folder or a URL such "
+        "as s3://bucket/runs (got 'memory://runs')",
+    ),
+    (
+        "an empty data set name",
+        lambda t: [*TINY, "--set", "data.dataset="],
+        "data.dataset: empty; name a data file, a URL on your store or a hub id (got '')",
+    ),
+    (
+        "an empty model name",
+        lambda t: [*TINY, "--set", "model.name="],
+        "model.name: empty; name a model folder, a hub id or builtin:tiny-llama (got '')",
+    ),
+    (
+        "all-linear with other LoRA targets",
+        lambda t: [*TINY, "--set", 'lora.target_modules=["all-linear","q_proj"]'],
+        'lora.target_modules: all-linear already names every linear layer; pass ["all-linear"] '
+        "alone, or module names without it",
+    ),
+    (
         "missing column",
         lambda t: [*TINY, "--data", _jsonl(t, [{"instruction": "Q", "input": ""}] * 3)],
         "missing column(s) output; Finance-Alpaca rows need instruction, input, output",
@@ -216,6 +290,25 @@ CASES = [
         "train without them",
     ),
 ]
+
+
+def _latin1(tmp: Path, name: str) -> str:
+    """Rows with a Latin-1 'é' in the second row (line 3 of a CSV, under its header)."""
+    rows = make_rows(40)
+    rows[1]["output"] = "Caf\u00e9 revenue rose."
+    if name.endswith(".csv"):
+        import pandas as pd
+
+        text = pd.DataFrame(rows).to_csv(index=False)
+    else:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    (tmp / name).write_bytes(text.encode("latin-1"))
+    return str(tmp / name)
+
+
+def _json(tmp: Path, value) -> str:
+    (tmp / "rows.json").write_text(json.dumps(value, indent=2))
+    return str(tmp / "rows.json")
 
 
 def _not_a_model(tmp: Path) -> str:

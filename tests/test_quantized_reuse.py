@@ -13,11 +13,16 @@ from finance_qlora import builtin_models
 from finance_qlora.config import resolve_config
 from finance_qlora.files import write_jsonl
 from finance_qlora.generation import generate_raw
-from finance_qlora.modeling import load_model, loaded
+from finance_qlora.modeling import compute_dtype, load_model, loaded
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.quantized import quantized_folder
 from finance_qlora.training import train_adapter
 from tests.conftest import make_rows
+
+
+def dtype_of(model_config):
+    return compute_dtype(model_config.compute_dtype)
+
 
 PROMPTS = [to_prompt_completion(r)["prompt"] for r in make_rows(6)]
 
@@ -45,7 +50,7 @@ def answers(config):
 def test_the_kept_4bit_weights_give_identical_greedy_answers(cache):
     config = resolve_config("tiny-cpu")
     source = builtin_models.resolve(config.model.name)
-    kept = quantized_folder(config.model, source, None)
+    kept = quantized_folder(config.model, source, None, dtype_of(config.model))
     assert not kept.exists()
 
     first = answers(config)  # quantizes the source and keeps the result
@@ -58,21 +63,21 @@ def test_the_kept_4bit_weights_give_identical_greedy_answers(cache):
 def test_the_kept_weights_are_found_again_only_for_the_same_source_and_settings(cache):
     config = resolve_config("tiny-cpu").model
     source = builtin_models.resolve(config.name)
-    kept = quantized_folder(config, source, None)
-    assert quantized_folder(config, source, None) == kept
+    kept = quantized_folder(config, source, None, dtype_of(config))
+    assert quantized_folder(config, source, None, dtype_of(config)) == kept
     other_settings = [
         config.model_copy(update={"double_quant": False}),
         config.model_copy(update={"quant_type": "fp4"}),
         config.model_copy(update={"compute_dtype": "bfloat16"}),
     ]
-    assert kept not in {quantized_folder(c, source, None) for c in other_settings}
+    assert kept not in {quantized_folder(c, source, None, dtype_of(c)) for c in other_settings}
     # new weights in the source folder: a new copy
     weights = os.path.join(source, "model.safetensors")
     stat = os.stat(weights)
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
-    assert quantized_folder(config, source, None) != kept
+    assert quantized_folder(config, source, None, dtype_of(config)) != kept
     never = config.model_copy(update={"reuse_quantized": False})
-    assert quantized_folder(never, source, None) is None
+    assert quantized_folder(never, source, None, dtype_of(never)) is None
 
 
 def test_an_adapter_trained_on_the_kept_weights_names_the_source_model(cache, tmp_path):
@@ -81,7 +86,7 @@ def test_an_adapter_trained_on_the_kept_weights_names_the_source_model(cache, tm
     prompts = tmp_path / "train.jsonl"
     write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(4)])
     record = train_adapter(prompts, config.model, config.lora, config.train, tmp_path / "out")
-    assert cache[-1] == str(quantized_folder(config.model, cache[0], None))
+    assert cache[-1] == str(quantized_folder(config.model, cache[0], None, dtype_of(config.model)))
     adapter_config = json.loads((record.path / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == cache[0]
 
@@ -95,7 +100,7 @@ def test_a_cache_that_cannot_be_written_costs_speed_not_the_run(cache, monkeypat
 
     config = resolve_config("tiny-cpu")
     expected = answers(config)
-    kept = quantized_folder(config.model, cache[0], None)
+    kept = quantized_folder(config.model, cache[0], None, dtype_of(config.model))
     shutil.rmtree(kept)
     monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", refuse)
     with caplog.at_level(logging.WARNING, logger="finance_qlora.quantized"):
@@ -108,7 +113,7 @@ def test_an_unreadable_kept_copy_is_quantized_again(cache, caplog):
     """A truncated copy (a full disk, a killed copy by hand) costs a new quantization only."""
     config = resolve_config("tiny-cpu")
     expected = answers(config)
-    kept = quantized_folder(config.model, cache[0], None)
+    kept = quantized_folder(config.model, cache[0], None, dtype_of(config.model))
     weights = kept / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with caplog.at_level(logging.WARNING, logger="finance_qlora.quantized"):
@@ -120,7 +125,9 @@ def test_an_unreadable_kept_copy_is_quantized_again(cache, caplog):
 
 def test_one_writer_keeps_the_copy_and_a_dead_writers_claim_expires(cache, tmp_path):
     config = resolve_config("tiny-cpu")
-    kept = quantized_folder(config.model, builtin_models.resolve(config.model.name), None)
+    kept = quantized_folder(
+        config.model, builtin_models.resolve(config.model.name), None, dtype_of(config.model)
+    )
     claim = kept.with_name(f".claim-{kept.name}")
     kept.parent.mkdir(parents=True)
     claim.touch()  # another process is writing the copy

@@ -180,3 +180,22 @@ def test_a_run_resumed_in_its_second_epoch_trains_that_epochs_order(prompts, tmp
     resumed = train_adapter(prompts, *args, out)
     assert resumed.resumed_from == 6 and resumed.steps == whole.steps == 10
     assert resumed.losses == pytest.approx(whole.losses, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("rows_per_step", 65_537, "train.rows_per_step"),
+        ("batch_size", 1025, "train.batch_size"),
+        ("max_tokens_per_batch", 2**20 + 1, "train.max_tokens_per_batch"),
+        ("pad_to_multiple_of", 1024, "pad_to_multiple_of 1024 is above max_seq_length 512"),
+    ],
+)
+def test_fields_that_size_memory_or_time_have_upper_bounds(field, value, message):
+    from finance_qlora.errors import ConfigError
+
+    resolve_config(
+        "llama2-7b-t4", {"train": {field: value - 1 if field != "pad_to_multiple_of" else 512}}
+    )
+    with pytest.raises(ConfigError, match=message):
+        resolve_config("llama2-7b-t4", {"train": {field: value}})
