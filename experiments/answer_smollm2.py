@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from finance_qlora.files import read_jsonl  # noqa: E402
 from finance_qlora.prompts import build_prompt  # noqa: E402
 from flows.answer import answer_flow  # noqa: E402
-from flows.finetune import start_local_api  # noqa: E402
+from flows.local_server import start_local_api  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 

@@ -2,8 +2,8 @@
 
     python experiments/recipe_quality.py --data ../shared/data/finance_alpaca_sample.jsonl
 
-For the reference schedule (the configuration's defaults: 16 rows an optimizer step, computed
-in micro-batches of 4 padded rows) and for each preset, the whole flow runs through
+For the reference schedule (16 rows an optimizer step, in the `smollm2-135m` preset's
+micro-batches: the 16 rows padded together) and for each preset, the whole flow runs through
 `flows.finetune` with that preset's `train` section and only the model swapped to
 `builtin:smollm2-135m` (real weights): 1,000 / 300 rows of the split of `data.seed` 0, one
 epoch at lr 2e-4, `constant_with_warmup`. The decoding is the same in every run (the
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
-from finance_qlora.config import PRESETS, TrainSettings  # noqa: E402
+from finance_qlora.config import PRESETS, resolve_config  # noqa: E402
 
 MODEL = "builtin:smollm2-135m"
 REFERENCE = "reference_schedule"
@@ -44,8 +44,9 @@ TOLERANCE = 0.005  # the issue's bar: a preset's delta at least the reference's 
 
 
 def recipes() -> dict[str, dict[str, Any]]:
-    """Each recipe's train section: the reference (TrainSettings' defaults), then each preset's."""
-    base = {k: v for k, v in PRESETS["smollm2-135m"]["train"].items() if k == "logging_steps"}
+    """Each recipe's train section over the smollm2-135m preset's: the reference (that preset's
+    own, 16 rows a step), then each preset's."""
+    base = dict(PRESETS["smollm2-135m"]["train"])
     found = {REFERENCE: dict(base)}
     for name in ("llama2-7b-t4", "llama2-7b-h100", "smollm2-135m"):
         found[name] = {**base, **PRESETS[name].get("train", {})}
@@ -104,7 +105,9 @@ def row(summary: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
     rouge = comparison["rouge"]["rougeL"]
     trained = summary["train"]
     return {
-        "train_settings": TrainSettings(**train).model_dump(mode="json"),
+        "train_settings": resolve_config("smollm2-135m", {"train": train}).train.model_dump(
+            mode="json"
+        ),
         "rows_per_step": trained["rows_per_step"],
         "optimizer_steps": trained["steps"],
         "micro_batches_per_step": trained["micro_batches_per_step"],

@@ -12,6 +12,7 @@ from finance_qlora.config import (
     DEFAULT_PRESET,
     PRESETS,
     FinetuneConfig,
+    devices_line,
     merge_assignments,
     resolve_config,
     schedule_line,
@@ -80,6 +81,7 @@ def answer_early(argv: list[str]) -> None:
     if show:
         print(config.model_dump_json(indent=2))
         print(schedule_line(config), file=sys.stderr)  # the recipe's schedule, in words
+        print(devices_line(config), file=sys.stderr)
         sys.exit(0)
 
 

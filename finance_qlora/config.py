@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Annotated, Any, Literal, Optional, get_args
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 from pydantic import (
     AfterValidator,
@@ -238,10 +238,10 @@ class GenerationSettings(_Section):
     seed: Seed = 0
 
 
-def _env_gpu_count() -> int | None:
+def _env_gpu_count() -> int | str:
     value = os.environ.get("FINANCE_QLORA_NUM_GPUS", "").strip()
     if not value:
-        return None
+        return "auto"
     if not value.isdigit() or int(value) < 1:
         raise ConfigError(
             f"FINANCE_QLORA_NUM_GPUS: {value!r} is not a GPU count; set a positive integer "
@@ -255,10 +255,22 @@ def default_store() -> str:
     return os.environ.get("FINANCE_QLORA_STORE") or "runs"
 
 
+# devices.num_gpus "auto": several GPUs only from this much training work (rows x epochs) on.
+# Each multi-GPU step starts a process per GPU and loads the model in each (about 20-25 s a step
+# on 2 H200s, 2026-11-28), and data-parallel training saves about half the training time (1.9x
+# on 2 GPUs); one H200 trains 1,000 rows in 12 s at the recipe's schedule, so the start-up of
+# the train and evaluate steps is repaid only from about 10,000 row-epochs (benchmarks/README).
+AUTO_MIN_ROW_EPOCHS = 10_000
+
+
 class DeviceSettings(_Section):
-    # Data-parallel training and sharded evaluation, one process per GPU. None: every GPU this
-    # worker sees; default $FINANCE_QLORA_NUM_GPUS (the work pools' gpu_count sets it).
-    num_gpus: Optional[int] = Field(default_factory=_env_gpu_count, gt=0)
+    # Data-parallel training and sharded evaluation, one process per GPU: a count (at most the
+    # GPUs visible), None for every GPU this worker sees, or "auto": one GPU below
+    # AUTO_MIN_ROW_EPOCHS of training work, every visible one from there on. Default
+    # $FINANCE_QLORA_NUM_GPUS (the work pools' gpu_count sets it), else "auto".
+    num_gpus: Union[Annotated[int, Field(gt=0)], Literal["auto"], None] = Field(
+        default_factory=_env_gpu_count
+    )
     # Without CUDA: this many processes (gloo) instead of one; tests and CPU-only machines.
     cpu_processes: int = Field(1, gt=0, le=64)
 
@@ -405,6 +417,23 @@ def schedule_line(config: FinetuneConfig) -> str:
         f"schedule: {train.rows_per_step} rows an optimizer step, {steps} steps an epoch of "
         f"{rows} training rows, {total} steps in {train.epochs:g} epoch(s) at lr "
         f"{train.learning_rate:g} ({train.lr_scheduler}); computed in micro-batches of {micro}"
+    )
+
+
+def devices_line(config: FinetuneConfig) -> str:
+    """What devices.num_gpus asks for, in words (--show-config; the flow logs its choice)."""
+    asked = config.devices.num_gpus
+    if asked is None:
+        return "devices: every GPU the worker sees (devices.num_gpus unset)"
+    if asked != "auto":
+        return f"devices: {asked} GPU(s) (devices.num_gpus)"
+    train = config.data.train_size - config.data.validation_size
+    work = train * config.train.epochs
+    several = work >= AUTO_MIN_ROW_EPOCHS
+    return (
+        f"devices: auto: {'every visible GPU' if several else 'one GPU'} for {train} rows x "
+        f"{config.train.epochs:g} epoch(s) = {work:g} row-epochs (several GPUs from "
+        f"{AUTO_MIN_ROW_EPOCHS} on, where they repay their per-process start-up)"
     )
 
 

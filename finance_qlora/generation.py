@@ -13,7 +13,6 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from finance_qlora.config import GenerationSettings
 from finance_qlora.errors import FinanceQLoRAError
 from finance_qlora.modeling import release_memory, stop_token_ids
-from finance_qlora.prompts import cut_answer
 
 log = logging.getLogger(__name__)
 
@@ -67,35 +66,6 @@ def shard_batches(order: list[int], size: int, rank: int = 0, world: int = 1) ->
     return batches[rank::world]
 
 
-def generate_raw(
-    model,
-    tokenizer,
-    prompts: list[str],
-    max_new_tokens: int,
-    batch_size: int,
-    on_progress: Callable[[int, int], None] | None = None,
-    repetition_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0,
-    block_repeat_ngram: int = 0,
-) -> list[Generated]:
-    """One greedy answer per prompt, in the order given, uncut, with its token count.
-
-    Sorting by length keeps padding low; left padding puts every prompt's last token at the
-    same position so all rows continue from the right place. Generation stops at every
-    end-of-turn id of the model (its generation config may list several) and the tokenizer's EOS.
-    `block_repeat_ngram` > 0 bans repeating an n-gram of the answer (`GeneratedNgramBlocker`).
-    """
-    settings = GenerationSettings(
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size,
-        block_repeat_ngram=block_repeat_ngram,
-    )
-    answers = generate_shard(model, tokenizer, prompts, settings, 0, 1, on_progress)
-    return [answers[i] for i in range(len(prompts))]
-
-
 def decoding(generation: GenerationSettings) -> dict:
     """generate()'s sampling arguments: greedy (the same answer every time, for every model)
     unless `do_sample`."""
@@ -119,7 +89,15 @@ def generate_shard(
     world: int = 1,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[int, Generated]:
-    """The answers of process `rank` of `world` (see `shard_batches`), by prompt index."""
+    """The answers of process `rank` of `world` (see `shard_batches`), by prompt index: uncut,
+    with their token counts.
+
+    Sorting by length keeps padding low; left padding puts every prompt's last token at the
+    same position so all rows continue from the right place. Generation stops at every
+    end-of-turn id of the model (its generation config may list several) and the tokenizer's
+    EOS. `generation.block_repeat_ngram` > 0 bans repeating an n-gram of the answer
+    (`GeneratedNgramBlocker`).
+    """
     tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     size = generation.batch_size
@@ -177,29 +155,3 @@ def generate_shard(
         if on_progress is not None:
             on_progress(len(answers), total)
     return answers
-
-
-def generate_answers(
-    model,
-    tokenizer,
-    prompts: list[str],
-    max_new_tokens: int,
-    batch_size: int,
-    on_progress: Callable[[int, int], None] | None = None,
-    repetition_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0,
-    block_repeat_ngram: int = 0,
-) -> list[str]:
-    """One greedy answer per prompt, cut at the next '### ' section (see `generate_raw`)."""
-    generated = generate_raw(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens,
-        batch_size,
-        on_progress,
-        repetition_penalty,
-        no_repeat_ngram_size,
-        block_repeat_ngram,
-    )
-    return [cut_answer(g.text) for g in generated]

@@ -125,7 +125,8 @@ def load_model(cfg: ModelConfig, token: str | None = None, adapter_dir: Path | N
     kept = quantized_folder(cfg, source, token, common["dtype"])
     model = load_kept(kept, common) if kept is not None else None
     if model is not None:
-        # adapters (PEFT's base_model_name_or_path) name the model, not the kept copy
+        # adapters (PEFT's base_model_name_or_path) name the model, not the kept copy; PEFT
+        # reads the config's private _name_or_path, which no public setter changes
         model.name_or_path = model.config._name_or_path = source
     else:
         model = AutoModelForCausalLM.from_pretrained(
@@ -165,7 +166,9 @@ def dequantize_4bit_layers(model, dtype: torch.dtype) -> int:
             if isinstance(child, bnb.nn.Linear4bit):
                 data, state = child.weight.data, child.weight.quant_state
                 if getattr(state, "packing_format_for_cpu", False):
-                    # bitsandbytes repacks weights for its AVX512 CPU kernel on first use
+                    # bitsandbytes repacks weights for its AVX512 CPU kernel on first use; only
+                    # its private inverse undoes that (transformers' model.dequantize() does
+                    # not, and gave weights off by up to 0.10 on the tiny model, 2026-11-28)
                     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
                     data, state = _convert_weight_packed_for_cpu_inverse(data, state)

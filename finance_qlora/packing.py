@@ -124,6 +124,8 @@ def use_varlen_attention(model, model_name: str) -> None:
 
     AttentionInterface.register(ATTENTION, varlen_attention_forward)
     model.set_attn_implementation(ATTENTION)
+    # the config's private field is where transformers records what set_attn_implementation
+    # did (a model class without the pluggable interface keeps its own)
     if model.config._attn_implementation != ATTENTION:
         raise not_pluggable(model_name, type(model).__name__)
 

@@ -28,6 +28,7 @@ import torch
 
 from finance_qlora import errors
 from finance_qlora.config import (
+    AUTO_MIN_ROW_EPOCHS,
     DeviceSettings,
     GenerationSettings,
     LoraSettings,
@@ -48,25 +49,44 @@ class RankFailed(RuntimeError):
     """A training or generation process died without a one-line error: retried."""
 
 
-def process_count(devices: DeviceSettings) -> int:
-    """How many processes train and evaluate: the GPUs asked for (every visible one by
-    default), or `cpu_processes` without CUDA."""
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+def visible_gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def choose_gpus(
+    devices: DeviceSettings, row_epochs: float | None, visible: int
+) -> tuple[int | None, str]:
+    """(GPUs to use, None without CUDA; why). "auto" uses one GPU below AUTO_MIN_ROW_EPOCHS
+    of training work (unknown: one), every visible GPU from there on."""
     asked = devices.num_gpus
-    if asked is None:
-        return visible or devices.cpu_processes
     if not visible:
-        raise ConfigError(
-            f"devices.num_gpus: {asked} GPUs asked for, but this machine has no CUDA GPU; "
-            "unset it (devices.cpu_processes runs several processes on the CPU)"
-        )
+        if asked not in (None, "auto"):
+            raise ConfigError(
+                f"devices.num_gpus: {asked} GPUs asked for, but this machine has no CUDA GPU; "
+                "unset it (devices.cpu_processes runs several processes on the CPU)"
+            )
+        return None, f"no CUDA GPU: {devices.cpu_processes} CPU process(es)"
+    if asked is None:
+        return visible, f"every visible GPU ({visible})"
+    if asked == "auto":
+        if visible == 1 or row_epochs is None or row_epochs < AUTO_MIN_ROW_EPOCHS:
+            work = "unknown work" if row_epochs is None else f"{row_epochs:g} row-epochs"
+            return 1, f"auto: one GPU of {visible} ({work}; several from {AUTO_MIN_ROW_EPOCHS})"
+        return visible, f"auto: all {visible} GPUs ({row_epochs:g} row-epochs)"
     if asked > visible:
         shown = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
         raise ConfigError(
             f"devices.num_gpus: {asked} GPUs asked for, {visible} visible "
             f"(CUDA_VISIBLE_DEVICES={shown}); lower it, or unset it to use every visible GPU"
         )
-    return asked
+    return asked, f"devices.num_gpus={asked} of {visible} visible"
+
+
+def process_count(devices: DeviceSettings) -> int:
+    """How many processes train and evaluate: the GPUs `choose_gpus` gives (the flow resolves
+    "auto" from the run's work first), or `cpu_processes` without CUDA."""
+    gpus, _ = choose_gpus(devices, None, visible_gpu_count())
+    return gpus if gpus is not None else devices.cpu_processes
 
 
 def child_env(token: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -219,6 +219,8 @@ def check_padding_free(config: FinetuneConfig, model_config) -> None:
 
     if not config.train.padding_free or model_config is None:
         return
+    # The auto class's private mapping names the model class without loading any weights
+    # (no public lookup from a config to its class exists).
     model_class = AutoModelForCausalLM._model_mapping.get(type(model_config), None)
     if model_class is not None and not getattr(model_class, "_supports_attention_backend", False):
         raise not_pluggable(config.model.name, model_class.__name__)

@@ -124,6 +124,15 @@ def sft_config(train: TrainSettings, dtype: torch.dtype, out_dir: Path):
     )
 
 
+def single_device(args) -> None:
+    """One process trains on one GPU: on a host with several, TrainingArguments counts them all
+    and the Trainer would wrap the model in nn.DataParallel (which the step sampler, a 4-bit
+    model and TRL refuse). `_n_gpu` is the field transformers itself sets to 1 for a model
+    spread over several GPUs (private; no public setting does this)."""
+    if args.n_gpu > 1:
+        args._n_gpu = 1
+
+
 def train_adapter(
     prompts_path: Path,
     model_cfg: ModelConfig,
@@ -350,9 +359,11 @@ def build_trainer(
         prepare_for_lora(model, upcast, train.gradient_checkpointing)
     if train.padding_free:
         use_varlen_attention(model, model_cfg.name)
+    args = sft_config(train, dtype, out_dir)
+    single_device(args)  # under torchrun each rank already has one
     trainer = step_trainer_class()(
         model=model,
-        args=sft_config(train, dtype, out_dir),
+        args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(lora),

@@ -30,7 +30,8 @@ from finance_qlora.config import (
 )
 from finance_qlora.errors import ConfigError, FinanceQLoRAError
 from finance_qlora.files import read_jsonl
-from flows.finetune import StepRunner, start_local_api
+from flows.finetune import StepRunner
+from flows.local_server import start_local_api
 from tasks.answer import answer, checked_questions, load_questions
 from tasks.secrets import storage_options
 from tasks.store_access import StoreRef, local, store_of

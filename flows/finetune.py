@@ -17,13 +17,9 @@ if __name__ == "__main__":
 
     answer_early(sys.argv[1:])
 
-import atexit
 import json
 import logging
 import signal
-import subprocess
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -35,12 +31,14 @@ from finance_qlora.cli import outcome, resolve_args
 from finance_qlora.config import (
     DEFAULT_PRESET,
     ConfigOverrides,
+    DeviceSettings,
     FinetuneConfig,
     PresetName,
     resolve_config,
     schedule_line,
 )
 from finance_qlora.errors import FinanceQLoRAError
+from finance_qlora.parallel import choose_gpus, visible_gpu_count
 from finance_qlora.preflight import preflight
 from finance_qlora.records import (
     AdapterRecord,
@@ -51,6 +49,7 @@ from finance_qlora.records import (
     TrainRecord,
 )
 from finance_qlora.registry import Champion, Decision, Protocol, live_champion
+from flows.local_server import INTERRUPTED, STOP_SIGNALS, interrupt_once, start_local_api
 from tasks.compare import compare_rouge
 from tasks.evaluate import evaluate
 from tasks.format import format_prompts
@@ -102,7 +101,7 @@ def finetune(
     prompts = run(format_prompts, store, splits)
     # Baseline eval
     scoring = (config.generation, config.evaluation)
-    devices = {"devices": config.devices}  # one process per GPU the worker has
+    devices = {"devices": devices_for(config)}  # "auto" resolved once, for every step
     pretrained = run(evaluate, "pretrained", store, prompts, model, *scoring, **devices)
     # Train
     trained = run(train, store, prompts, model, config.lora, config.train, **devices)
@@ -159,7 +158,7 @@ def gate(
             config.model,
             *scoring,
             champion.adapter,
-            devices=config.devices,
+            devices=devices_for(config),
         )
     decision = promote(
         store,
@@ -225,6 +224,14 @@ def record_run(
     store_of(store).write_text(json.dumps(summary, indent=2), "runs", f"{summary['flow_run']}.json")
     create_markdown_artifact(run_markdown(summary), key="run-summary", description="This run")
     return summary | {"table": comparison.markdown.split("\n### ")[0]}
+
+
+def devices_for(config: FinetuneConfig) -> DeviceSettings:
+    """The GPUs this run uses ("auto" resolved from its training work), logged with why."""
+    rows = config.data.train_size - config.data.validation_size
+    gpus, why = choose_gpus(config.devices, rows * config.train.epochs, visible_gpu_count())
+    get_run_logger().info("devices: %s", why)
+    return config.devices.model_copy(update={"num_gpus": gpus}) if gpus else config.devices
 
 
 SCHEDULE_FIELDS = {"rows", "rows_per_step", "steps", "micro_batches_per_step", "seconds", "tokens"}
@@ -293,102 +300,6 @@ def unscorable_reason(champion: Champion, protocol: Protocol) -> str | None:
     return None
 
 
-INTERRUPTED = (
-    "interrupted: run the same command again to resume (finished steps come from the cache, "
-    "training from its last checkpoint)"
-)
-
-
-# Ctrl-C, and SIGTERM (what `timeout`, Docker and Kubernetes send before killing): both stop
-# the run the same way, recorded as Crashed and resumable; the exit status tells which came.
-STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-class Stopped(KeyboardInterrupt):
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _interrupt_once(signum, frame) -> None:
-    """Stop now; a second Ctrl-C or SIGTERM must not cut short Prefect's recording of the run
-    as Crashed, so it is ignored."""
-    for stop in STOP_SIGNALS:
-        signal.signal(stop, signal.SIG_IGN)
-    raise Stopped(signum)
-
-
-# The temporary server's watchdog: it waits for this process's end (its stdin closes however
-# the process ends, kill -9 included) and stops the server, which would outlive it otherwise.
-_WATCHDOG = """
-import os, signal, sys
-sys.stdin.buffer.read()
-try:
-    os.kill(int(sys.argv[1]), signal.SIGTERM)
-except OSError:
-    pass
-"""
-# Kept for the life of the process: a watchdog's pipe closes when its Popen is collected.
-_WATCHDOGS: list[subprocess.Popen] = []
-
-
-def start_local_api() -> None:
-    """Prefect's temporary local server (when PREFECT_API_URL names none), started with SIGINT
-    blocked: the server process inherits the blocked signal, so a Ctrl-C in the terminal, sent
-    to the whole process group, reaches this process only and the server stays up to record
-    the run's end. It still stops when this process exits."""
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL
-
-    server = SubprocessASGIServer()  # the instance Prefect's client uses
-    if PREFECT_API_URL.value() or server.running:
-        return
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        with first_start_lock():
-            server.start()
-        _WATCHDOGS.append(watch_server(server.server_process.pid))
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-
-@contextmanager
-def first_start_lock():
-    """One temporary server starting at a time per PREFECT_HOME: the first creates and
-    migrates the database, and a second run started at the same moment would crash in that
-    migration; it waits here instead (start() returns once the server answers)."""
-    import fcntl
-
-    from prefect.settings import PREFECT_HOME
-
-    home = Path(PREFECT_HOME.value()).expanduser()
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / "finance-qlora-server.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def watch_server(pid: int) -> subprocess.Popen:
-    """A watchdog that stops process `pid` once this process is gone (started with SIGINT
-    blocked, like the server: a Ctrl-C leaves it waiting)."""
-    watchdog = subprocess.Popen(
-        [sys.executable, "-c", _WATCHDOG, str(pid)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # the pipe's write end stays open in this process until it ends
-
-    def reap() -> None:  # a normal exit: the watchdog ends now and is waited for, no zombie
-        watchdog.stdin.close()
-        watchdog.wait(timeout=10)
-
-    atexit.register(reap)
-    return watchdog
-
-
 def main(argv: list[str] | None = None) -> int:
     # bitsandbytes warns on import on every CPU without the optional `kernels` package; the
     # configuration check imports it (through transformers), and an error must stay one line.
@@ -396,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = {stop: signal.getsignal(stop) for stop in STOP_SIGNALS}
     for stop, handler in previous.items():
         if handler is not signal.SIG_IGN:  # ignored (a background job of a script): stays so
-            signal.signal(stop, _interrupt_once)
+            signal.signal(stop, interrupt_once)
     try:
         preset, overrides, config, show = resolve_args(argv)
         if show:

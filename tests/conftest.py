@@ -73,6 +73,25 @@ def write_rows(tmp_path):
     return write
 
 
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, **more):
+    """Greedy answers in prompt order, uncut, through what the evaluate step calls
+    (`generate_shard` with `GenerationSettings`)."""
+    from finance_qlora.config import GenerationSettings
+    from finance_qlora.generation import generate_shard
+
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, **more)
+    answers = generate_shard(model, tokenizer, prompts, settings)
+    return [answers[i] for i in range(len(prompts))]
+
+
+def generate_cut(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int):
+    """The same answers cut at the next '### ' section, as the evaluation scores them."""
+    from finance_qlora.prompts import cut_answer
+
+    raw = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    return [cut_answer(g.text) for g in raw]
+
+
 def make_rows(n: int, with_input_every: int = 3) -> list[dict[str, str]]:
     return [
         {

@@ -8,11 +8,10 @@ import torch
 from finance_qlora.batching import token_budget_batches
 from finance_qlora.config import resolve_config
 from finance_qlora.files import write_jsonl
-from finance_qlora.generation import generate_answers
 from finance_qlora.modeling import dequantize_4bit_layers, load_model, load_tokenizer
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import build_trainer, train_adapter
-from tests.conftest import make_rows
+from tests.conftest import generate_cut, make_rows
 
 
 def test_every_row_once_and_within_budget():
@@ -82,13 +81,13 @@ def test_dequantized_weights_give_the_same_answers(tmp_path):
     ids = tokenizer(texts[0], return_tensors="pt")
     with torch.no_grad():
         quantized_logits = model(**ids).logits
-        quantized = generate_answers(model, tokenizer, texts, 16, batch_size=3)
+        quantized = generate_cut(model, tokenizer, texts, 16, batch_size=3)
         assert dequantize_4bit_layers(model, torch.float32) == 2 * 7  # every linear in 2 layers
         assert not any("Linear4bit" in type(m).__name__ for m in model.modules())
         # bitsandbytes' CPU kernel multiplies in bf16 (AVX512-BF16); the dequantized layers in
         # fp32: the same weights, so the logits agree to bf16 rounding and the answers exactly.
         torch.testing.assert_close(model(**ids).logits, quantized_logits, rtol=1e-2, atol=1e-2)
-        assert generate_answers(model, tokenizer, texts, 16, batch_size=3) == quantized
+        assert generate_cut(model, tokenizer, texts, 16, batch_size=3) == quantized
 
 
 def test_batches_group_rows_by_length_and_fill_the_budget_exactly():

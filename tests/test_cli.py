@@ -144,7 +144,7 @@ def test_ctrl_c_stops_within_seconds_marks_the_run_and_a_rerun_resumes(tmp_path)
     import os
     import time
 
-    from flows.finetune import INTERRUPTED
+    from flows.local_server import INTERRUPTED
 
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect")  # its own temporary server and database

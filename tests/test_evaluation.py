@@ -6,12 +6,11 @@ import pytest
 from finance_qlora.config import resolve_config
 from finance_qlora.evaluation import evaluate_model
 from finance_qlora.files import write_jsonl
-from finance_qlora.generation import generate_answers
 from finance_qlora.modeling import loaded
 from finance_qlora.prompts import cut_answer, to_prompt_completion
 from finance_qlora.report import paired_examples
 from finance_qlora.rouge import METRICS
-from tests.conftest import make_rows
+from tests.conftest import generate_cut, make_rows
 
 pytestmark = pytest.mark.slow
 
@@ -48,8 +47,8 @@ def test_batched_generation_equals_one_at_a_time(config, prompts_path):
 
     prompts = [r["prompt"] for r in read_jsonl(prompts_path)]
     with loaded(config.model) as (model, tokenizer):
-        batched = generate_answers(model, tokenizer, prompts, 12, batch_size=4)
-        single = generate_answers(model, tokenizer, prompts, 12, batch_size=1)
+        batched = generate_cut(model, tokenizer, prompts, 12, batch_size=4)
+        single = generate_cut(model, tokenizer, prompts, 12, batch_size=1)
     assert batched == single
     assert any(batched)  # the random model does say something
 

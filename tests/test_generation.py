@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from finance_qlora.config import GenerationSettings, resolve_config
-from finance_qlora.generation import GeneratedNgramBlocker, generate_raw, generate_shard
+from finance_qlora.generation import GeneratedNgramBlocker, generate_shard
 from finance_qlora.modeling import load_model, load_tokenizer
 from finance_qlora.prompts import to_prompt_completion
-from tests.conftest import make_rows
+from tests.conftest import generate, make_rows
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def prompts():
 @pytest.mark.slow
 def test_generation_stops_at_a_second_end_of_turn_id(tiny, prompts):
     model, tokenizer = tiny
-    free = generate_raw(model, tokenizer, prompts[:1], 10, batch_size=1)[0]
+    free = generate(model, tokenizer, prompts[:1], 10, batch_size=1)[0]
     encoded = tokenizer(prompts[:1], return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**encoded, max_new_tokens=10, do_sample=False)
@@ -44,7 +44,7 @@ def test_generation_stops_at_a_second_end_of_turn_id(tiny, prompts):
     handle = model.lm_head.register_forward_hook(force_after_three_tokens)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, second]
     try:
-        cut = generate_raw(model, tokenizer, prompts[:1], 10, batch_size=1)[0]
+        cut = generate(model, tokenizer, prompts[:1], 10, batch_size=1)[0]
     finally:
         handle.remove()
         model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -109,7 +109,7 @@ def test_greedy_answers_with_the_blocker_repeat_no_generated_ngram(tiny, prompts
     assert all(_repeated_ngrams(ids, n) > 0 for ids in free)  # the random model loops
     assert all(_repeated_ngrams(ids, n) == 0 for ids in blocked)
     # the configured path: generation.block_repeat_ngram gives the same answers
-    raw = generate_raw(model, tokenizer, prompts, new, batch_size=3, block_repeat_ngram=n)
+    raw = generate(model, tokenizer, prompts, new, batch_size=3, block_repeat_ngram=n)
     assert [g.text for g in raw] == [
         tokenizer.decode(ids, skip_special_tokens=True) for ids in blocked
     ]

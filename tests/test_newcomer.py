@@ -295,7 +295,7 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
     import sys
     import time
 
-    from flows.finetune import INTERRUPTED
+    from flows.local_server import INTERRUPTED
     from tests.test_cli import _FLOW_RUN_STATES, ROOT
 
     env, args, run = _tiny_run(tmp_path)
@@ -337,7 +337,7 @@ def test_temporary_servers_start_one_at_a_time_per_prefect_home(monkeypatch, tmp
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
-    import flows.finetune
+    import flows.local_server
 
     seen = []
 
@@ -351,11 +351,11 @@ def test_temporary_servers_start_one_at_a_time_per_prefect_home(monkeypatch, tmp
         self.server_process = SimpleNamespace(pid=0)  # for the watchdog, not started here
 
     monkeypatch.setattr(SubprocessASGIServer, "start", start)
-    monkeypatch.setattr(flows.finetune, "watch_server", lambda pid: None)
+    monkeypatch.setattr(flows.local_server, "watch_server", lambda pid: None)
     monkeypatch.setattr(SubprocessASGIServer, "running", False, raising=False)
     try:
         with temporary_settings({PREFECT_HOME: tmp_path / "home", PREFECT_API_URL: None}):
-            flows.finetune.start_local_api()
+            flows.local_server.start_local_api()
     finally:
         SubprocessASGIServer().server_process = None
     assert seen == ["held"]

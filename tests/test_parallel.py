@@ -18,13 +18,13 @@ from safetensors.torch import load_file
 
 import finance_qlora.parallel as parallel
 import finance_qlora.training as training
-from finance_qlora.config import DeviceSettings, resolve_config
+from finance_qlora.config import DeviceSettings, devices_line, resolve_config
 from finance_qlora.errors import ConfigError
 from finance_qlora.evaluation import evaluate_model
 from finance_qlora.files import write_jsonl
 from finance_qlora.generation import shard_batches
 from finance_qlora.modeling import load_model
-from finance_qlora.parallel import RankFailed, process_count
+from finance_qlora.parallel import RankFailed, choose_gpus, process_count
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import train_adapter
 from flows.finetune import main
@@ -37,13 +37,46 @@ def _gpus(monkeypatch, count: int) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
 
 
-def test_process_count_uses_every_visible_gpu_or_the_cpu_processes(monkeypatch):
+def test_process_count_uses_the_gpus_asked_for_or_the_cpu_processes(monkeypatch):
     _gpus(monkeypatch, 0)
     assert process_count(DeviceSettings()) == 1
     assert process_count(DeviceSettings(cpu_processes=3)) == 3
     _gpus(monkeypatch, 4)
-    assert process_count(DeviceSettings()) == 4
+    assert process_count(DeviceSettings(num_gpus=None)) == 4  # every visible GPU
+    assert process_count(DeviceSettings()) == 1  # auto, with the work unknown: one
     assert process_count(DeviceSettings(num_gpus=2, cpu_processes=3)) == 2
+    assert process_count(DeviceSettings(num_gpus=1)) == 1  # one of 4: the first
+
+
+@pytest.mark.parametrize(
+    ("row_epochs", "visible", "expected"),
+    [(1000, 2, 1), (9999, 8, 1), (10_000, 2, 2), (30_000, 4, 4), (50_000, 1, 1)],
+)
+def test_auto_uses_several_gpus_only_where_the_work_repays_their_start_up(
+    row_epochs, visible, expected
+):
+    gpus, why = choose_gpus(DeviceSettings(num_gpus="auto"), row_epochs, visible)
+    assert gpus == expected
+    assert why.startswith("auto: ") and f"{row_epochs:g} row-epochs" in why
+
+
+def test_show_config_says_what_auto_chooses_and_why():
+    small = resolve_config("llama2-7b-h100")
+    assert devices_line(small).startswith("devices: auto: one GPU for 1000 rows x 1 epoch(s)")
+    large = resolve_config("llama2-7b-h100", {"train": {"epochs": 10}})
+    assert devices_line(large).startswith("devices: auto: every visible GPU for 1000 rows x 10")
+
+
+def test_one_process_on_a_host_with_several_gpus_trains_on_one(tmp_path):
+    """The Trainer wraps a model in nn.DataParallel when one process sees several GPUs (as
+    TrainingArguments counts them on such a host): a run told to use one GPU must not."""
+    from finance_qlora.training import sft_config, single_device
+
+    args = sft_config(resolve_config("tiny-cpu").train, torch.float32, tmp_path)
+    assert args.n_gpu == 0  # the CPU here; set what _setup_devices finds on a 2-GPU host
+    args._n_gpu = 2
+    single_device(args)
+    assert args.n_gpu == 1
 
 
 def test_more_gpus_than_visible_is_one_line_before_any_model(monkeypatch, capsys, tmp_path):
@@ -106,8 +139,9 @@ def test_two_processes_write_one_adapter_and_follow_one_process(prompts, tmp_pat
     )
     assert two.steps == one.steps == 2 * 16 // 4  # the same global batch: the same steps
     assert logged == [(s, one.steps) for s in range(1, one.steps + 1)]  # rank 0's progress
-    # the same rows per step, each rank's mean loss averaged: the same curve within rounding
-    assert two.losses == pytest.approx(one.losses, abs=2e-3)
+    # the same rows per step, the loss token-weighted over both ranks: the same curve, within
+    # what LoRA dropout (drawn per rank) moves it
+    assert two.losses == pytest.approx(one.losses, abs=5e-3)
     assert [p.name for p in (tmp_path / "two").iterdir() if p.name.startswith("final")] == ["final"]
     weights = load_file(two.path / "adapter_model.safetensors")
     reference = load_file(one.path / "adapter_model.safetensors")

@@ -12,12 +12,11 @@ from transformers import AutoModelForCausalLM
 from finance_qlora import builtin_models
 from finance_qlora.config import resolve_config
 from finance_qlora.files import write_jsonl
-from finance_qlora.generation import generate_raw
 from finance_qlora.modeling import compute_dtype, load_model, loaded
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.quantized import quantized_folder
 from finance_qlora.training import train_adapter
-from tests.conftest import make_rows
+from tests.conftest import generate, make_rows
 
 
 def dtype_of(model_config):
@@ -44,7 +43,7 @@ def cache(tmp_path, monkeypatch):
 
 def answers(config):
     with loaded(config.model) as (model, tokenizer):
-        return generate_raw(model, tokenizer, PROMPTS, 12, batch_size=3)
+        return generate(model, tokenizer, PROMPTS, 12, batch_size=3)
 
 
 def test_the_kept_4bit_weights_give_identical_greedy_answers(cache):

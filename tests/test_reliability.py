@@ -17,11 +17,10 @@ from transformers import TrainerCallback
 from finance_qlora.config import resolve_config
 from finance_qlora.errors import FinanceQLoRAError, TrainingError
 from finance_qlora.files import atomic_dir, read_jsonl, write_jsonl
-from finance_qlora.generation import generate_answers
 from finance_qlora.modeling import loaded
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import latest_checkpoint, train_adapter
-from tests.conftest import make_rows
+from tests.conftest import generate_cut, make_rows
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +169,7 @@ def test_generation_out_of_memory_halves_the_batch_with_the_same_answers(prompts
     config = resolve_config("tiny-cpu")
     texts = [r["prompt"] for r in read_jsonl(prompts)][:6]
     with loaded(config.model) as (model, tokenizer):
-        expected = generate_answers(model, tokenizer, texts, 8, batch_size=1)
+        expected = generate_cut(model, tokenizer, texts, 8, batch_size=1)
         real_generate, sizes = model.generate, []
 
         def small_memory(**kwargs):
@@ -180,12 +179,12 @@ def test_generation_out_of_memory_halves_the_batch_with_the_same_answers(prompts
             return real_generate(**kwargs)
 
         model.generate = small_memory
-        assert generate_answers(model, tokenizer, texts, 8, batch_size=8) == expected
+        assert generate_cut(model, tokenizer, texts, 8, batch_size=8) == expected
         assert sizes[:3] == [6, 4, 2]  # halved twice, then it fits
 
         model.generate = lambda **kwargs: (_ for _ in ()).throw(torch.OutOfMemoryError("oom"))
         with pytest.raises(FinanceQLoRAError, match="out of GPU memory even at 1 prompt"):
-            generate_answers(model, tokenizer, texts, 8, batch_size=2)
+            generate_cut(model, tokenizer, texts, 8, batch_size=2)
 
 
 def test_failed_save_leaves_no_folder_under_the_final_name(tmp_path):
