@@ -39,12 +39,14 @@ def resolve(name: str) -> str:
     if not (folder / "config.json").is_file():
         from transformers.utils import logging as hf_logging
 
+        shown = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # a one-off build: no bars on the user's terminal
         try:
             with atomic_dir(folder) as tmp:
                 builders[name](tmp)
         finally:
-            hf_logging.enable_progress_bar()
+            if shown:  # as it was: a command that turned them off keeps them off
+                hf_logging.enable_progress_bar()
     return str(folder)
 
 

@@ -31,7 +31,7 @@ from finance_qlora.config import (
 from finance_qlora.errors import ConfigError, FinanceQLoRAError
 from finance_qlora.files import read_jsonl
 from flows.finetune import StepRunner
-from flows.local_server import start_local_api
+from flows.local_server import quiet_libraries, start_local_api
 from tasks.answer import answer, checked_questions, load_questions
 from tasks.secrets import storage_options
 from tasks.store_access import StoreRef, local, store_of
@@ -108,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    quiet_libraries()  # library warnings to the log file, no library progress bars
     try:
         args = parse_args(argv)
         overrides = merge_assignments(args.assignments)

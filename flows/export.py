@@ -23,7 +23,7 @@ from finance_qlora.config import default_store
 from finance_qlora.errors import ConfigError, FinanceQLoRAError
 from finance_qlora.export import export_merged, upload
 from finance_qlora.store import local_cache, normalize_url
-from flows.local_server import start_local_api
+from flows.local_server import quiet_libraries, start_local_api
 from tasks.retries import GPU_RETRIES, GPU_RETRY_DELAY_S, retry_unless_bad_input
 from tasks.secrets import hf_token, storage_options
 from tasks.store_access import StoreRef, local, store_of
@@ -77,6 +77,7 @@ def export_flow(
 
 def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    quiet_libraries()  # library warnings to the log file, no library progress bars
     parser = argparse.ArgumentParser(
         prog="python -m flows.export",
         description=__doc__,

@@ -49,7 +49,13 @@ from finance_qlora.records import (
     TrainRecord,
 )
 from finance_qlora.registry import Champion, Decision, Protocol, live_champion
-from flows.local_server import INTERRUPTED, STOP_SIGNALS, interrupt_once, start_local_api
+from flows.local_server import (
+    INTERRUPTED,
+    STOP_SIGNALS,
+    interrupt_once,
+    quiet_libraries,
+    start_local_api,
+)
 from tasks.compare import compare_rouge
 from tasks.evaluate import evaluate
 from tasks.format import format_prompts
@@ -304,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes warns on import on every CPU without the optional `kernels` package; the
     # configuration check imports it (through transformers), and an error must stay one line.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    quiet_libraries()
     previous = {stop: signal.getsignal(stop) for stop in STOP_SIGNALS}
     for stop, handler in previous.items():
         if handler is not signal.SIG_IGN:  # ignored (a background job of a script): stays so

@@ -53,6 +53,30 @@ except OSError:
 _WATCHDOGS: list[subprocess.Popen] = []
 
 
+def quiet_libraries() -> Path:
+    """A command-line run's console shows the project's lines: library warnings (transformers'
+    deprecation notices, ...) go to a log file instead, and the libraries' progress bars are
+    off. Used only by the commands: a library user keeps both. Returns the log file."""
+    import logging
+
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    from finance_qlora.builtin_models import cache_root
+
+    log_file = cache_root() / "logs" / "finance-qlora.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    warnings_logger.addHandler(handler)
+    warnings_logger.propagate = False
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    return log_file
+
+
 def start_local_api() -> None:
     """Prefect's temporary local server (when PREFECT_API_URL names none), started with SIGINT
     blocked: the server process inherits the blocked signal, so a Ctrl-C in the terminal, sent

@@ -1,5 +1,6 @@
 """`python -m flows.finetune`: the entry point itself (bad inputs: test_bad_inputs.py)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,12 +63,20 @@ def test_a_run_prints_the_table_once_and_no_trainer_log_dicts(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
+        env=dict(os.environ, FINANCE_QLORA_CACHE=str(tmp_path / "cache")),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("## Pretrained vs fine-tuned ROUGE")
     assert (result.stdout + result.stderr).count("## Pretrained vs fine-tuned ROUGE") == 1
     assert "'loss'" not in result.stdout + result.stderr
-    assert "trained 14 steps in " in result.stderr  # with the one loss logged, first and last
+    # with the one loss logged, first and last; the schedule said
+    assert "trained 14 steps of 4 rows (1 micro-batches each) in " in result.stderr
+    assert "schedule: 4 rows an optimizer step, 7 steps an epoch of 28 rows" in result.stderr
+    # library warnings and progress bars stay out of the console, in the log file
+    assert "FutureWarning" not in result.stderr and "it/s]" not in result.stderr
+    assert "examples/s]" not in result.stderr
+    log = tmp_path / "cache" / "logs" / "finance-qlora.log"
+    assert "FutureWarning" in log.read_text()
 
 
 _FLOW_RUN_STATES = """

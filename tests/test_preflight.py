@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import PretrainedConfig
 
-from finance_qlora import preflight
+from finance_qlora import modeling, preflight
 from finance_qlora.config import resolve_config
 from finance_qlora.data import hub_offline
 from finance_qlora.errors import ConfigError
@@ -128,7 +128,7 @@ def test_lora_targets_are_not_checked_without_a_model_config():
     ],
 )
 def test_the_context_length_is_read_from_the_names_configs_use(attributes, context):
-    assert preflight.context_length(PretrainedConfig(**attributes)) == context
+    assert modeling.context_length(PretrainedConfig(**attributes)) == context
 
 
 def test_new_tokens_and_sequence_length_against_the_context():

@@ -123,13 +123,17 @@ def test_prompts_are_written_for_both_splits_with_their_digests(tmp_path):
     test = [{"instruction": "Q2?", "input": "", "output": " A2.\n"}]
     write_jsonl(splits / "train.jsonl", train)
     write_jsonl(splits / "test.jsonl", test)
+    from finance_qlora.data import ROW_IDS, row_id
+
+    ids = {"train": [row_id(r) for r in train], "test": [row_id(r) for r in test]}
+    (splits / ROW_IDS).write_text(json.dumps(ids))  # as write_splits leaves it
     split = SplitRecord(
         folder=splits, fingerprint=fingerprint(splits), train_rows=1, test_rows=1, data_version="v"
     )
     record = write_prompts(split, tmp_path / "prompts")
     assert read_jsonl(record.train_path) == [to_prompt_completion(r) for r in train]
     assert read_jsonl(record.test_path) == [{"prompt": build_prompt("Q2?"), "completion": "A2."}]
-    assert sorted(p.name for p in record.path.iterdir()) == ["test.jsonl", "train.jsonl"]
+    assert sorted(p.name for p in record.path.iterdir()) == [ROW_IDS, "test.jsonl", "train.jsonl"]
     assert (record.train_rows, record.test_rows, record.data_version) == (1, 1, "v")
     assert record.fingerprint == fingerprint(record.path)
     assert record.train_sha256 == fingerprint(record.train_path)
