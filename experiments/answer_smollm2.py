@@ -48,12 +48,15 @@ def run_summary(store: Path, run: str | None) -> dict:
     return json.loads(summaries[-1].read_text())
 
 
-def final_evaluation(store: Path, summary: dict) -> Path:
-    """The eval folder with the run's fine-tuned scores."""
-    for metrics in sorted(store.glob("eval/*/metrics.json")):
-        if json.loads(metrics.read_text())["rouge"] == summary["rouge"]["finetuned"]:
-            return metrics.parent
-    sys.exit(f"error: no evaluation in {store}/eval has the run's fine-tuned scores")
+def final_evaluation(summary: dict) -> pd.DataFrame:
+    """The run's fine-tuned answers, from its comparison report (by label, not by scores: two
+    evaluations can score the same), as prompt, prediction, raw_prediction, new_tokens."""
+    report = Path(summary["report"]).parent
+    examples = pd.read_parquet(report / "examples.parquet")
+    columns = {f"finetuned_{c}": c for c in ("prediction", "raw_prediction", "new_tokens")}
+    table = examples[["prompt", *columns]].rename(columns=columns)
+    table.attrs["source"] = str(report)
+    return table
 
 
 def test_split(store: Path, prompts: list[str]) -> Path:
@@ -82,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     store = args.store.resolve()
     summary = run_summary(store, args.run)
-    evaluation = final_evaluation(store, summary)
-    predictions = pd.read_parquet(evaluation / "predictions.parquet")
+    predictions = final_evaluation(summary)
+    evaluation = predictions.attrs["source"]
     questions = test_split(store, predictions["prompt"].tolist())
     start_local_api()
     started = time.perf_counter()
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         "questions": len(answers),
         "n_identical": identical,
         "n_raw_identical": raw,
+        # where they differ (row numbers), to look at the first differing token
+        "differing": [i for i, (a, p) in enumerate(pairs) if a["answer"] != p["prediction"]],
         "flow_run": summary["flow_run"],
         "adapter": summary["adapter"],
         "final_evaluation": str(evaluation),

@@ -352,7 +352,8 @@ def test_temporary_servers_start_one_at_a_time_per_prefect_home(monkeypatch, tmp
 
     monkeypatch.setattr(SubprocessASGIServer, "start", start)
     monkeypatch.setattr(flows.local_server, "watch_server", lambda pid: None)
-    monkeypatch.setattr(SubprocessASGIServer, "running", False, raising=False)
+    # the instance Prefect's client uses: an earlier test's run may have started it already
+    monkeypatch.setattr(SubprocessASGIServer(), "running", False)
     try:
         with temporary_settings({PREFECT_HOME: tmp_path / "home", PREFECT_API_URL: None}):
             flows.local_server.start_local_api()

@@ -197,7 +197,7 @@ def _ranks() -> list[psutil.Process]:
     return [
         p
         for p in psutil.Process().children(recursive=True)
-        if "finance_qlora.parallel" in " ".join(p.cmdline())
+        if "finance_qlora.rank" in " ".join(p.cmdline())
         and "torch.distributed.run" not in " ".join(p.cmdline())
     ]
 
