@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from finance_qlora import builtin_models
 from finance_qlora.config import GenerationSettings, ModelConfig
 from finance_qlora.data import file_bytes, file_suffix, is_store_url, local_path, parse_rows
 from finance_qlora.errors import ConfigError, DataError
@@ -143,22 +142,6 @@ def check_questions(rows: list[dict[str, Any]], source: str) -> list[dict[str, A
         for question in checked:
             question["id"] = str(question["id"])
     return checked
-
-
-def model_context(cfg: ModelConfig, token: str | None = None) -> int | None:
-    """The most tokens the model attends to, from its config; None when it names none."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(
-        builtin_models.resolve(cfg.name),
-        revision=cfg.revision,
-        token=token,
-        trust_remote_code=cfg.trust_remote_code,
-    )
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    return None
 
 
 def check_fit(

@@ -16,12 +16,13 @@ a row whose labels are all masked, which adds nothing to the loss or the gradien
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from torch.utils.data import Dataset, Sampler
+
+from finance_qlora.config import steps_per_epoch
 
 IGNORE = -100  # the label the loss skips
 
@@ -41,15 +42,6 @@ class Empty:
     """Empty work: row `index` with every label masked (keeps the processes in step)."""
 
     index: int
-
-
-def steps_per_epoch(rows: int, rows_per_step: int) -> int:
-    return math.ceil(rows / rows_per_step)
-
-
-def optimizer_steps(rows: int, rows_per_step: int, epochs: float) -> int:
-    """What the Trainer runs: ceil(epochs x steps per epoch)."""
-    return math.ceil(epochs * steps_per_epoch(rows, rows_per_step))
 
 
 def token_budget_batches(
@@ -135,27 +127,38 @@ class StepSampler(Sampler[list]):
         self.lengths, self.rows_per_step, self.how = list(lengths), rows_per_step, how
         self.seed, self.rank, self.processes = seed, rank, processes
         self.epoch = 0
-        needed = [
-            len(micro_batches(share, self.lengths, how))
-            for epoch in range(max(epochs, 1))
-            for step in self.steps(epoch)
-            for share in shares(step, self.lengths, processes)
-        ]
-        self.micro_batches_per_step = max(max(needed), 1)
+        # Each epoch's steps as (a row of the step, this process's micro-batches before
+        # padding), split once: the fixed micro-batch count needs every epoch's split anyway.
+        splits = {epoch: self.split(epoch) for epoch in range(max(epochs, 1))}
+        self.planned = {epoch: own for epoch, (own, _) in splits.items()}
+        self.micro_batches_per_step = max(most for _, most in splits.values())
 
     def steps(self, epoch: int) -> list[list[int]]:
         """The epoch's optimizer steps: a seeded permutation cut every `rows_per_step` rows."""
         order = np.random.default_rng(self.seed + epoch).permutation(len(self.lengths)).tolist()
         return [order[i : i + self.rows_per_step] for i in range(0, len(order), self.rows_per_step)]
 
-    def plan(self, epoch: int) -> list[list[list[int] | Empty]]:
-        """This process's micro-batches, step by step."""
-        planned = []
+    def split(self, epoch: int) -> tuple[list[tuple[int, list[list[int]]]], int]:
+        """Every step of `epoch` split over the processes and into micro-batches: this
+        process's, and the most micro-batches any process needs for a step."""
+        own, most = [], 1
         for step in self.steps(epoch):
-            share = shares(step, self.lengths, self.processes)[self.rank]
-            batches = micro_batches(share, self.lengths, self.how)
-            planned.append(exactly(batches, self.micro_batches_per_step, spare=step[0]))
-        return planned
+            every = [
+                micro_batches(share, self.lengths, self.how)
+                for share in shares(step, self.lengths, self.processes)
+            ]
+            most = max(most, *map(len, every))
+            own.append((step[0], every[self.rank]))
+        return own, most
+
+    def plan(self, epoch: int) -> list[list[list[int] | Empty]]:
+        """This process's micro-batches, step by step, exactly `micro_batches_per_step` each."""
+        if epoch not in self.planned:  # past the epochs planned for
+            self.planned[epoch] = self.split(epoch)[0]
+        return [
+            exactly(batches, self.micro_batches_per_step, spare=row)
+            for row, batches in self.planned[epoch]
+        ]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -9,6 +9,7 @@ the flow's ``overrides`` parameter (a nested mapping with the same shape).
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Annotated, Any, Literal, Optional, Union, get_args
 
@@ -64,6 +65,11 @@ class DataConfig(_Section):
     # evaluate_on="validation" both evaluations score them, and the test rows stay unseen.
     validation_size: int = Field(0, ge=0)
     evaluate_on: Literal["test", "validation"] = "test"
+
+    @property
+    def training_rows(self) -> int:
+        """Rows the adapter trains on: the train sample less the validation rows carved out."""
+        return self.train_size - self.validation_size
 
     @model_validator(mode="after")
     def _validation_rows_to_evaluate(self) -> DataConfig:
@@ -403,21 +409,38 @@ PRESETS: dict[str, dict[str, Any]] = {
 assert set(PRESETS) == set(get_args(PresetName))
 
 
+def steps_per_epoch(rows: int, rows_per_step: int) -> int:
+    return math.ceil(rows / rows_per_step)
+
+
+def optimizer_steps(rows: int, rows_per_step: int, epochs: float) -> int:
+    """What the Trainer runs: ceil(epochs x steps per epoch)."""
+    return math.ceil(epochs * steps_per_epoch(rows, rows_per_step))
+
+
+def micro_batch_words(train: TrainSettings) -> str:
+    """How one step's rows are computed on the card, in words."""
+    if train.max_tokens_per_batch:
+        kind = "real" if train.padding_free else "padded"
+        return f"at most {train.max_tokens_per_batch} {kind} tokens"
+    return f"{train.batch_size} rows"
+
+
 def schedule_line(config: FinetuneConfig) -> str:
-    """The optimizer-step schedule in words (--show-config, the train step's log)."""
-    train, rows = config.train, config.data.train_size - config.data.validation_size
-    steps = -(-rows // train.rows_per_step)  # ceil
-    total = -(-int(steps * train.epochs * 1000) // 1000)  # the Trainer's ceil(epochs x steps)
-    micro = (
-        f"at most {train.max_tokens_per_batch} {'real' if train.padding_free else 'padded'} tokens"
-        if train.max_tokens_per_batch
-        else f"{train.batch_size} rows"
-    )
+    """The optimizer-step schedule in words (--show-config)."""
+    train, rows = config.train, config.data.training_rows
     return (
-        f"schedule: {train.rows_per_step} rows an optimizer step, {steps} steps an epoch of "
-        f"{rows} training rows, {total} steps in {train.epochs:g} epoch(s) at lr "
-        f"{train.learning_rate:g} ({train.lr_scheduler}); computed in micro-batches of {micro}"
+        f"schedule: {train.rows_per_step} rows an optimizer step, "
+        f"{steps_per_epoch(rows, train.rows_per_step)} steps an epoch of {rows} training rows, "
+        f"{optimizer_steps(rows, train.rows_per_step, train.epochs)} steps in "
+        f"{train.epochs:g} epoch(s) at lr {train.learning_rate:g} ({train.lr_scheduler}); "
+        f"computed in micro-batches of {micro_batch_words(train)}"
     )
+
+
+def auto_uses_several_gpus(row_epochs: float | None) -> bool:
+    """devices.num_gpus "auto": several GPUs only from AUTO_MIN_ROW_EPOCHS of training work."""
+    return row_epochs is not None and row_epochs >= AUTO_MIN_ROW_EPOCHS
 
 
 def devices_line(config: FinetuneConfig) -> str:
@@ -427,11 +450,11 @@ def devices_line(config: FinetuneConfig) -> str:
         return "devices: every GPU the worker sees (devices.num_gpus unset)"
     if asked != "auto":
         return f"devices: {asked} GPU(s) (devices.num_gpus)"
-    train = config.data.train_size - config.data.validation_size
-    work = train * config.train.epochs
-    several = work >= AUTO_MIN_ROW_EPOCHS
+    rows = config.data.training_rows
+    work = rows * config.train.epochs
+    several = auto_uses_several_gpus(work)
     return (
-        f"devices: auto: {'every visible GPU' if several else 'one GPU'} for {train} rows x "
+        f"devices: auto: {'every visible GPU' if several else 'one GPU'} for {rows} rows x "
         f"{config.train.epochs:g} epoch(s) = {work:g} row-epochs (several GPUs from "
         f"{AUTO_MIN_ROW_EPOCHS} on, where they repay their per-process start-up)"
     )

@@ -62,18 +62,9 @@ def fitting_rows(
 ) -> list[dict[str, str]]:
     """The test rows whose prompt leaves room for max_new_tokens in the model's context; the
     others are left out with a warning that counts them (`prompts.fit_prompts`)."""
-    from transformers import AutoConfig
+    from finance_qlora.modeling import load_tokenizer, model_context
 
-    from finance_qlora.builtin_models import resolve
-    from finance_qlora.modeling import context_length, load_tokenizer
-
-    model_config = AutoConfig.from_pretrained(
-        resolve(model_cfg.name),
-        revision=model_cfg.revision,
-        token=token,
-        trust_remote_code=model_cfg.trust_remote_code,
-    )
-    context = context_length(model_config)
+    context = model_context(model_cfg, token)
     if context is None:
         return rows
     limit = context - generation.max_new_tokens

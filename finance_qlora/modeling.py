@@ -39,6 +39,19 @@ def context_length(model_config) -> int | None:
     return None
 
 
+def model_context(cfg: ModelConfig, token: str | None = None) -> int | None:
+    """`context_length` of the model `cfg` names, from its config alone (no weights)."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(
+        builtin_models.resolve(cfg.name),
+        revision=cfg.revision,
+        token=token,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    return context_length(model_config)
+
+
 def device_map() -> dict[str, Any]:
     return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
 

@@ -34,6 +34,7 @@ from finance_qlora.config import (
     LoraSettings,
     ModelConfig,
     TrainSettings,
+    auto_uses_several_gpus,
 )
 from finance_qlora.errors import ConfigError
 from finance_qlora.files import read_jsonl, write_jsonl
@@ -69,7 +70,7 @@ def choose_gpus(
     if asked is None:
         return visible, f"every visible GPU ({visible})"
     if asked == "auto":
-        if visible == 1 or row_epochs is None or row_epochs < AUTO_MIN_ROW_EPOCHS:
+        if visible == 1 or not auto_uses_several_gpus(row_epochs):
             work = "unknown work" if row_epochs is None else f"{row_epochs:g} row-epochs"
             return 1, f"auto: one GPU of {visible} ({work}; several from {AUTO_MIN_ROW_EPOCHS})"
         return visible, f"auto: all {visible} GPUs ({row_epochs:g} row-epochs)"

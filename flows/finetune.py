@@ -96,6 +96,7 @@ def finetune(
 ) -> dict[str, Any]:
     """Load, format, baseline eval, train, save adapter, final eval; compare and promote."""
     config = resolve_config(preset, overrides)
+    config = config.model_copy(update={"devices": devices_for(config)})  # "auto" resolved once
     model, token_block = config.model, config.model.hf_token_secret
     store = StoreRef(url=config.output_dir, secret=config.output_dir_secret)
     preflight(config, lambda: hf_token(token_block, model.name), store_of(store).options)
@@ -107,7 +108,7 @@ def finetune(
     prompts = run(format_prompts, store, splits)
     # Baseline eval
     scoring = (config.generation, config.evaluation)
-    devices = {"devices": devices_for(config)}  # "auto" resolved once, for every step
+    devices = {"devices": config.devices}
     pretrained = run(evaluate, "pretrained", store, prompts, model, *scoring, **devices)
     # Train
     trained = run(train, store, prompts, model, config.lora, config.train, **devices)
@@ -164,7 +165,7 @@ def gate(
             config.model,
             *scoring,
             champion.adapter,
-            devices=devices_for(config),
+            devices=config.devices,
         )
     decision = promote(
         store,
@@ -234,8 +235,8 @@ def record_run(
 
 def devices_for(config: FinetuneConfig) -> DeviceSettings:
     """The GPUs this run uses ("auto" resolved from its training work), logged with why."""
-    rows = config.data.train_size - config.data.validation_size
-    gpus, why = choose_gpus(config.devices, rows * config.train.epochs, visible_gpu_count())
+    work = config.data.training_rows * config.train.epochs
+    gpus, why = choose_gpus(config.devices, work, visible_gpu_count())
     get_run_logger().info("devices: %s", why)
     return config.devices.model_copy(update={"num_gpus": gpus}) if gpus else config.devices
 

@@ -11,12 +11,11 @@ from prefect.cache_policies import NO_CACHE
 from finance_qlora.answering import (
     answer_questions,
     check_fit,
-    model_context,
     read_questions,
     write_questions,
 )
 from finance_qlora.config import DeviceSettings, GenerationSettings, ModelConfig
-from finance_qlora.modeling import load_tokenizer
+from finance_qlora.modeling import load_tokenizer, model_context
 from finance_qlora.parallel import process_count
 from finance_qlora.records import AdapterRecord, AnswerRecord, QuestionRecord
 from finance_qlora.store import sha256_file

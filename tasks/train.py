@@ -6,8 +6,14 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from finance_qlora.adapter import normalize_adapter_config
-from finance_qlora.batching import steps_per_epoch
-from finance_qlora.config import DeviceSettings, LoraSettings, ModelConfig, TrainSettings
+from finance_qlora.config import (
+    DeviceSettings,
+    LoraSettings,
+    ModelConfig,
+    TrainSettings,
+    micro_batch_words,
+    steps_per_epoch,
+)
 from finance_qlora.parallel import process_count
 from finance_qlora.records import PromptRecord, TrainRecord
 from finance_qlora.training import train_adapter
@@ -43,9 +49,7 @@ def train(
         settings.rows_per_step,
         steps_per_epoch(prompts.train_rows, settings.rows_per_step),
         prompts.train_rows,
-        f"at most {settings.max_tokens_per_batch} tokens"
-        if settings.max_tokens_per_batch
-        else f"{settings.batch_size} rows",
+        micro_batch_words(settings),
     )
     if processes > 1:
         logger.info("data-parallel training on %d processes", processes)

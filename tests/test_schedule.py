@@ -11,8 +11,8 @@ import pytest
 from transformers import TrainerCallback
 from transformers.optimization import get_scheduler
 
-from finance_qlora.batching import Empty, StepSampler, optimizer_steps
-from finance_qlora.config import PRESETS, resolve_config
+from finance_qlora.batching import Empty, StepSampler
+from finance_qlora.config import PRESETS, optimizer_steps, resolve_config
 from finance_qlora.files import write_jsonl
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import (
