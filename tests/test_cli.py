@@ -1,5 +1,6 @@
 """`python -m flows.finetune`: the entry point itself (bad inputs: test_bad_inputs.py)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -79,6 +80,20 @@ def test_a_run_prints_the_table_once_and_no_trainer_log_dicts(tmp_path):
     assert "FutureWarning" in log.read_text()
 
 
+def flow_run_states(env: dict[str, str]) -> list[str]:
+    """The state of every flow run the Prefect home in `env` holds, read in a fresh process."""
+    states = subprocess.run(
+        [sys.executable, "-c", _FLOW_RUN_STATES],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert states.returncode == 0, states.stderr
+    return json.loads(states.stdout.strip().splitlines()[-1])
+
+
 _FLOW_RUN_STATES = """
 import json
 from prefect import get_client
@@ -149,7 +164,6 @@ class Run:
 def test_ctrl_c_stops_within_seconds_marks_the_run_and_a_rerun_resumes(tmp_path):
     """Ctrl-C while training: exit 130 within seconds with one line and no traceback, the flow
     run recorded as Crashed (not left Running) in Prefect, and the same command resumes."""
-    import json
     import os
     import time
 
@@ -169,15 +183,7 @@ def test_ctrl_c_stops_within_seconds_marks_the_run_and_a_rerun_resumes(tmp_path)
     assert run.lines.count(INTERRUPTED) == 1
     assert not [line for line in run.lines if "Traceback" in line], "\n".join(run.lines)
 
-    states = subprocess.run(
-        [sys.executable, "-c", _FLOW_RUN_STATES],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert json.loads(states.stdout.strip().splitlines()[-1]) == ["CRASHED"], states.stderr
+    assert flow_run_states(env) == ["CRASHED"]
 
     again = Run(env, *args)
     first = again.first_step()

@@ -288,15 +288,13 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
     """SIGTERM to the command alone (as `timeout` sends it) while training: exit 143 within
     seconds with the one interrupted line, the flow run recorded as Crashed, and the same
     command resumes from the last checkpoint."""
-    import json
     import os
     import signal
     import subprocess
-    import sys
     import time
 
     from flows.local_server import INTERRUPTED
-    from tests.test_cli import _FLOW_RUN_STATES, ROOT
+    from tests.test_cli import flow_run_states
 
     env, args, run = _tiny_run(tmp_path)
     assert run.first_step() == 1
@@ -312,15 +310,7 @@ def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
     time.sleep(0.5)  # the reader thread takes the last lines
     assert run.lines.count(INTERRUPTED) == 1, "\n".join(run.lines[-40:])
     assert not [line for line in run.lines if "Traceback" in line], "\n".join(run.lines)
-    states = subprocess.run(
-        [sys.executable, "-c", _FLOW_RUN_STATES],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert json.loads(states.stdout.strip().splitlines()[-1]) == ["CRASHED"], states.stderr
+    assert flow_run_states(env) == ["CRASHED"]
     _, _, again = _tiny_run(tmp_path)
     first = again.first_step()
     assert first > 1 and (first - 1) % 3 == 0  # resumed from a checkpoint (every 3 steps)
