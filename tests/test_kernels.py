@@ -1,0 +1,99 @@
+"""Faster ways to compute the same training step: compiled decoder layers, and no fp32 round
+trip of the adapters' inputs under mixed precision."""
+
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from finance_qlora.config import resolve_config
+from finance_qlora.errors import ConfigError
+from finance_qlora.files import write_jsonl
+from finance_qlora.kernels import compile_layers, mixed_precision_inputs
+from finance_qlora.prompts import to_prompt_completion
+from finance_qlora.training import build_trainer
+from tests.conftest import make_rows
+
+
+class CountCasts(TorchDispatchMode):
+    """Counts dtype conversions (aten._to_copy) run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            self.casts += 1
+        return func(*args, **(kwargs or {}))
+
+
+def bf16_lora_model():
+    """A bf16 Llama with fp32 LoRA adapters on q/v: the dequantized base of the GPU presets."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+    base = LlamaForCausalLM(config).to(torch.bfloat16)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.05)
+    model = get_peft_model(base, lora)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapters something to add
+            torch.nn.init.normal_(param, std=0.5)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    return model.eval()
+
+
+def forward_casts(model, mixed: bool) -> tuple[torch.Tensor, int]:
+    trainer = SimpleNamespace(args=SimpleNamespace(bf16=mixed, fp16=False), model=model)
+    ids = torch.arange(1, 25)[None]
+    with mixed_precision_inputs(trainer), CountCasts() as count:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits
+    return logits, count.casts
+
+
+def test_mixed_precision_skips_the_adapters_fp32_round_trip_with_the_same_outputs():
+    model = bf16_lora_model()
+    with_peft_casts, peft_casts = forward_casts(model, mixed=False)
+    without, casts = forward_casts(model, mixed=True)
+    # PEFT's own cast, and autocast's straight back, for each of the 4 adapters
+    assert peft_casts - casts == 2 * 4
+    assert torch.equal(with_peft_casts, without)  # every 16-bit value is exact in fp32
+    # and the setting is PEFT's again afterwards
+    assert forward_casts(model, mixed=False)[1] == peft_casts
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_like_the_plain_ones(tmp_path):
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("inductor needs a C compiler on the CPU")
+    prompts = tmp_path / "train.jsonl"
+    write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(8)])
+    losses = {}
+    for compiled in (False, True):
+        config = resolve_config("tiny-cpu", {"train": {"compile": compiled, "warmup_ratio": 0}})
+        trainer = build_trainer(
+            prompts, config.model, config.lora, config.train, tmp_path / str(compiled)
+        )
+        layers = trainer.model.get_base_model().model.layers
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in layers)
+        trainer.train()
+        losses[compiled] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # the same arithmetic, fused: equal up to float rounding
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+def test_compile_refuses_a_model_without_repeated_layers():
+    with pytest.raises(ConfigError, match="train.compile"):
+        compile_layers(torch.nn.Linear(2, 2))
