@@ -4,7 +4,9 @@ a resume), every row once an epoch, and no step at learning rate 0."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -179,6 +181,27 @@ def test_a_run_resumed_in_its_second_epoch_trains_that_epochs_order(prompts, tmp
         train_adapter(prompts, *args, out, callbacks=[FailAtStep(7)])  # epoch 2 of 5-step ones
     resumed = train_adapter(prompts, *args, out)
     assert resumed.resumed_from == 6 and resumed.steps == whole.steps == 10
+    assert resumed.losses == pytest.approx(whole.losses, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_two_processes_resumed_in_their_second_epoch_train_that_epochs_order(prompts, tmp_path):
+    """The run on 2 processes stops after a checkpoint in its second epoch: that checkpoint,
+    alone in a folder of its own (what a run stopped there leaves, without a race to kill the
+    ranks in time), resumes to the losses the run went on to log."""
+    config = resolve_config(
+        "tiny-cpu",
+        {"train": {"rows_per_step": 8, "epochs": 2, "checkpoint_steps": 2, "logging_steps": 1}},
+    )
+    args = (config.model, config.lora, config.train)
+    whole = train_adapter(prompts, *args, tmp_path / "whole", processes=2)
+    assert whole.steps == 10  # 5-step epochs; the last 2 checkpoints kept: steps 8 and 10
+    stopped = tmp_path / "stopped" / "checkpoint-8"
+    shutil.copytree(tmp_path / "whole" / "checkpoint-8", stopped)
+    assert json.loads((stopped / "trainer_state.json").read_text())["epoch"] == pytest.approx(1.6)
+    resumed = train_adapter(prompts, *args, stopped.parent, processes=2)
+    assert resumed.resumed_from == 8 and resumed.steps == 10
+    # steps 9 and 10 trained again: each rank's share of epoch 2's steps 4 and 5
     assert resumed.losses == pytest.approx(whole.losses, rel=1e-4)
 
 
