@@ -159,12 +159,26 @@ class TrainSettings(_Section):
     seed: Seed = 42
 
     @model_validator(mode="after")
+    def _compile_without_liger(self) -> TrainSettings:
+        if self.compile and self.fused_kernels:
+            # Dynamo cannot trace Liger's autograd functions (H200, 2026-11-29); inductor fuses
+            # the same norms and activations itself
+            raise PydanticCustomError(
+                "compile_with_liger",
+                "compile and fused_kernels exclude each other (Liger's kernels do not compile); "
+                "set train.fused_kernels=false with train.compile=true",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _padding_within_a_row(self) -> TrainSettings:
         if self.pad_to_multiple_of and self.pad_to_multiple_of > self.max_seq_length:
             # past the longest row, padding only adds padding
-            raise ValueError(
-                f"pad_to_multiple_of {self.pad_to_multiple_of} is above max_seq_length "
-                f"{self.max_seq_length}; lower it or leave it unset"
+            raise PydanticCustomError(
+                "padding_past_rows",
+                "pad_to_multiple_of {pad} is above max_seq_length {longest}; lower it or leave "
+                "it unset",
+                {"pad": self.pad_to_multiple_of, "longest": self.max_seq_length},
             )
         return self
 
@@ -265,12 +279,14 @@ def default_store() -> str:
     return os.environ.get("FINANCE_QLORA_STORE") or "runs"
 
 
-# devices.num_gpus "auto", step by step: a multi-GPU step starts a process per GPU and loads the
-# model in each (about 20 s a step on 2 H200s); data-parallel training saves about half the
-# training time (1.9x on 2 GPUs), so training uses several GPUs only from this much work
-# (rows x epochs), and an evaluation only from this many prompts (one H200 answers 300 in one
-# batch in 6-9 s). Measured on 2 H200s: benchmarks/README.md, "Several GPUs".
-AUTO_MIN_ROW_EPOCHS = 4_000
+# devices.num_gpus "auto", step by step. A multi-GPU step starts a process per GPU and loads the
+# model in each (about 20-25 s a step on 2 H200s, 2026-11-28): an evaluation of fewer than
+# AUTO_MIN_PROMPTS prompts runs on one GPU (one H200 answers 300 in one batch in 6-9 s; on 2 the
+# step took 23-26 s). Training: data-parallel training at large steps scaled 1.9x on 2 GPUs and
+# one H200 trains 1,000 rows in 12 s at the recipe's schedule, so the start-up is repaid only
+# from about 10,000 row-epochs; an estimate, not yet measured at 16 rows a step on 2 GPUs
+# (benchmarks/README.md, "Several GPUs").
+AUTO_MIN_ROW_EPOCHS = 10_000
 AUTO_MIN_PROMPTS = 2_000
 
 

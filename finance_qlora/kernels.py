@@ -1,22 +1,22 @@
-"""How the card runs a training step faster without changing what it computes: compiled
-decoder layers, and no round trip of the adapters' inputs through fp32 under mixed precision.
+"""How the card runs a training step: compiled decoder layers, no round trip of the adapters'
+inputs through fp32 under mixed precision, and kernels patched in for training only.
 """
 
 from __future__ import annotations
 
-import os
+from types import ModuleType
 
-from finance_qlora.builtin_models import cache_root
 from finance_qlora.errors import ConfigError
 
 
 def compile_layers(model) -> int:
     """torch.compile every decoder layer in place (regional compilation: the layers share one
     compiled graph, so the compile costs one layer's). Shapes are dynamic: packed and padded
-    batches of every length reuse it. Compiled kernels go to $FINANCE_QLORA_CACHE/inductor
-    (unless TORCHINDUCTOR_CACHE_DIR names a folder), where the next run on this worker finds
-    them."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    batches of every length reuse it. Inductor keeps the compiled kernels on the worker's disk
+    (TORCHINDUCTOR_CACHE_DIR), where the next run finds them.
+
+    Dropout draws its masks from the eager random stream (inductor's `fallback_random`), so a
+    compiled step computes what the eager one does, up to the rounding of fused arithmetic."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     blocks = set(getattr(base, "_no_split_modules", None) or [])  # the repeated layer classes
     layers = [m for m in model.modules() if type(m).__name__ in blocks]
@@ -27,6 +27,8 @@ def compile_layers(model) -> int:
         )
     import torch._inductor.config
 
+    # a process-wide switch (inductor has no per-graph one); eager random numbers for every
+    # graph this process compiles
     torch._inductor.config.fallback_random = True
     for layer in layers:
         layer.compile(dynamic=True)
@@ -35,9 +37,14 @@ def compile_layers(model) -> int:
 
 def mixed_precision_inputs(trainer):
     """Under mixed precision PEFT casts each adapter's 16-bit input up to the adapters' fp32 and
-    autocast casts it straight back for the matmul: the same values (every 16-bit number is
-    exact in fp32), a cast and its backward per adapter and micro-batch. Skips PEFT's cast
-    (peft.helpers.disable_input_dtype_casting) where autocast runs; elsewhere changes nothing."""
+    autocast casts it straight back for the matmul: a cast and its backward per adapter and
+    micro-batch for the same values (every 16-bit number is exact in fp32). Skips PEFT's cast
+    (peft.helpers.disable_input_dtype_casting) where autocast runs; elsewhere changes nothing.
+
+    One thing does change: LoRA's dropout then draws its mask on the 16-bit tensor, and CUDA
+    draws a different mask for a bf16 tensor than for its fp32 copy (H200, 2026-11-29): another
+    draw from the same distribution, as another seed would give. The recipe's quality with it is
+    benchmarks/results/recipe-quality-NVIDIA-H200-2026-11-29-compiled.json."""
     from contextlib import nullcontext
 
     from peft.helpers import disable_input_dtype_casting
@@ -45,3 +52,19 @@ def mixed_precision_inputs(trainer):
     if not (trainer.args.bf16 or trainer.args.fp16):
         return nullcontext()
     return disable_input_dtype_casting(trainer.model)
+
+
+class ModuleNames:
+    """A module's names as they are now; `restore()` sets back any that were replaced, and
+    removes any added since."""
+
+    def __init__(self, module: ModuleType):
+        self.module, self.saved = module, dict(vars(module))
+
+    def restore(self) -> None:
+        names = vars(self.module)
+        for key in [k for k in names if k not in self.saved]:
+            delattr(self.module, key)
+        for key, value in self.saved.items():
+            if names.get(key) is not value:
+                setattr(self.module, key, value)

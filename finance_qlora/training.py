@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from finance_qlora.batching import MaskableRows, MicroBatching, StepSampler
 from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
 from finance_qlora.errors import ConfigError, TrainingError
 from finance_qlora.files import atomic_dir, fingerprint, read_jsonl
-from finance_qlora.kernels import compile_layers, mixed_precision_inputs
+from finance_qlora.kernels import ModuleNames, compile_layers, mixed_precision_inputs
 from finance_qlora.modeling import (
     check_special_tokens,
     compute_dtype,
@@ -216,8 +217,9 @@ def step_trainer_class():
     from trl import SFTTrainer
 
     class EpochToSampler(TrainerCallback):
-        """The epoch reaches the sampler at each epoch's start, also on a resume, where the
-        Trainer wraps the loader to skip batches and no longer reaches the sampler itself."""
+        """The epoch reaches the sampler at each epoch's start: the Trainer's own set_epoch
+        looks for a sampler that a plain DataLoader's batch_sampler does not offer (on a resume
+        accelerate's skip wrapper happens to reach it; this does not depend on that)."""
 
         def __init__(self, trainer: StepTrainer):
             self.trainer = trainer
@@ -231,8 +233,20 @@ def step_trainer_class():
         def __init__(self, *args, steps: TrainSettings, **kwargs):
             self.steps = steps
             self.step_sampler: StepSampler | None = None
+            # Liger's kernels (use_liger_kernel) are patched into the model's modeling module
+            # for every model the process builds later: set back once training ends, so the
+            # evaluations and answers that follow in this worker run the kernels those before
+            # it ran.
+            model = kwargs["model"]
+            self.modeling_names = ModuleNames(sys.modules[type(model).__module__])
             super().__init__(*args, **kwargs)
             self.add_callback(EpochToSampler(self))
+
+        def train(self, *args, **kwargs):
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                self.modeling_names.restore()
 
         def get_train_dataloader(self):
             # The Trainer's private column filter: what its own loader would feed the collator.

@@ -97,3 +97,40 @@ def test_compiled_layers_train_like_the_plain_ones(tmp_path):
 def test_compile_refuses_a_model_without_repeated_layers():
     with pytest.raises(ConfigError, match="train.compile"):
         compile_layers(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+def test_names_patched_into_the_modeling_module_for_training_are_set_back(tmp_path):
+    """As Liger's kernels are (train.fused_kernels, CUDA only): a process's later models, the
+    evaluations after training, must run transformers' own."""
+    from transformers import TrainerCallback
+    from transformers.models.llama import modeling_llama
+
+    from finance_qlora.training import train_adapter
+
+    original = modeling_llama.apply_rotary_pos_emb
+
+    class PatchLikeLiger(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            modeling_llama.apply_rotary_pos_emb = lambda *a, **k: original(*a, **k)
+            modeling_llama.LigerRMSNorm = object
+
+    prompts = tmp_path / "train.jsonl"
+    write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(4)])
+    config = resolve_config("tiny-cpu", {"train": {"epochs": 1}})
+    train_adapter(
+        prompts,
+        config.model,
+        config.lora,
+        config.train,
+        tmp_path / "out",
+        callbacks=[PatchLikeLiger()],
+    )
+    assert modeling_llama.apply_rotary_pos_emb is original
+    assert not hasattr(modeling_llama, "LigerRMSNorm")
+
+
+def test_compile_with_liger_is_one_config_error():
+    with pytest.raises(ConfigError, match="set train.fused_kernels=false with train.compile=true"):
+        resolve_config("llama2-7b-h100", {"train": {"compile": True}})
+    assert resolve_config("llama2-7b-h100", {"train": {"compile": True, "fused_kernels": False}})

@@ -50,7 +50,7 @@ def test_process_count_uses_the_gpus_asked_for_or_the_cpu_processes(monkeypatch)
 
 @pytest.mark.parametrize(
     ("row_epochs", "visible", "expected"),
-    [(1000, 2, 1), (3999, 8, 1), (4000, 2, 2), (30_000, 4, 4), (50_000, 1, 1)],
+    [(1000, 2, 1), (9999, 8, 1), (10_000, 2, 2), (30_000, 4, 4), (50_000, 1, 1)],
 )
 def test_auto_trains_on_several_gpus_only_where_the_work_repays_their_start_up(
     row_epochs, visible, expected
@@ -346,11 +346,11 @@ def test_the_flow_resolves_auto_for_training_and_evaluation_separately(monkeypat
     monkeypatch.setattr(finetune, "get_run_logger", lambda: logging.getLogger("flow"))
     caplog.set_level(logging.INFO, "flow")
     config = resolve_config(
-        "llama2-7b-h100", {"data": {"train_size": 1200}, "train": {"epochs": 5}}
+        "llama2-7b-h100", {"data": {"train_size": 1200}, "train": {"epochs": 9}}
     )
     train_gpus, eval_gpus = finetune.devices_for(config)
     assert (train_gpus.num_gpus, eval_gpus.num_gpus) == (2, 1)
-    assert "devices for training: auto: all 2 GPUs (6000 row-epochs)" in caplog.text
+    assert "devices for training: auto: all 2 GPUs (10800 row-epochs)" in caplog.text
     assert "devices for evaluation: auto: one GPU of 2 (300 test prompts" in caplog.text
     train_gpus, eval_gpus = finetune.devices_for(resolve_config("llama2-7b-h100"))
     assert (train_gpus.num_gpus, eval_gpus.num_gpus) == (1, 1)
