@@ -2,10 +2,10 @@
 
     python experiments/generation_repeat.py --store STORE
 
-Takes the newest run in STORE (as experiments/answer_smollm2.py does), loads its base model and
-adapter once, generates the 300 test answers twice in this process with the evaluation's own
-`generate_all`, and compares both with each other, with the run's final evaluation and with
-the newest answer flow's answers. Prints one JSON line.
+Takes the newest run in STORE (as experiments/answer_smollm2.py does), generates its 300 test
+answers twice in this process with the evaluation's own `generate_all` (which loads the base
+model and adapter for each), and compares both with each other, with the run's final
+evaluation and with the newest answer flow's answers. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from finance_qlora.files import read_jsonl  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--store", required=True, type=Path)
-    parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms")
+    parser.add_argument(
+        "--deterministic", action="store_true", help="deterministic algorithms (warn-only)"
+    )
     args = parser.parse_args()
     if args.deterministic:
         import torch

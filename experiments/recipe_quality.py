@@ -20,7 +20,9 @@ A speed setting that may change the arithmetic is proven the same way, beside an
 reference run: `--only llama2-7b-h100 --train-set compile=true --reference-from
 benchmarks/results/recipe-quality-<gpu>-<date>.json --tag compiled` runs that preset with the
 setting, and writes recipe-quality-<gpu>-<date>-compiled.json, judged against the file's
-reference schedule (its pretrained scores must be the same: the same split and decoding).
+reference schedule (its pretrained scores should be the same, the same split and decoding:
+`pretrained_as_reference` says whether they are to the digit; greedy decoding on a GPU is not
+bit-reproducible, experiments/README.md).
 """
 
 from __future__ import annotations

@@ -61,15 +61,16 @@ class DataConfig(_Section):
     train_size: int = Field(1000, gt=0)
     test_size: int = Field(300, gt=0)
     seed: Seed = 42
-    # Rows carved out of the training split to choose a recipe on (flows/sweep.py); with
-    # evaluate_on="validation" both evaluations score them, and the test rows stay unseen.
+    # Rows held out beside the test rows to choose a recipe on (flows/sweep.py takes them from
+    # its base train_size); with evaluate_on="validation" both evaluations score them, and the
+    # test rows stay unseen.
     validation_size: int = Field(0, ge=0)
     evaluate_on: Literal["test", "validation"] = "test"
 
     @property
-    def training_rows(self) -> int:
-        """Rows the adapter trains on: the train sample less the validation rows carved out."""
-        return self.train_size - self.validation_size
+    def evaluated_rows(self) -> int:
+        """Rows both evaluations score: the test rows, or the validation rows (a sweep's)."""
+        return self.validation_size if self.evaluate_on == "validation" else self.test_size
 
     @model_validator(mode="after")
     def _validation_rows_to_evaluate(self) -> DataConfig:
@@ -150,9 +151,10 @@ class TrainSettings(_Section):
     # the loss already goes through TRL's fused, chunked LM head.
     fused_kernels: bool = False
     # torch.compile each decoder layer (one compiled graph serves them all): fused kernels and
-    # few launches a layer. +36-45% warm on an H200 at 16 rows a step, for a compile of 83 s
-    # (51 s from inductor's on-disk cache): it repays itself from several thousand steps, so no
-    # preset turns it on. Excludes fused_kernels (Liger's kernels do not compile).
+    # few launches a layer. +36-45% warm on an H200 at 16 rows a step (0.06 s a step), for a
+    # compile of about 70 s (40 s from inductor's on-disk cache): it repays itself from about a
+    # thousand steps, so no preset turns it on. Excludes fused_kernels (Liger's kernels do not
+    # compile).
     compile: bool = False
     logging_steps: int = Field(10, gt=0)
     # A retried or re-run training resumes from the newest checkpoint; 0 turns them off.
@@ -280,13 +282,13 @@ def default_store() -> str:
     return os.environ.get("FINANCE_QLORA_STORE") or "runs"
 
 
-# devices.num_gpus "auto", step by step. A multi-GPU step starts a process per GPU and loads the
-# model in each (about 20-25 s a step on 2 H200s, 2026-11-28): an evaluation of fewer than
-# AUTO_MIN_PROMPTS prompts runs on one GPU (one H200 answers 300 in one batch in 6-9 s; on 2 the
-# step took 23-26 s). Training: data-parallel training at large steps scaled 1.9x on 2 GPUs and
-# one H200 trains 1,000 rows in 12 s at the recipe's schedule, so the start-up is repaid only
-# from about 10,000 row-epochs; an estimate, not yet measured at 16 rows a step on 2 GPUs
-# (benchmarks/README.md, "Several GPUs").
+# devices.num_gpus "auto", step by step; both thresholds are estimates, not yet measured at 16
+# rows a step on 2 GPUs (benchmarks/README.md, "Several GPUs"). A multi-GPU step starts a
+# process per GPU and loads the model in each: on 2 H200s (issue 21's report, 2026-11-28) the
+# evaluate steps of 300 prompts took 23-26 s, against 10.5-20.5 s on one H200 the same day, so
+# fewer than AUTO_MIN_PROMPTS prompts are answered on one GPU. Training at large steps scaled
+# 1.9x on 2 GPUs and one H200 trains 1,000 rows in 12 s at the recipe's schedule, so the
+# start-up is repaid only from about AUTO_MIN_ROW_EPOCHS of work.
 AUTO_MIN_ROW_EPOCHS = 10_000
 AUTO_MIN_PROMPTS = 2_000
 
@@ -450,7 +452,7 @@ def micro_batch_words(train: TrainSettings) -> str:
 
 def schedule_line(config: FinetuneConfig) -> str:
     """The optimizer-step schedule in words (--show-config)."""
-    train, rows = config.train, config.data.training_rows
+    train, rows = config.train, config.data.train_size
     return (
         f"schedule: {train.rows_per_step} rows an optimizer step, "
         f"{steps_per_epoch(rows, train.rows_per_step)} steps an epoch of {rows} training rows, "
@@ -472,7 +474,7 @@ def devices_line(config: FinetuneConfig) -> str:
         return "devices: every GPU the worker sees (devices.num_gpus unset)"
     if asked != "auto":
         return f"devices: {asked} GPU(s) (devices.num_gpus)"
-    rows, prompts = config.data.training_rows, config.data.test_size
+    rows, prompts = config.data.train_size, config.data.evaluated_rows
     work = rows * config.train.epochs
 
     def gpus(several: bool) -> str:
@@ -482,7 +484,7 @@ def devices_line(config: FinetuneConfig) -> str:
         f"devices: auto: training on {gpus(auto_uses_several_gpus(work))} for {rows} rows x "
         f"{config.train.epochs:g} epoch(s) = {work:g} row-epochs (several from "
         f"{AUTO_MIN_ROW_EPOCHS}), evaluating on "
-        f"{gpus(auto_uses_several_gpus(prompts, AUTO_MIN_PROMPTS))} for {prompts} test prompts "
+        f"{gpus(auto_uses_several_gpus(prompts, AUTO_MIN_PROMPTS))} for {prompts} prompts "
         f"(several from {AUTO_MIN_PROMPTS}): more GPUs only where they repay their per-process "
         "start-up"
     )

@@ -35,7 +35,7 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
-def mixed_precision_inputs(trainer):
+def uncast_adapter_inputs(trainer):
     """Under mixed precision PEFT casts each adapter's 16-bit input up to the adapters' fp32 and
     autocast casts it straight back for the matmul: a cast and its backward per adapter and
     micro-batch for the same values (every 16-bit number is exact in fp32). Skips PEFT's cast
@@ -55,16 +55,15 @@ def mixed_precision_inputs(trainer):
 
 
 class ModuleNames:
-    """A module's names as they are now; `restore()` sets back any that were replaced, and
-    removes any added since."""
+    """A module's names as they are now; `restore()` sets back any replaced since. Names added
+    since stay: torch.compile adds its compiled functions to the module it traces, and later
+    calls of those functions need them."""
 
     def __init__(self, module: ModuleType):
         self.module, self.saved = module, dict(vars(module))
 
     def restore(self) -> None:
         names = vars(self.module)
-        for key in [k for k in names if k not in self.saved]:
-            delattr(self.module, key)
         for key, value in self.saved.items():
             if names.get(key) is not value:
                 setattr(self.module, key, value)

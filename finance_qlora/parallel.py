@@ -89,8 +89,9 @@ def choose_gpus(
 
 
 def process_count(devices: DeviceSettings) -> int:
-    """How many processes train and evaluate: the GPUs `choose_gpus` gives (the flow resolves
-    "auto" from the run's work first), or `cpu_processes` without CUDA."""
+    """How many processes a step runs: the GPUs `choose_gpus` gives (the flow resolves "auto"
+    for each step from its work first; unresolved "auto" is one GPU), or `cpu_processes`
+    without CUDA."""
     gpus, _ = choose_gpus(devices, None, visible_gpu_count())
     return gpus if gpus is not None else devices.cpu_processes
 

@@ -19,7 +19,7 @@ from finance_qlora.batching import MaskableRows, MicroBatching, StepSampler
 from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
 from finance_qlora.errors import ConfigError, TrainingError
 from finance_qlora.files import atomic_dir, fingerprint, read_jsonl
-from finance_qlora.kernels import ModuleNames, compile_layers, mixed_precision_inputs
+from finance_qlora.kernels import ModuleNames, compile_layers, uncast_adapter_inputs
 from finance_qlora.modeling import (
     check_special_tokens,
     compute_dtype,
@@ -439,7 +439,7 @@ def train_in_process(
     )
     started = time.perf_counter()
     try:
-        with mixed_precision_inputs(trainer):
+        with uncast_adapter_inputs(trainer):
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         seconds = time.perf_counter() - started
         final = out_dir / FINAL

@@ -238,11 +238,11 @@ def record_run(
 
 def devices_for(config: FinetuneConfig) -> tuple[DeviceSettings, DeviceSettings]:
     """The GPUs this run trains and evaluates on ("auto" resolved from each step's work: the
-    training rows x epochs, the test prompts), logged with why."""
-    row_epochs = config.data.training_rows * config.train.epochs
+    training rows x epochs, the prompts evaluated), logged with why."""
+    row_epochs = config.data.train_size * config.train.epochs
     steps = {
         "training": (row_epochs, AUTO_MIN_ROW_EPOCHS, "row-epochs"),
-        "evaluation": (config.data.test_size, AUTO_MIN_PROMPTS, "test prompts"),
+        "evaluation": (config.data.evaluated_rows, AUTO_MIN_PROMPTS, "prompts"),
     }
     chosen = []
     for step, (work, auto_from, unit) in steps.items():

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from finance_qlora.config import resolve_config
 from finance_qlora.errors import ConfigError
 from finance_qlora.files import write_jsonl
-from finance_qlora.kernels import compile_layers, mixed_precision_inputs
+from finance_qlora.kernels import compile_layers, uncast_adapter_inputs
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import build_trainer
 from tests.conftest import make_rows
@@ -57,7 +57,7 @@ def bf16_lora_model():
 def forward_casts(model, mixed: bool) -> tuple[torch.Tensor, int]:
     trainer = SimpleNamespace(args=SimpleNamespace(bf16=mixed, fp16=False), model=model)
     ids = torch.arange(1, 25)[None]
-    with mixed_precision_inputs(trainer), CountCasts() as count:
+    with uncast_adapter_inputs(trainer), CountCasts() as count:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(input_ids=ids).logits
     return logits, count.casts
@@ -92,6 +92,12 @@ def test_compiled_layers_train_like_the_plain_ones(tmp_path):
         losses[compiled] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     # the same arithmetic, fused: equal up to float rounding
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+    # and again in this process (a retry, a sweep's next candidate): the compiled code that
+    # torch keeps for the layer class still runs
+    trainer = build_trainer(prompts, config.model, config.lora, config.train, tmp_path / "again")
+    trainer.train()
+    again = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert again == pytest.approx(losses[False], abs=1e-5)
 
 
 def test_compile_refuses_a_model_without_repeated_layers():
@@ -100,34 +106,42 @@ def test_compile_refuses_a_model_without_repeated_layers():
 
 
 @pytest.mark.slow
-def test_names_patched_into_the_modeling_module_for_training_are_set_back(tmp_path):
+@pytest.mark.parametrize("fails", [False, True])
+def test_names_patched_into_the_modeling_module_for_training_are_set_back(tmp_path, fails):
     """As Liger's kernels are (train.fused_kernels, CUDA only): a process's later models, the
-    evaluations after training, must run transformers' own."""
+    evaluations after training, must run transformers' own; also when training fails."""
     from transformers import TrainerCallback
     from transformers.models.llama import modeling_llama
 
     from finance_qlora.training import train_adapter
 
-    original = modeling_llama.apply_rotary_pos_emb
+    rope, norm = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm
 
     class PatchLikeLiger(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            modeling_llama.apply_rotary_pos_emb = lambda *a, **k: original(*a, **k)
-            modeling_llama.LigerRMSNorm = object
+            modeling_llama.apply_rotary_pos_emb = lambda *a, **k: rope(*a, **k)
+            modeling_llama.LlamaRMSNorm = type("LigerRMSNorm", (norm,), {})
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if fails:
+                raise RuntimeError("training failed")
 
     prompts = tmp_path / "train.jsonl"
     write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(4)])
     config = resolve_config("tiny-cpu", {"train": {"epochs": 1}})
-    train_adapter(
-        prompts,
-        config.model,
-        config.lora,
-        config.train,
-        tmp_path / "out",
-        callbacks=[PatchLikeLiger()],
-    )
-    assert modeling_llama.apply_rotary_pos_emb is original
-    assert not hasattr(modeling_llama, "LigerRMSNorm")
+    try:
+        train_adapter(
+            prompts,
+            config.model,
+            config.lora,
+            config.train,
+            tmp_path / "out",
+            callbacks=[PatchLikeLiger()],
+        )
+    except RuntimeError:
+        assert fails
+    assert modeling_llama.apply_rotary_pos_emb is rope
+    assert modeling_llama.LlamaRMSNorm is norm
 
 
 def test_compile_with_liger_is_one_config_error():

@@ -73,13 +73,17 @@ def test_show_config_says_what_auto_chooses_for_each_step_and_why():
     small = resolve_config("llama2-7b-h100")
     line = devices_line(small)
     assert line.startswith("devices: auto: training on one GPU for 1000 rows x 1 epoch(s)")
-    assert "evaluating on one GPU for 300 test prompts" in line
+    assert "evaluating on one GPU for 300 prompts" in line
     large = resolve_config("llama2-7b-h100", {"train": {"epochs": 10}})
     line = devices_line(large)
     assert line.startswith("devices: auto: training on every visible GPU for 1000 rows x 10")
-    assert "evaluating on one GPU for 300 test prompts" in line
+    assert "evaluating on one GPU for 300 prompts" in line
     many = resolve_config("llama2-7b-h100", {"data": {"test_size": 5000}})
-    assert "evaluating on every visible GPU for 5000 test prompts" in devices_line(many)
+    assert "evaluating on every visible GPU for 5000 prompts" in devices_line(many)
+    sweep = resolve_config(
+        "llama2-7b-h100", {"data": {"validation_size": 2500, "evaluate_on": "validation"}}
+    )  # a sweep's evaluations score its validation rows
+    assert "evaluating on every visible GPU for 2500 prompts" in devices_line(sweep)
 
 
 def test_one_process_on_a_host_with_several_gpus_trains_on_one(tmp_path):
@@ -351,6 +355,32 @@ def test_the_flow_resolves_auto_for_training_and_evaluation_separately(monkeypat
     train_gpus, eval_gpus = finetune.devices_for(config)
     assert (train_gpus.num_gpus, eval_gpus.num_gpus) == (2, 1)
     assert "devices for training: auto: all 2 GPUs (10800 row-epochs)" in caplog.text
-    assert "devices for evaluation: auto: one GPU of 2 (300 test prompts" in caplog.text
+    assert "devices for evaluation: auto: one GPU of 2 (300 prompts" in caplog.text
     train_gpus, eval_gpus = finetune.devices_for(resolve_config("llama2-7b-h100"))
     assert (train_gpus.num_gpus, eval_gpus.num_gpus) == (1, 1)
+
+
+@pytest.mark.slow
+def test_the_flow_hands_each_step_the_gpus_chosen_for_it(prefect_api, tmp_path, monkeypatch):
+    """devices_for's training choice reaches the train step, its evaluation choice every
+    evaluation: pretrained, fine-tuned and the gate's re-score of the champion."""
+    import flows.finetune as finetune
+    import tasks.evaluate
+    import tasks.train
+    from tests.test_flow import run_flow
+
+    train_gpus, eval_gpus = DeviceSettings(num_gpus=None), DeviceSettings(num_gpus="auto")
+    monkeypatch.setattr(finetune, "devices_for", lambda config: (train_gpus, eval_gpus))
+    seen: dict[str, list] = {"train": [], "evaluate": []}
+    for step, module in (("train", tasks.train), ("evaluate", tasks.evaluate)):
+        count = module.process_count
+        monkeypatch.setattr(
+            module,
+            "process_count",
+            lambda devices, step=step, count=count: seen[step].append(devices) or count(devices),
+        )
+    run_flow(tmp_path)  # the champion
+    state, result = run_flow(tmp_path, data={"seed": 7})  # re-scores it on a new split
+    assert state.is_completed() and result["rouge"]["champion"] is not None
+    assert seen["train"] == [train_gpus, train_gpus]
+    assert seen["evaluate"] == [eval_gpus] * 5  # 2 + 3 (the champion's re-score)
