@@ -12,8 +12,12 @@ export PYTHONPATH=/tmp/site PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLIN
 DATA=/tmp/data/finance_alpaca_sample.jsonl
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-# pin a command to CPU cores where taskset exists (two measurements side by side)
-pin() { if command -v taskset >/dev/null; then taskset -c "$@"; else shift; "$@"; fi; }
+# two measurements side by side on a 32-core host: each pinned to its own 16 cores
+pin() {
+  local cores=$1; shift
+  if command -v taskset >/dev/null && [ "$(nproc)" -ge 32 ]; then taskset -c "$cores" "$@"
+  else "$@"; fi
+}
 
 case "$1" in
   stage) # copy what this call carried into /tmp
@@ -34,24 +38,27 @@ case "$1" in
     python3 -c "import torch, triton, prefect, trl, bitsandbytes, liger_kernel;
 print(torch.__version__, triton.__version__, prefect.__version__, torch.cuda.device_count())"
     python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench --out /tmp/smoke \
-      --sections train --variants llama2-7b-h100-compiled --runs 1 --arch tiny \
+      --sections train --variants llama2-7b-h100-compiled-noliger --runs 1 --arch tiny \
       --reference-rows 8 2>&1 | tail -5
     python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench --out "$OUT" \
       --sections loads 2>&1 | tail -3 ;;
   speed) # one GPU: the preset, PEFT's casts back on, compiled layers; beside the reference
     CUDA_VISIBLE_DEVICES=0 pin 0-15 python3 benchmarks/gpu_throughput.py --data $DATA \
       --work /tmp/bench --out "$OUT" --sections train --runs 2 --variants \
-      llama2-7b-h100,llama2-7b-h100-peft-casts,llama2-7b-h100-compiled,llama2-7b-h100-compiled-noliger ;;
-  quality) # SmolLM2 with the h100 preset's training and $QUALITY_SET; then the answer flow
-    CUDA_VISIBLE_DEVICES=${QUALITY_GPU:-1} pin 16-31 python3 experiments/recipe_quality.py \
+      llama2-7b-h100,llama2-7b-h100-peft-casts,llama2-7b-h100-compiled-noliger ;;
+  quality) # SmolLM2 with the h100 preset's training and compiled layers; then the answer flow
+    CUDA_VISIBLE_DEVICES=${QUALITY_GPU:-0} pin 16-31 python3 experiments/recipe_quality.py \
       --data $DATA --store /tmp/rq/store --out "$OUT" --only llama2-7b-h100 \
-      ${QUALITY_SET:+--train-set $QUALITY_SET} --tag "${QUALITY_TAG:-rerun}" \
+      --train-set compile=true --train-set fused_kernels=false --tag compiled \
       --reference-from benchmarks/results/recipe-quality-NVIDIA-H200-2026-11-28.json
-    CUDA_VISIBLE_DEVICES=${QUALITY_GPU:-1} pin 16-31 python3 experiments/answer_smollm2.py \
-      --store /tmp/rq/store --out "$OUT/answer-smollm2-h200.json" || true ;;
-  multi-train) # data-parallel training on 1 and 2 GPUs at the recipe's schedule
+    CUDA_VISIBLE_DEVICES=${QUALITY_GPU:-0} pin 16-31 python3 experiments/answer_smollm2.py \
+      --store /tmp/rq/store --out "$OUT/answer-smollm2-h200.json" || true
+    CUDA_VISIBLE_DEVICES=${QUALITY_GPU:-0} python3 experiments/generation_repeat.py \
+      --store /tmp/rq/store ;;
+  multi-train) # data-parallel training on 1 and 2 GPUs at the recipe's schedule; e.g.
+    # MULTI_SET="train.compile=true train.fused_kernels=false" for compiled layers
     python3 benchmarks/multi_gpu.py --data $DATA --work /tmp/bench --out "$OUT" --arch llama2-7b \
-      --phase train --gpus 1 2 --epochs 2 ${MULTI_SET:+--set $MULTI_SET} ;;
+      --phase train --gpus 1 2 --epochs 2 $(for a in ${MULTI_SET:-}; do echo --set "$a"; done) ;;
   flows) # the whole flow through the command line on 1 and 2 GPUs ($FLOW_DATA, $FLOW_GPUS)
     python3 benchmarks/multi_gpu.py --data $DATA --work /tmp/bench --out "$OUT" --arch llama2-7b \
       --phase flow --flow-data ${FLOW_DATA:-default} --flow-gpus ${FLOW_GPUS:-1 2} ;;

@@ -102,9 +102,8 @@ H100 = TRAIN_VARIANTS["llama2-7b-h100"]
 TRAIN_VARIANTS |= {
     # the preset as it ran before finance_qlora.kernels.mixed_precision_inputs (PEFT's casts)
     "llama2-7b-h100-peft-casts": H100,
-    # its decoder layers compiled (finance_qlora.kernels.compile_layers), with Liger's kernels
-    # and without (inductor fuses the norms and activations itself)
-    "llama2-7b-h100-compiled": H100 | {"compile": True},
+    # its decoder layers compiled (finance_qlora.kernels.compile_layers); without Liger's
+    # kernels, which do not compile (inductor fuses the norms and activations itself)
     "llama2-7b-h100-compiled-noliger": H100 | {"compile": True, "fused_kernels": False},
 }
 
