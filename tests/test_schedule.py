@@ -17,12 +17,8 @@ from finance_qlora.batching import Empty, StepSampler
 from finance_qlora.config import PRESETS, optimizer_steps, resolve_config
 from finance_qlora.files import write_jsonl
 from finance_qlora.prompts import to_prompt_completion
-from finance_qlora.training import (
-    micro_batching,
-    smaller_micro_batches,
-    train_adapter,
-    warmup_that_updates,
-)
+from finance_qlora.step_trainer import micro_batching, warmup_that_updates
+from finance_qlora.training import smaller_micro_batches, train_adapter
 from tests.conftest import make_rows
 
 # Lengths like the real rows' (a long tail up to max_seq_length), 1,000 rows: the default data.

@@ -1,0 +1,107 @@
+"""TRL's SFTTrainer with the recipe's schedule: each optimizer step holds `train.rows_per_step`
+rows (`batching.StepSampler`), computed in micro-batches, with a warm-up that never runs at
+learning rate 0; and the modeling names it patches (Liger's kernels) set back after training.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from finance_qlora.batching import MaskableRows, MicroBatching, StepSampler
+from finance_qlora.config import TrainSettings
+from finance_qlora.kernels import ModuleNames
+
+
+def micro_batching(train: TrainSettings) -> MicroBatching:
+    return MicroBatching(train.batch_size, train.max_tokens_per_batch, not train.padding_free)
+
+
+def warmup_that_updates(schedule, warmup_steps: int):
+    """A warm-up whose first step already updates: transformers' warm-up factor is step /
+    warmup, 0 at step 0 (a whole step at learning rate 0); read one step ahead during warm-up,
+    its w steps update at 1/w, 2/w, ... 1, and the schedule after warm-up is unchanged."""
+
+    def factor(step: int) -> float:
+        return schedule(step + 1) if step < warmup_steps else schedule(step)
+
+    return factor
+
+
+def step_trainer_class():
+    """TRL's SFTTrainer whose optimizer steps hold `train.rows_per_step` rows each, computed
+    in micro-batches (`batching.StepSampler`), with a warm-up that never runs at lr 0."""
+    from torch.optim.lr_scheduler import LambdaLR
+    from torch.utils.data import DataLoader
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    class EpochToSampler(TrainerCallback):
+        """The epoch reaches the sampler at each epoch's start: the Trainer's own set_epoch
+        looks for a sampler that a plain DataLoader's batch_sampler does not offer (on a resume
+        accelerate's skip wrapper happens to reach it; this does not depend on that)."""
+
+        def __init__(self, trainer: StepTrainer):
+            self.trainer = trainer
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            if self.trainer.step_sampler is not None:
+                # state.epoch: whole at an epoch's start, fractional when resumed mid-epoch
+                self.trainer.step_sampler.set_epoch(math.floor(state.epoch + 1e-9))
+
+    class StepTrainer(SFTTrainer):
+        def __init__(self, *args, steps: TrainSettings, **kwargs):
+            self.steps = steps
+            self.step_sampler: StepSampler | None = None
+            # Liger's kernels (use_liger_kernel) are patched into the model's modeling module
+            # for every model the process builds later: set back once training ends, so the
+            # evaluations and answers that follow in this worker run the kernels those before
+            # it ran.
+            model = kwargs["model"]
+            self.modeling_names = ModuleNames(sys.modules[type(model).__module__])
+            super().__init__(*args, **kwargs)
+            self.add_callback(EpochToSampler(self))
+
+        def train(self, *args, **kwargs):
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                self.modeling_names.restore()
+
+        def get_train_dataloader(self):
+            # The Trainer's private column filter: what its own loader would feed the collator.
+            dataset = self._remove_unused_columns(self.train_dataset, description="Training")
+            sampler = StepSampler(
+                [len(ids) for ids in dataset["input_ids"]],
+                self.steps.rows_per_step,
+                micro_batching(self.steps),
+                self.args.seed,
+                epochs=math.ceil(self.args.num_train_epochs),
+                rank=self.args.process_index,
+                processes=self.args.world_size,
+            )
+            # The Trainer accumulates a fixed number of micro-batches per step: the plan's.
+            self.args.gradient_accumulation_steps = sampler.micro_batches_per_step
+            self.step_sampler = sampler
+            # Not through accelerate's prepare: the sampler shards the steps over the processes
+            # itself (accelerate would deal whole micro-batches round-robin and repeat the first
+            # ones to even them out); the Trainer moves each batch to the device.
+            return DataLoader(
+                MaskableRows(dataset),
+                batch_sampler=sampler,
+                collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory,
+            )
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.lr_scheduler is None:
+                optimizer = optimizer or self.optimizer
+                schedule = super().create_scheduler(num_training_steps, optimizer)
+                warmup = self.args.get_warmup_steps(num_training_steps)
+                if warmup and isinstance(schedule, LambdaLR):
+                    shifted = [warmup_that_updates(f, warmup) for f in schedule.lr_lambdas]
+                    self.lr_scheduler = LambdaLR(optimizer, shifted)
+            return self.lr_scheduler
+
+    return StepTrainer
