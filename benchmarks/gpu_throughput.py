@@ -100,7 +100,7 @@ TRAIN_VARIANTS = {
 }
 H100 = TRAIN_VARIANTS["llama2-7b-h100"]
 TRAIN_VARIANTS |= {
-    # the preset as it ran before finance_qlora.kernels.mixed_precision_inputs (PEFT's casts)
+    # the preset as it ran before finance_qlora.kernels.uncast_adapter_inputs (PEFT's casts)
     "llama2-7b-h100-peft-casts": H100,
     # its decoder layers compiled (finance_qlora.kernels.compile_layers); without Liger's
     # kernels, which do not compile (inductor fuses the norms and activations itself)

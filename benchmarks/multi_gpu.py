@@ -202,9 +202,7 @@ def auto_choice(data: dict, visible: int) -> dict:
 
     auto = DeviceSettings(num_gpus="auto")
     train, why_train = choose_gpus(auto, data["train_size"] * data["epochs"], visible)
-    evaluate, why_eval = choose_gpus(
-        auto, data["test_size"], visible, AUTO_MIN_PROMPTS, "test prompts"
-    )
+    evaluate, why_eval = choose_gpus(auto, data["test_size"], visible, AUTO_MIN_PROMPTS, "prompts")
     return {"training": train, "evaluation": evaluate, "why": [why_train, why_eval]}
 
 
