@@ -1,6 +1,7 @@
 """Which CUDA operations of greedy generation give different bits from one run to the next?
 
     python experiments/determinism_probe.py [--out FILE]
+    python experiments/determinism_probe.py --generate [--strict]
 
 Issue 23's diagnosis (experiments/README.md, "The answer flow on a GPU"): two generations of the
 same answers in one process agree on 291 of 300. This runs each operation that generation with
@@ -8,6 +9,11 @@ a 4-bit SmolLM2 and LoRA goes through, at its shapes (a batch of 64 prompts, hid
 query and 3 key/value heads of 64, a 49,152-token head; the prefill and one decoding step),
 many times on the same inputs, and counts the runs whose output differs in any bit from the
 first. Also whether LoRA's dropout draws the same mask on a bf16 tensor as on its fp32 copy.
+
+--generate: transformers' greedy `generate` on a random-weight model of SmolLM2's shape (bf16,
+64 left-padded prompts of 40-200 tokens, 32 new tokens), twice with one model and once with a
+second instance built from the same seed; rows identical. --strict first sets
+CUBLAS_WORKSPACE_CONFIG=:4096:8 and torch.use_deterministic_algorithms(True).
 """
 
 from __future__ import annotations
@@ -104,11 +110,78 @@ def probe() -> dict[str, int | bool | str]:
     return results
 
 
+def generate_twice() -> dict[str, int | bool]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        eos_token_id=None,  # every answer runs its 32 tokens
+    )
+
+    def model():
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            built = LlamaForCausalLM(config).to(torch.bfloat16)
+        return built.eval()
+
+    torch.manual_seed(1)
+    batch, longest = 64, 200
+    lengths = torch.randint(40, longest + 1, (batch,))
+    ids = torch.randint(1, 49152, (batch, longest))
+    mask = torch.zeros(batch, longest, dtype=torch.long)
+    for row, n in enumerate(lengths):  # left padding, as the evaluation pads
+        mask[row, longest - n :] = 1
+        ids[row, : longest - n] = 0
+    ids, mask = ids.cuda(), mask.cuda()
+
+    def answers(m) -> list[list[int]]:
+        with torch.inference_mode():
+            out = m.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=32,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        return out[:, longest:].tolist()
+
+    first = model()
+    once, twice = answers(first), answers(first)
+    second = model()
+    again = answers(second)
+
+    def same(a, b) -> int:
+        return sum(x == y for x, y in zip(a, b, strict=True))
+
+    return {
+        "same_model_twice": same(once, twice),
+        "second_instance": same(once, again),
+        "rows": batch,
+        "weights_equal": all(
+            torch.equal(p, q) for p, q in zip(first.parameters(), second.parameters(), strict=True)
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", help="a JSON file for the counts")
+    parser.add_argument("--generate", action="store_true", help="whole generations instead")
+    parser.add_argument("--strict", action="store_true", help="deterministic algorithms first")
     args = parser.parse_args()
-    results = probe() | {
+    if args.strict:  # before the first cuBLAS handle
+        import os
+
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+        torch.use_deterministic_algorithms(True)
+    results = (generate_twice() if args.generate else probe()) | {
         "date": datetime.now(UTC).date().isoformat(),
         "torch": torch.__version__,
         "repeats": REPEATS,

@@ -41,10 +41,10 @@ def uncast_adapter_inputs(trainer):
     micro-batch for the same values (every 16-bit number is exact in fp32). Skips PEFT's cast
     (peft.helpers.disable_input_dtype_casting) where autocast runs; elsewhere changes nothing.
 
-    One thing may change: LoRA's dropout then runs on the 16-bit tensor, and on an H200 its
-    output differed from that on the fp32 copy (2026-11-29; values compared, so a mask drawn
-    differently or a scaling rounded differently): at most another draw from the same
-    distribution, as another seed would give. The recipe's quality with it:
+    One thing changes: LoRA's dropout then draws its mask on the 16-bit tensor, and CUDA draws
+    a different mask for a bf16 tensor than for its fp32 copy from the same seed (H200,
+    2026-11-29, experiments/results/determinism-probe-h200.json): another draw from the same
+    distribution, as another seed gives. The recipe's quality with it:
     benchmarks/results/recipe-quality-NVIDIA-H200-2026-11-29-compiled.json."""
     from contextlib import nullcontext
 
