@@ -148,3 +148,21 @@ def test_compile_with_liger_is_one_config_error():
     with pytest.raises(ConfigError, match="set train.fused_kernels=false with train.compile=true"):
         resolve_config("llama2-7b-h100", {"train": {"compile": True}})
     assert resolve_config("llama2-7b-h100", {"train": {"compile": True, "fused_kernels": False}})
+
+
+@pytest.mark.slow
+def test_training_runs_with_the_adapters_inputs_uncast(tmp_path, monkeypatch):
+    import finance_qlora.training as training
+
+    trainers = []
+    uncast = training.uncast_adapter_inputs
+    monkeypatch.setattr(
+        training,
+        "uncast_adapter_inputs",
+        lambda trainer: trainers.append(trainer) or uncast(trainer),
+    )
+    prompts = tmp_path / "train.jsonl"
+    write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(4)])
+    config = resolve_config("tiny-cpu", {"train": {"epochs": 1}})
+    training.train_adapter(prompts, config.model, config.lora, config.train, tmp_path / "out")
+    assert len(trainers) == 1
