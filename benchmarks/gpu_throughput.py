@@ -42,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from experiments.determinism_probe import dropout_masks_agree  # noqa: E402
 from finance_qlora.builtin_models import train_bpe_tokenizer  # noqa: E402
 from finance_qlora.config import (  # noqa: E402
     PRESETS,
@@ -123,20 +124,6 @@ def peft_input_casts():
 
 
 VARIANT_CALLBACKS = {"llama2-7b-h100-peft-casts": peft_input_casts}
-
-
-def dropout_masks_agree() -> bool | None:
-    """Does dropout draw the same mask on a bf16 tensor as on its fp32 copy (same seed)? Then
-    skipping PEFT's fp32 round trip leaves the adapters' inputs bit-identical."""
-    if not torch.cuda.is_available():
-        return None
-    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    x = x.masked_fill(x == 0, 1.0)  # a zero out means a dropped element, nothing else
-    torch.manual_seed(0)
-    fp32 = torch.nn.functional.dropout(x.float(), 0.05, training=True)
-    torch.manual_seed(0)
-    bf16 = torch.nn.functional.dropout(x, 0.05, training=True)
-    return bool(torch.equal(fp32 == 0, bf16 == 0))
 
 
 EVAL_VARIANTS = {
@@ -328,7 +315,11 @@ def section_train(setup: Setup, variants: list[str], runs: int) -> dict:
             "gradient_checkpointing": False,
         },
     )
-    result: dict = {"dropout_masks_agree_bf16_fp32": dropout_masks_agree()}
+    result: dict = {
+        "dropout_masks_agree_bf16_fp32": dropout_masks_agree()
+        if torch.cuda.is_available()
+        else None
+    }
     # The process's first training: what a cold worker pays (CUDA context, kernels, memory).
     cold = train_once(setup, reference, setup.subset(setup.args.reference_rows), "reference-cold")
     print("train.reference (warm):")
@@ -451,11 +442,22 @@ def section_eval(args, variants: list[str]) -> dict:
     return result
 
 
-def flow_in_process(setup: Setup, run: int) -> dict:
-    """One whole flow run in this fresh process, in a fresh store; its duration from Prefect."""
+def flow_run_timing(flow_run_id: str) -> tuple[float, dict[str, float]]:
+    """A flow run's duration and its task runs' durations (seconds), from Prefect's API."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
+    steps = {t.name: round(t.total_run_time.total_seconds(), 2) for t in tasks}
+    return round(flow_run.total_run_time.total_seconds(), 2), steps
+
+
+def flow_in_process(setup: Setup, run: int) -> dict:
+    """One whole flow run in this fresh process, in a fresh store; its duration from Prefect."""
     from flows.finetune import finetune
 
     store = setup.args.work / f"flow-store-{run}"
@@ -471,14 +473,9 @@ def flow_in_process(setup: Setup, run: int) -> dict:
     started = time.perf_counter()
     summary = finetune("llama2-7b-h100", overrides)
     wall = time.perf_counter() - started
-    with get_client(sync_client=True) as client:
-        flow_run = client.read_flow_run(summary["flow_run"])
-        tasks = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
-        )
-    steps = {t.name: round(t.total_run_time.total_seconds(), 2) for t in tasks}
+    seconds, steps = flow_run_timing(summary["flow_run"])
     return {
-        "flow_run_seconds": round(flow_run.total_run_time.total_seconds(), 2),
+        "flow_run_seconds": seconds,
         "call_seconds": round(wall, 2),
         "tasks_seconds": steps,
         "cached_steps": summary["cached_steps"],

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_throughput import ARCHS, build_model  # noqa: E402
+from gpu_throughput import ARCHS, build_model, flow_run_timing  # noqa: E402
 
 from finance_qlora.config import DataConfig, deep_merge, merge_assignments, resolve_config  # noqa: E402
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
@@ -178,32 +178,28 @@ FLOW_DATA = {
 }
 
 
-def flow_run_seconds(store: Path) -> tuple[str, float, dict[str, float]]:
-    """The newest flow run summarised in `store`: its id, duration and task durations, read
-    from the Prefect database the command line used (this process's PREFECT_HOME)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
+def newest_flow_run(store: Path) -> str:
+    """The flow run id of the newest run summary in `store`."""
     summary = max((store / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime)
-    flow_run_id = json.loads(summary.read_text())["flow_run"]
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_run(flow_run_id)
-        tasks = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
-        )
-    steps = {t.name: round(t.total_run_time.total_seconds(), 2) for t in tasks}
-    return flow_run_id, round(run.total_run_time.total_seconds(), 2), steps
+    return json.loads(summary.read_text())["flow_run"]
 
 
 def auto_choice(data: dict, visible: int) -> dict:
     """What devices.num_gpus "auto" picks for this data on this host, step by step."""
-    from finance_qlora.config import AUTO_MIN_PROMPTS, DeviceSettings
-    from finance_qlora.parallel import choose_gpus
+    from finance_qlora.parallel import gpus_per_step
 
-    auto = DeviceSettings(num_gpus="auto")
-    train, why_train = choose_gpus(auto, data["train_size"] * data["epochs"], visible)
-    evaluate, why_eval = choose_gpus(auto, data["test_size"], visible, AUTO_MIN_PROMPTS, "prompts")
-    return {"training": train, "evaluation": evaluate, "why": [why_train, why_eval]}
+    config = resolve_config(
+        "llama2-7b-h100",
+        {
+            "data": {"train_size": data["train_size"], "test_size": data["test_size"]},
+            "train": {"epochs": data["epochs"]},
+            "devices": {"num_gpus": "auto"},
+        },
+    )
+    chosen = gpus_per_step(config, visible)
+    return {step: gpus for step, (gpus, _) in chosen.items()} | {
+        "why": [why for _, why in chosen.values()]
+    }
 
 
 def flow_phase(args, model_dir: Path, result: dict) -> None:
@@ -245,7 +241,9 @@ def flow_phase(args, model_dir: Path, result: dict) -> None:
             if done.returncode:
                 run["error"] = (done.stderr.strip().splitlines() or ["?"])[-1][:300]
             else:
-                run["flow_run"], seconds, run["tasks_seconds"] = flow_run_seconds(store)
+                # read from the Prefect database the command line used (this PREFECT_HOME)
+                run["flow_run"] = newest_flow_run(store)
+                seconds, run["tasks_seconds"] = flow_run_timing(run["flow_run"])
                 run["flow_run_seconds"] = seconds
                 section["seconds"].setdefault(name, {})
                 key = gpus if gpus not in section["seconds"][name] else f"{gpus}#2"

@@ -99,15 +99,26 @@ def probe() -> dict[str, int | bool | str]:
     except ImportError:
         results["bnb"] = "not installed"
 
-    x = torch.randn(4096, 4096, device=dev, dtype=bf16)
+    masks, values = dropout_agreement()
+    results["dropout_masks_agree_bf16_fp32"] = masks
+    results["dropout_values_agree_bf16_fp32"] = values
+    return results
+
+
+def dropout_agreement() -> tuple[bool, bool]:
+    """Does LoRA's dropout, from the same seed, drop the same elements of a bf16 tensor as of
+    its fp32 copy, and give the same values? (CUDA)"""
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     x[x == 0] = 1.0  # a zero out of dropout then means a dropped element, nothing else
     torch.manual_seed(0)
     fp32 = F.dropout(x.float(), 0.05, training=True)
     torch.manual_seed(0)
     half = F.dropout(x, 0.05, training=True)
-    results["dropout_masks_agree_bf16_fp32"] = bool(torch.equal(fp32 == 0, half == 0))
-    results["dropout_values_agree_bf16_fp32"] = bool(torch.equal(fp32.to(bf16), half))
-    return results
+    return bool(torch.equal(fp32 == 0, half == 0)), bool(torch.equal(fp32.to(x.dtype), half))
+
+
+def dropout_masks_agree() -> bool:
+    return dropout_agreement()[0]
 
 
 def generate_twice() -> dict[str, int | bool]:

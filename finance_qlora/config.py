@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Annotated, Any, Literal, Optional, Union, get_args
+from typing import Annotated, Any, Literal, NamedTuple, Optional, Union, get_args
 
 from pydantic import (
     AfterValidator,
@@ -467,6 +467,26 @@ def auto_uses_several_gpus(work: float | None, auto_from: float = AUTO_MIN_ROW_E
     return work is not None and work >= auto_from
 
 
+class StepWork(NamedTuple):
+    """A step's work, the amount from which devices.num_gpus "auto" spreads it over every GPU,
+    and the unit both are counted in."""
+
+    work: float
+    auto_from: float
+    unit: str
+
+
+def work_per_step(config: FinetuneConfig) -> dict[str, StepWork]:
+    """What "auto" decides each multi-GPU step by: training by rows x epochs, evaluation by the
+    prompts evaluated (the test rows, or a sweep's validation rows)."""
+    return {
+        "training": StepWork(
+            config.data.train_size * config.train.epochs, AUTO_MIN_ROW_EPOCHS, "row-epochs"
+        ),
+        "evaluation": StepWork(config.data.evaluated_rows, AUTO_MIN_PROMPTS, "prompts"),
+    }
+
+
 def devices_line(config: FinetuneConfig) -> str:
     """What devices.num_gpus asks for, in words (--show-config; the flow logs its choice)."""
     asked = config.devices.num_gpus
@@ -474,19 +494,18 @@ def devices_line(config: FinetuneConfig) -> str:
         return "devices: every GPU the worker sees (devices.num_gpus unset)"
     if asked != "auto":
         return f"devices: {asked} GPU(s) (devices.num_gpus)"
-    rows, prompts = config.data.train_size, config.data.evaluated_rows
-    work = rows * config.train.epochs
+    training, evaluation = work_per_step(config).values()
 
-    def gpus(several: bool) -> str:
+    def gpus(step: StepWork) -> str:
+        several = auto_uses_several_gpus(step.work, step.auto_from)
         return "every visible GPU" if several else "one GPU"
 
     return (
-        f"devices: auto: training on {gpus(auto_uses_several_gpus(work))} for {rows} rows x "
-        f"{config.train.epochs:g} epoch(s) = {work:g} row-epochs (several from "
-        f"{AUTO_MIN_ROW_EPOCHS}), evaluating on "
-        f"{gpus(auto_uses_several_gpus(prompts, AUTO_MIN_PROMPTS))} for {prompts} prompts "
-        f"(several from {AUTO_MIN_PROMPTS}): more GPUs only where they repay their per-process "
-        "start-up"
+        f"devices: auto: training on {gpus(training)} for {config.data.train_size} rows x "
+        f"{config.train.epochs:g} epoch(s) = {training.work:g} row-epochs (several from "
+        f"{AUTO_MIN_ROW_EPOCHS}), evaluating on {gpus(evaluation)} for {evaluation.work} "
+        f"prompts (several from {AUTO_MIN_PROMPTS}): more GPUs only where they repay their "
+        "per-process start-up"
     )
 
 

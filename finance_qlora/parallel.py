@@ -30,11 +30,13 @@ from finance_qlora import errors
 from finance_qlora.config import (
     AUTO_MIN_ROW_EPOCHS,
     DeviceSettings,
+    FinetuneConfig,
     GenerationSettings,
     LoraSettings,
     ModelConfig,
     TrainSettings,
     auto_uses_several_gpus,
+    work_per_step,
 )
 from finance_qlora.errors import ConfigError
 from finance_qlora.files import read_jsonl, write_jsonl
@@ -86,6 +88,14 @@ def choose_gpus(
             f"(CUDA_VISIBLE_DEVICES={shown}); lower it, or unset it to use every visible GPU"
         )
     return asked, f"devices.num_gpus={asked} of {visible} visible"
+
+
+def gpus_per_step(config: FinetuneConfig, visible: int) -> dict[str, tuple[int | None, str]]:
+    """(GPUs, why) for each multi-GPU step of a run ("auto" from `work_per_step`)."""
+    return {
+        step: choose_gpus(config.devices, w.work, visible, w.auto_from, w.unit)
+        for step, w in work_per_step(config).items()
+    }
 
 
 def process_count(devices: DeviceSettings) -> int:

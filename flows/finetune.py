@@ -29,8 +29,6 @@ from prefect.runtime import flow_run
 
 from finance_qlora.cli import outcome, resolve_args
 from finance_qlora.config import (
-    AUTO_MIN_PROMPTS,
-    AUTO_MIN_ROW_EPOCHS,
     DEFAULT_PRESET,
     ConfigOverrides,
     DeviceSettings,
@@ -40,7 +38,7 @@ from finance_qlora.config import (
     schedule_line,
 )
 from finance_qlora.errors import FinanceQLoRAError
-from finance_qlora.parallel import choose_gpus, visible_gpu_count
+from finance_qlora.parallel import gpus_per_step, visible_gpu_count
 from finance_qlora.preflight import preflight
 from finance_qlora.records import (
     AdapterRecord,
@@ -239,19 +237,14 @@ def record_run(
 def devices_for(config: FinetuneConfig) -> tuple[DeviceSettings, DeviceSettings]:
     """The GPUs this run trains and evaluates on ("auto" resolved from each step's work: the
     training rows x epochs, the prompts evaluated), logged with why."""
-    row_epochs = config.data.train_size * config.train.epochs
-    steps = {
-        "training": (row_epochs, AUTO_MIN_ROW_EPOCHS, "row-epochs"),
-        "evaluation": (config.data.evaluated_rows, AUTO_MIN_PROMPTS, "prompts"),
-    }
-    chosen = []
-    for step, (work, auto_from, unit) in steps.items():
-        gpus, why = choose_gpus(config.devices, work, visible_gpu_count(), auto_from, unit)
+    chosen = gpus_per_step(config, visible_gpu_count())
+    for step, (_, why) in chosen.items():
         get_run_logger().info("devices for %s: %s", step, why)
-        chosen.append(
-            config.devices.model_copy(update={"num_gpus": gpus or config.devices.num_gpus})
-        )
-    return chosen[0], chosen[1]
+    train, evaluate = (
+        config.devices.model_copy(update={"num_gpus": gpus or config.devices.num_gpus})
+        for gpus, _ in chosen.values()
+    )
+    return train, evaluate
 
 
 SCHEDULE_FIELDS = {"rows", "rows_per_step", "steps", "micro_batches_per_step", "seconds", "tokens"}

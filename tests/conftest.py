@@ -92,6 +92,24 @@ def generate_cut(model, tokenizer, prompts: list[str], max_new_tokens: int, batc
     return [cut_answer(g.text) for g in raw]
 
 
+def tiny_llama(kv_heads: int = 4):
+    """A 2-layer Llama with random weights (seed 0), built in code: for tests of one layer's
+    arithmetic, without a tokenizer or the 4-bit path."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+    )
+    return LlamaForCausalLM(config)
+
+
 def make_rows(n: int, with_input_every: int = 3) -> list[dict[str, str]]:
     return [
         {

@@ -14,7 +14,7 @@ from finance_qlora.files import write_jsonl
 from finance_qlora.kernels import compile_layers, uncast_adapter_inputs
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import build_trainer
-from tests.conftest import make_rows
+from tests.conftest import make_rows, tiny_llama
 
 
 class CountCasts(TorchDispatchMode):
@@ -33,18 +33,8 @@ class CountCasts(TorchDispatchMode):
 def bf16_lora_model():
     """A bf16 Llama with fp32 LoRA adapters on q/v: the dequantized base of the GPU presets."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    )
-    base = LlamaForCausalLM(config).to(torch.bfloat16)
+    base = tiny_llama().to(torch.bfloat16)
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.05)
     model = get_peft_model(base, lora)
     for name, param in model.named_parameters():

@@ -3,7 +3,6 @@ gradients as padded rows, on a tiny model and through the real 4-bit training pa
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from finance_qlora.batching import token_budget_batches
@@ -13,20 +12,7 @@ from finance_qlora.files import write_jsonl
 from finance_qlora.packing import ATTENTION, use_varlen_attention
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import build_trainer, train_adapter
-from tests.conftest import make_rows
-
-
-def tiny_llama(kv_heads: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-    )
-    return LlamaForCausalLM(config)
+from tests.conftest import make_rows, tiny_llama
 
 
 def rows(lengths: list[int]) -> list[dict]:
