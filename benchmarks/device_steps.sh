@@ -46,6 +46,12 @@ print(torch.__version__, triton.__version__, prefect.__version__, torch.cuda.dev
     CUDA_VISIBLE_DEVICES=0 pin 0-15 python3 benchmarks/gpu_throughput.py --data $DATA \
       --work /tmp/bench --out "$OUT" --sections train --runs 2 --variants \
       llama2-7b-h100,llama2-7b-h100-peft-casts,llama2-7b-h100-compiled-noliger ;;
+  waits) # one GPU: the preset and compiled layers, each beside itself with the libraries' own
+    # waits for the GPU (finance_qlora.sync_free off), where the host waits counted per step
+    CUDA_VISIBLE_DEVICES=0 pin 0-15 python3 benchmarks/gpu_throughput.py --data $DATA \
+      --work /tmp/bench --out "$OUT" --sections train --runs 2 --reference-rows 16 --variants \
+      llama2-7b-h100-waits,llama2-7b-h100,llama2-7b-h100-compiled-noliger,llama2-7b-h100-compiled-noliger-waits \
+      --profile llama2-7b-h100-compiled-noliger ;;
   quality) # SmolLM2 with the h100 preset's training and compiled layers; then the answer flow
     CUDA_VISIBLE_DEVICES=${QUALITY_GPU:-0} pin 16-31 python3 experiments/recipe_quality.py \
       --data $DATA --store /tmp/rq/store --out "$OUT" --only llama2-7b-h100 \
@@ -55,6 +61,23 @@ print(torch.__version__, triton.__version__, prefect.__version__, torch.cuda.dev
       --store /tmp/rq/store --out "$OUT/answer-smollm2-h200.json" || true
     CUDA_VISIBLE_DEVICES=${QUALITY_GPU:-0} python3 experiments/generation_repeat.py \
       --store /tmp/rq/store ;;
+  shipped) # SmolLM2 with the h100 preset's own training settings; the answer flow; then the
+    # evaluation generated twice under strict deterministic algorithms (issue 23)
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/recipe_quality.py --data $DATA \
+      --store /tmp/rq/store --out "$OUT" --only llama2-7b-h100 --tag shipped \
+      --reference-from benchmarks/results/recipe-quality-NVIDIA-H200-2026-11-28.json
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/answer_smollm2.py --store /tmp/rq/store \
+      --out "$OUT/answer-smollm2-h200.json" || true
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/generation_repeat.py --store /tmp/rq/store \
+      --strict 2>&1 | tail -25 ;;
+  answers) # issue 23 with generation.deterministic (the default): a SmolLM2 run, the answer
+    # flow on its 300 test questions, and the run's evaluation generated twice more
+    CUDA_VISIBLE_DEVICES=0 python3 -m flows.finetune --preset smollm2-135m --data $DATA \
+      --output-dir /tmp/ans/store 2>&1 | grep -E "ROUGE-L|Finished in state|error" | tail -4
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/answer_smollm2.py --store /tmp/ans/store \
+      --out "$OUT/answer-smollm2-h200.json" 2>&1 | grep -E "identical|error" || true
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/generation_repeat.py --store /tmp/ans/store \
+      2>&1 | tail -1 | tee "$OUT/generation-repeat.json" ;;
   multi-train) # data-parallel training on 1 and 2 GPUs at the recipe's schedule; e.g.
     # MULTI_SET="train.compile=true train.fused_kernels=false" for compiled layers
     python3 benchmarks/multi_gpu.py --data $DATA --work /tmp/bench --out "$OUT" --arch llama2-7b \

@@ -42,7 +42,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.host_waits import host_waits  # noqa: E402
 from experiments.determinism_probe import dropout_masks_agree  # noqa: E402
+from finance_qlora import sync_free  # noqa: E402
 from finance_qlora.builtin_models import train_bpe_tokenizer  # noqa: E402
 from finance_qlora.config import (  # noqa: E402
     PRESETS,
@@ -107,6 +109,11 @@ TRAIN_VARIANTS |= {
     # kernels, which do not compile (inductor fuses the norms and activations itself)
     "llama2-7b-h100-compiled-noliger": H100 | {"compile": True, "fused_kernels": False},
 }
+# the same settings with the libraries' own waits for the GPU (finance_qlora.sync_free off)
+TRAIN_VARIANTS |= {
+    f"{name}-waits": TRAIN_VARIANTS[name]
+    for name in ("llama2-7b-h100", "llama2-7b-h100-compiled-noliger")
+}
 
 
 def peft_input_casts():
@@ -123,7 +130,25 @@ def peft_input_casts():
     return Callback()
 
 
-VARIANT_CALLBACKS = {"llama2-7b-h100-peft-casts": peft_input_casts}
+def library_waits():
+    """A TrainerCallback that turns finance_qlora.sync_free off for one training."""
+    from transformers import TrainerCallback
+
+    class Callback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            sync_free.ENABLED = False
+
+        def on_train_end(self, args, state, control, **kwargs):
+            sync_free.ENABLED = True
+
+    return Callback()
+
+
+VARIANT_CALLBACKS = {
+    "llama2-7b-h100-peft-casts": peft_input_casts,
+    "llama2-7b-h100-waits": library_waits,
+    "llama2-7b-h100-compiled-noliger-waits": library_waits,
+}
 
 
 EVAL_VARIANTS = {
@@ -262,8 +287,10 @@ def timed_train(setup: Setup, name: str, config, rows: int | None, runs: int) ->
     `runs` timed runs on `rows` rows (all when None)."""
     prompts = setup.subset(rows) if rows else setup.prompts.train_path
     extra = VARIANT_CALLBACKS.get(name)
-    callbacks = (lambda: [extra()]) if extra else (lambda: None)
-    warm = train_once(setup, config, prompts, f"{name}-warmup", callbacks())
+    callbacks = (lambda: [extra()]) if extra else (lambda: [])
+    waits: dict = {}
+    # the warm-up run also counts where the host waits for the GPU (steps 3-5)
+    warm = train_once(setup, config, prompts, f"{name}-warmup", callbacks() + [host_waits(waits)])
     timed = [train_once(setup, config, prompts, f"{name}-{i}", callbacks()) for i in range(runs)]
     if name == setup.args.profile:
         profile = setup.args.out / f"profile-{name}.txt"
@@ -276,7 +303,16 @@ def timed_train(setup: Setup, name: str, config, rows: int | None, runs: int) ->
         "peak_gib": max(t["peak_gib"] for t in timed),
         "warmup": {k: warm[k] for k in ("useful_tok_s", "seconds", "peak_gib")},
         "runs": timed,
+        "host_waits": waits,
+        "graph_breaks": graph_breaks(),
     }
+
+
+def graph_breaks() -> dict[str, int]:
+    """torch.compile's graph breaks in this process so far, by reason."""
+    from torch._dynamo.utils import counters
+
+    return dict(counters["graph_break"])
 
 
 def section_loads(setup: Setup) -> dict:

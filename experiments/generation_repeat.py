@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-if "--deterministic" in sys.argv:  # before torch: cuBLAS reads it at its first handle
+# before torch: cuBLAS reads it at its first handle
+if "--deterministic" in sys.argv or "--strict" in sys.argv:
     import os
 
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
@@ -37,11 +38,14 @@ def main() -> None:
     parser.add_argument(
         "--deterministic", action="store_true", help="deterministic algorithms (warn-only)"
     )
+    parser.add_argument(
+        "--strict", action="store_true", help="deterministic algorithms; an op without one fails"
+    )
     args = parser.parse_args()
-    if args.deterministic:
+    if args.deterministic or args.strict:
         import torch
 
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(True, warn_only=not args.strict)
     summary = run_summary(args.store, None)
     evaluation = final_evaluation(summary)
     prompts = evaluation["prompt"].tolist()

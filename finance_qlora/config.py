@@ -263,6 +263,11 @@ class GenerationSettings(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # 0: no top-k cut
     seed: Seed = 0
+    # The same answers to the same prompts in every run on a GPU: torch's deterministic
+    # algorithms while generating. Without them an H200 answers 291-292 of 300 prompts alike
+    # when one evaluation is generated twice (memory-efficient attention's default kernel is
+    # not reproducible); with them 300 (experiments/results/generation-repeat-h200.json).
+    deterministic: bool = True
 
 
 def _env_gpu_count() -> int | str:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -15,6 +17,9 @@ from finance_qlora.errors import FinanceQLoRAError
 from finance_qlora.modeling import release_memory, stop_token_ids
 
 log = logging.getLogger(__name__)
+# cuBLAS's workspace for reproducible matmuls (`reproducible`), named before the process's first
+# matmul, when cuBLAS reads it; the size of its default on an H100/H200 (32 MiB).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 class Generated(NamedTuple):
@@ -79,6 +84,25 @@ def decoding(generation: GenerationSettings) -> dict:
     }
 
 
+@contextmanager
+def reproducible(enabled: bool, device: torch.device) -> Iterator[None]:
+    """torch's deterministic algorithms on a CUDA device while it lasts, then the process's
+    own setting again. Strict, not warn-only: memory-efficient attention (the kernel for
+    left-padded batches) takes its reproducible path only then. torch refuses a matmul in
+    this mode unless cuBLAS's workspace is named (set when this module is imported)."""
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
 @torch.inference_mode()
 def generate_shard(
     model,
@@ -131,7 +155,8 @@ def generate_shard(
                 GeneratedNgramBlocker(generation.block_repeat_ngram, encoded["input_ids"].shape[1])
             )
         try:
-            output = model.generate(**encoded, **settings, logits_processor=blockers)
+            with reproducible(generation.deterministic, device):
+                output = model.generate(**encoded, **settings, logits_processor=blockers)
         except torch.OutOfMemoryError:
             # Halve the batches and try the same rows again. Greedy answers can change with the
             # batch's composition (padding changes the kernels' shapes and so the rounding; in

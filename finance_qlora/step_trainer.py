@@ -1,6 +1,7 @@
 """TRL's SFTTrainer with the recipe's schedule: each optimizer step holds `train.rows_per_step`
 rows (`batching.StepSampler`), computed in micro-batches, with a warm-up that never runs at
-learning rate 0; and the modeling names it patches (Liger's kernels) set back after training.
+learning rate 0; steps the host never waits for (`sync_free`); and the modeling names it
+patches (Liger's kernels) set back after training.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import math
 import sys
 
+from finance_qlora import sync_free
 from finance_qlora.batching import MaskableRows, MicroBatching, StepSampler
 from finance_qlora.config import TrainSettings
 from finance_qlora.kernels import ModuleNames
@@ -31,6 +33,7 @@ def warmup_that_updates(schedule, warmup_steps: int):
 def step_trainer_class():
     """TRL's SFTTrainer whose optimizer steps hold `train.rows_per_step` rows each, computed
     in micro-batches (`batching.StepSampler`), with a warm-up that never runs at lr 0."""
+    import torch
     from torch.optim.lr_scheduler import LambdaLR
     from torch.utils.data import DataLoader
     from transformers import TrainerCallback
@@ -59,8 +62,36 @@ def step_trainer_class():
             # it ran.
             model = kwargs["model"]
             self.modeling_names = ModuleNames(sys.modules[type(model).__module__])
+            self.pending_metrics = sync_free.PendingMetrics()
             super().__init__(*args, **kwargs)
             self.add_callback(EpochToSampler(self))
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if sync_free.takes_default_loss(self, model, return_outputs):
+                pending = self.pending_metrics
+                return sync_free.sft_loss(self, model, inputs, num_items_in_batch, pending)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def log(self, logs, start_time=None):
+            self.pending_metrics.flush(self)
+            super().log(logs, start_time)
+
+        def _prepare_input(self, data):
+            if sync_free.ENABLED and not self.is_deepspeed_enabled:
+                return sync_free.to_device(data, self.args.device)
+            return super()._prepare_input(data)
+
+        def _get_num_items_in_batch(self, batch_samples, device):
+            if sync_free.ENABLED and self.args.world_size == 1:
+                # counted where the labels are (the host), then sent on without waiting
+                count = super()._get_num_items_in_batch(batch_samples, torch.device("cpu"))
+                return sync_free.to_device(count, device)
+            return super()._get_num_items_in_batch(batch_samples, device)
+
+        def create_optimizer(self, model=None):
+            optimizer = super().create_optimizer(model)
+            sync_free.without_parameter_syncs(optimizer)
+            return optimizer
 
         def train(self, *args, **kwargs):
             try:

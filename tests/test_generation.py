@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -138,3 +140,43 @@ def test_a_static_cache_gives_the_dynamic_caches_answers(tiny):
         del model.generate
     assert set(calls) == {("dynamic", True), ("static", True)}  # never compiled
     assert [answers[i].new_tokens for i in range(7)] == [20] * 7  # random weights: no EOS
+
+
+def deterministic_state() -> tuple[bool, bool]:
+    return (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+
+
+def test_gpu_generation_runs_torchs_strict_deterministic_algorithms(monkeypatch):
+    from finance_qlora.generation import reproducible
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # the process's own setting
+    try:
+        with reproducible(True, torch.device("cuda", 0)):
+            # strict: memory-efficient attention takes its reproducible kernel only then
+            assert deterministic_state() == (True, False)
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert deterministic_state() == (True, True)  # set back
+        for enabled, device in ((False, "cuda"), (True, "cpu")):  # off, or the CPU: untouched
+            with reproducible(enabled, torch.device(device)):
+                assert deterministic_state() == (True, True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_each_batch_is_generated_under_the_settings_determinism(tiny, prompts, monkeypatch):
+    from contextlib import nullcontext
+
+    from finance_qlora import generation as module
+
+    seen = []
+    monkeypatch.setattr(module, "reproducible", lambda *args: seen.append(args) or nullcontext())
+    model, tokenizer = tiny
+    for deterministic in (True, False):
+        settings = GenerationSettings(max_new_tokens=2, batch_size=2, deterministic=deterministic)
+        generate_shard(model, tokenizer, prompts, settings)
+    cpu = torch.device("cpu")
+    assert seen == [(True, cpu)] * 2 + [(False, cpu)] * 2  # 3 prompts: 2 batches each
