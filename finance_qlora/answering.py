@@ -92,8 +92,11 @@ def decoding_of(gated: Gated, overrides: dict[str, Any] | None) -> GenerationSet
 
     from finance_qlora.errors import describe_validation_error
 
+    recorded = dict(gated.generation)
+    if recorded:  # recorded before generation.deterministic existed: generated without it
+        recorded.setdefault("deterministic", False)
     try:
-        return GenerationSettings.model_validate({**gated.generation, **(overrides or {})})
+        return GenerationSettings.model_validate({**recorded, **(overrides or {})})
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, "generation.")) from None
 

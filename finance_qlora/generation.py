@@ -173,6 +173,15 @@ def generate_shard(
             pending = deque(shard_batches(rest, size))
             log.warning("out of GPU memory: generating %d prompts at a time", size)
             continue
+        except RuntimeError as exc:  # after the subclass OutOfMemoryError
+            if not generation.deterministic or "deterministic" not in str(exc):
+                raise
+            # torch refuses an op without a deterministic kernel on this GPU and torch version
+            raise FinanceQLoRAError(
+                "generation.deterministic: this GPU or torch version has no deterministic "
+                f"kernel for an op of generation ({str(exc).splitlines()[0][:160]}); set "
+                "generation.deterministic=false (answers may then differ run to run)"
+            ) from None
         new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
         for i, ids in zip(batch, new_tokens, strict=True):
             ids = _until_stop(ids, set(stop))

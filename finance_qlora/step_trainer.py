@@ -82,7 +82,9 @@ def step_trainer_class():
             return super()._prepare_input(data)
 
         def _get_num_items_in_batch(self, batch_samples, device):
-            if sync_free.ENABLED and self.args.world_size == 1:
+            labels = batch_samples[0].get("labels") if batch_samples else None
+            on_host = labels is not None and labels.device.type == "cpu"
+            if sync_free.ENABLED and self.args.world_size == 1 and on_host:
                 # counted where the labels are (the host), then sent on without waiting
                 count = super()._get_num_items_in_batch(batch_samples, torch.device("cpu"))
                 return sync_free.to_device(count, device)

@@ -119,6 +119,40 @@ def _no_parameter_syncs(bnb_optimizer):
         bnb_optimizer.sync_gpu = saved
 
 
+# One subclass per bitsandbytes optimizer class, kept here under its own name, so that an
+# optimizer with it still pickles.
+_UNSYNCED: dict[type, type] = {}
+
+
+def _on_default_stream() -> bool:
+    """bitsandbytes' kernels run on CUDA's default stream; the order holds only from there."""
+    return not torch.cuda.is_available() or (
+        torch.cuda.current_stream() == torch.cuda.default_stream()
+    )
+
+
+def _unsynced_class(base: type, bnb_optimizer) -> type:
+    if base not in _UNSYNCED:
+
+        class Unsynced(base):
+            def step(self, closure=None):
+                if not ENABLED or not _on_default_stream():
+                    return super().step(closure)
+                with _no_parameter_syncs(bnb_optimizer) as sync_gpu:
+                    loss = super().step(closure)
+                paged = [
+                    p for p, s in self.state.items() if getattr(s.get("state1"), "is_paged", 0)
+                ]
+                if paged:
+                    sync_gpu(paged[0])
+                return loss
+
+        name = f"Unsynced{base.__name__}"
+        Unsynced.__name__ = Unsynced.__qualname__ = name
+        globals()[name] = _UNSYNCED[base] = Unsynced
+    return _UNSYNCED[base]
+
+
 def without_parameter_syncs(optimizer) -> bool:
     """A bitsandbytes optimizer's step without its wait after each parameter: the updates are
     queued on one stream in the same order, so they compute the same. Paged states (moved by
@@ -129,24 +163,13 @@ def without_parameter_syncs(optimizer) -> bool:
     except ImportError:
         return False
     base = type(optimizer)
+    if base in _UNSYNCED.values():
+        return True
     if not (
         isinstance(optimizer, bnb_optimizer.Optimizer8bit)
         and callable(getattr(bnb_optimizer, "sync_gpu", None))
     ):
         return False
-
-    class Unsynced(base):
-        def step(self, closure=None):
-            if not ENABLED:
-                return super().step(closure)
-            with _no_parameter_syncs(bnb_optimizer) as sync_gpu:
-                loss = super().step(closure)
-            paged = [p for p, s in self.state.items() if getattr(s.get("state1"), "is_paged", 0)]
-            if paged:
-                sync_gpu(paged[0])
-            return loss
-
-    Unsynced.__name__ = Unsynced.__qualname__ = base.__name__
     # a subclass keeps a bound step (torch's LR scheduler wraps step.__func__)
-    optimizer.__class__ = Unsynced
+    optimizer.__class__ = _unsynced_class(base, bnb_optimizer)
     return True

@@ -183,3 +183,12 @@ def test_the_gpu_script_finds_the_run_and_compares_every_answer(trained, tmp_pat
     assert report["questions"] == report["n_identical"] == report["n_raw_identical"] == rows
     assert report["adapter"] == summary["adapter"] and report["seconds"] > 0
     assert {"machine", "date", "command"} <= set(report)
+
+
+def test_a_decoding_recorded_before_the_deterministic_setting_is_replayed_without_it():
+    from finance_qlora.answering import Gated, decoding_of
+
+    old = Gated.model_construct(generation={"max_new_tokens": 128, "batch_size": 64})
+    assert decoding_of(old, None).deterministic is False  # as that evaluation generated
+    assert decoding_of(old, {"deterministic": True}).deterministic is True
+    assert decoding_of(Gated.model_construct(generation={}), None).deterministic is True

@@ -180,3 +180,28 @@ def test_each_batch_is_generated_under_the_settings_determinism(tiny, prompts, m
         generate_shard(model, tokenizer, prompts, settings)
     cpu = torch.device("cpu")
     assert seen == [(True, cpu)] * 2 + [(False, cpu)] * 2  # 3 prompts: 2 batches each
+
+
+def test_an_op_without_a_deterministic_kernel_is_one_line_naming_the_setting(tiny, prompts):
+    from finance_qlora.errors import FinanceQLoRAError
+
+    model, tokenizer = tiny
+    refusal = (
+        "scatter_add_cuda_kernel does not have a deterministic implementation, but you set "
+        "'torch.use_deterministic_algorithms(True)'."
+    )
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(refusal)
+
+    settings = GenerationSettings(max_new_tokens=2, batch_size=2)
+    original = model.generate
+    model.generate = refuse
+    try:
+        with pytest.raises(FinanceQLoRAError, match=r"generation\.deterministic: .*=false"):
+            generate_shard(model, tokenizer, prompts, settings)
+        off = settings.model_copy(update={"deterministic": False})
+        with pytest.raises(RuntimeError, match="scatter_add"):  # not this setting's doing
+            generate_shard(model, tokenizer, prompts, off)
+    finally:
+        model.generate = original
