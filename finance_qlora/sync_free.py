@@ -5,8 +5,8 @@ for a value that nothing needs until the next log line, or at all:
 
 - TRL's SFTTrainer.compute_loss reads its entropy and token-accuracy metrics with `.item()`
   after each forward, before the backward is queued;
-- the Trainer moves each batch to the GPU with blocking copies (a blocking host-to-device copy
-  waits for everything queued before it);
+- the Trainer moves each batch, and its count of label tokens, to the GPU with blocking copies
+  (a blocking host-to-device copy waits for everything queued before it);
 - bitsandbytes' 8-bit optimizers call `torch.cuda.synchronize()` after each parameter's update
   (0.50: 128 times a step for q/v adapters on 32 layers).
 
