@@ -34,6 +34,7 @@ def step_trainer_class():
     """TRL's SFTTrainer whose optimizer steps hold `train.rows_per_step` rows each, computed
     in micro-batches (`batching.StepSampler`), with a warm-up that never runs at lr 0."""
     import torch
+    from accelerate.utils import send_to_device
     from torch.optim.lr_scheduler import LambdaLR
     from torch.utils.data import DataLoader
     from transformers import TrainerCallback
@@ -78,7 +79,8 @@ def step_trainer_class():
 
         def _prepare_input(self, data):
             if sync_free.ENABLED and not self.is_deepspeed_enabled:
-                return sync_free.to_device(data, self.args.device)
+                # from pinned memory, asynchronous; a pageable tensor is staged first (safe)
+                return send_to_device(data, self.args.device, non_blocking=True)
             return super()._prepare_input(data)
 
         def _get_num_items_in_batch(self, batch_samples, device):
@@ -87,7 +89,7 @@ def step_trainer_class():
             if sync_free.ENABLED and self.args.world_size == 1 and on_host:
                 # counted where the labels are (the host), then sent on without waiting
                 count = super()._get_num_items_in_batch(batch_samples, torch.device("cpu"))
-                return sync_free.to_device(count, device)
+                return send_to_device(count, device, non_blocking=True)
             return super()._get_num_items_in_batch(batch_samples, device)
 
         def create_optimizer(self, model=None):

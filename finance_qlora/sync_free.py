@@ -18,25 +18,12 @@ changes: the same kernels run in the same order on one stream.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
 from contextlib import contextmanager
 
 import torch
 
 # The benchmarks turn this off to time a step with the libraries' own waits beside it.
 ENABLED = True
-
-
-def to_device(data, device: torch.device):
-    """`data` (tensors, nested in dicts, lists and tuples) on `device`, copied without waiting
-    (asynchronous from pinned memory; a pageable tensor is staged first, which is still safe)."""
-    if isinstance(data, Mapping):
-        return type(data)({key: to_device(value, device) for key, value in data.items()})
-    if isinstance(data, (tuple, list)):
-        return type(data)(to_device(value, device) for value in data)
-    if isinstance(data, torch.Tensor):
-        return data.to(device, non_blocking=True)
-    return data
 
 
 def takes_default_loss(trainer, model, return_outputs: bool) -> bool:
