@@ -78,6 +78,20 @@ print(torch.__version__, triton.__version__, prefect.__version__, torch.cuda.dev
       --out "$OUT/answer-smollm2-h200.json" 2>&1 | grep -E "identical|error" || true
     CUDA_VISIBLE_DEVICES=0 python3 experiments/generation_repeat.py --store /tmp/ans/store \
       2>&1 | tail -1 | tee "$OUT/generation-repeat.json" ;;
+  graphs7b) # the first and warm 300 x 128 generations (7B architecture, fresh processes):
+    # decode steps as CUDA graphs, eager, and graphs without deterministic algorithms
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+      --out "$OUT" --sections eval --runs 2 --eval-variants \
+      dequantized-static,dequantized-static-eager,dequantized-static-nondeterministic ;;
+  graphs-smol) # CUDA-graph decode steps against eager ones on SmolLM2's real weights; then the
+    # whole flow as shipped (generation as the graphs7b step's project setting)
+    CUDA_VISIBLE_DEVICES=0 python3 experiments/decode_graphs_smollm2.py --data $DATA --out "$OUT"
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+      --out "$OUT" --sections flow --flow-runs 2 ;;
+  cppwrapper) # training: compiled layers with inductor's Python wrapper and its C++ one
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+      --out "$OUT" --sections train --runs 2 --reference-rows 16 --variants \
+      llama2-7b-h100,llama2-7b-h100-compiled-noliger,llama2-7b-h100-compiled-noliger-cppwrapper ;;
   multi-train) # data-parallel training on 1 and 2 GPUs at the recipe's schedule; e.g.
     # MULTI_SET="train.compile=true train.fused_kernels=false" for compiled layers
     python3 benchmarks/multi_gpu.py --data $DATA --work /tmp/bench --out "$OUT" --arch llama2-7b \

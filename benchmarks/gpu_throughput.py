@@ -26,6 +26,7 @@ Results: <out>/<gpu>-<date>.json (sections merged into an existing file of that 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -109,6 +110,10 @@ TRAIN_VARIANTS |= {
     # kernels, which do not compile (inductor fuses the norms and activations itself)
     "llama2-7b-h100-compiled-noliger": H100 | {"compile": True, "fused_kernels": False},
 }
+# compiled layers with inductor's C++ wrapper around their kernels instead of its Python one
+TRAIN_VARIANTS["llama2-7b-h100-compiled-noliger-cppwrapper"] = TRAIN_VARIANTS[
+    "llama2-7b-h100-compiled-noliger"
+]
 # the same settings with the libraries' own waits for the GPU (finance_qlora.sync_free off)
 TRAIN_VARIANTS |= {
     f"{name}-waits": TRAIN_VARIANTS[name]
@@ -144,7 +149,26 @@ def library_waits():
     return Callback()
 
 
+def inductor_wrapper(cpp: bool):
+    """A TrainerCallback factory: the compiled layers' kernels called from inductor's C++
+    wrapper (`cpp`) or its Python one. When that changes dynamo's compiled code is dropped:
+    the layers would otherwise reuse the graph compiled with the other wrapper."""
+    from transformers import TrainerCallback
+
+    class Callback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            import torch._inductor.config as inductor
+
+            if inductor.cpp_wrapper != cpp:
+                torch._dynamo.reset()
+                inductor.cpp_wrapper = cpp
+
+    return lambda: Callback()
+
+
 VARIANT_CALLBACKS = {
+    "llama2-7b-h100-compiled-noliger": inductor_wrapper(False),
+    "llama2-7b-h100-compiled-noliger-cppwrapper": inductor_wrapper(True),
     "llama2-7b-h100-peft-casts": peft_input_casts,
     "llama2-7b-h100-waits": library_waits,
     "llama2-7b-h100-compiled-noliger-waits": library_waits,
@@ -153,7 +177,21 @@ VARIANT_CALLBACKS = {
 
 EVAL_VARIANTS = {
     "dequantized-dynamic": {"dequantize": "always", "cache": "dynamic", "batch_size": 300},
+    # decode steps replayed as CUDA graphs (generation.cuda_graphs, on by default)
     "dequantized-static": {"dequantize": "always", "cache": "static", "batch_size": 300},
+    "dequantized-static-eager": {
+        "dequantize": "always",
+        "cache": "static",
+        "batch_size": 300,
+        "cuda_graphs": False,
+    },
+    # graphs, without torch's deterministic algorithms (what generation.deterministic costs)
+    "dequantized-static-nondeterministic": {
+        "dequantize": "always",
+        "cache": "static",
+        "batch_size": 300,
+        "deterministic": False,
+    },
     "4bit-static": {"dequantize": "never", "cache": "static", "batch_size": 300},
 }
 
@@ -400,18 +438,23 @@ def section_train(setup: Setup, variants: list[str], runs: int) -> dict:
 def eval_in_process(setup: Setup, variant: str, runs: int) -> dict:
     """One generation setting in this (fresh) process: load, first 300 x 128, warm runs."""
     settings = EVAL_VARIANTS[variant]
-    config = setup.config(generation={k: settings[k] for k in ("cache", "batch_size")})
+    config = setup.config(generation={k: v for k, v in settings.items() if k != "dequantize"})
+    replays = DecodeLog()
+    logging.getLogger("finance_qlora.generation").addHandler(replays)
+    logging.getLogger("finance_qlora.generation").setLevel(logging.INFO)
     release()
     started = time.perf_counter()
     with loaded(config.model, dequantize=settings["dequantize"]) as (model, tokenizer):
         sync()
         load_seconds = time.perf_counter() - started
-        seconds = []
+        seconds, digests = [], []
         for _ in range(1 + runs):
             started = time.perf_counter()
             answers = generate_shard(model, tokenizer, setup.test_prompts, config.generation)
             sync()
             seconds.append(time.perf_counter() - started)
+            texts = [answers[i].text for i in range(len(setup.test_prompts))]
+            digests.append(hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16])
             print(
                 f"  {variant}: {len(answers)} x {config.generation.max_new_tokens} in "
                 f"{seconds[-1]:.2f} s"
@@ -425,7 +468,22 @@ def eval_in_process(setup: Setup, variant: str, runs: int) -> dict:
         "runs_seconds": [round(s, 2) for s in seconds],
         "new_tokens": len(setup.test_prompts) * config.generation.max_new_tokens,
         "peak_gib": peak_gib(),
+        # the answers of each generation (variants with the same digest answered alike)
+        "answers_sha256": digests,
+        "decode_log": replays.lines[:2],
     }
+
+
+class DecodeLog(logging.Handler):
+    """generate_shard's line on decode steps replayed as CUDA graphs."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        if "decode steps" in record.getMessage():
+            self.lines.append(record.getMessage())
 
 
 def reference_eval_in_process(setup: Setup) -> dict:
@@ -468,8 +526,15 @@ def section_eval(args, variants: list[str]) -> dict:
         print(f"eval.{name}:")
         result["variants"][name] = child(args, "--eval-child", name)
     measured = {k: v for k, v in result["variants"].items() if "first_seconds" in v}
-    if measured:
-        best = min(measured, key=lambda k: measured[k]["first_seconds"])
+    digests = {k: v["answers_sha256"] for k, v in measured.items()}
+    if "dequantized-static" in digests and "dequantized-static-eager" in digests:
+        result["cuda_graphs_answers_alike"] = (
+            set(digests["dequantized-static"]) == set(digests["dequantized-static-eager"])
+            and len(set(digests["dequantized-static"])) == 1
+        )
+    if measured:  # the preset as shipped where measured, else the fastest
+        best = "dequantized-static" if "dequantized-static" in measured else None
+        best = best or min(measured, key=lambda k: measured[k]["first_seconds"])
         result["project"] = {"variant": best} | measured[best]
         four_bit = {k: v for k, v in measured.items() if k.startswith("4bit")}
         if four_bit:

@@ -13,6 +13,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from finance_qlora.config import GenerationSettings
+from finance_qlora.decode_graphs import decode_graphs
 from finance_qlora.errors import FinanceQLoRAError
 from finance_qlora.modeling import release_memory, stop_token_ids
 
@@ -143,49 +144,68 @@ def generate_shard(
         # whole evaluation here, so never
         "disable_compile": True,
     }
-    while pending:
-        batch = pending.popleft()
-        encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True)
-        encoded = {k: v.to(device) for k, v in encoded.items()}
-        if generation.do_sample:  # by the batch's first prompt: the same in any process
-            torch.manual_seed(generation.seed + batch[0])
-        blockers = LogitsProcessorList()
-        if generation.block_repeat_ngram:
-            blockers.append(
-                GeneratedNgramBlocker(generation.block_repeat_ngram, encoded["input_ids"].shape[1])
-            )
-        try:
-            with reproducible(generation.deterministic, device):
-                output = model.generate(**encoded, **settings, logits_processor=blockers)
-        except torch.OutOfMemoryError:
-            # Halve the batches and try the same rows again. Greedy answers can change with the
-            # batch's composition (padding changes the kernels' shapes and so the rounding; in
-            # fp16/bf16 a near-tie between two tokens can flip), so a run that backed off is
-            # not bit-identical to one that did not.
-            release_memory()
-            if size == 1:
+    # only where the eager step is reproducible can a recording be checked against it
+    graphs_on = (
+        generation.cuda_graphs
+        and generation.deterministic
+        and generation.cache == "static"
+        and device.type == "cuda"
+    )
+    with decode_graphs(model, graphs_on) as graphs:
+        while pending:
+            batch = pending.popleft()
+            encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True)
+            encoded = {k: v.to(device) for k, v in encoded.items()}
+            if generation.do_sample:  # by the batch's first prompt: the same in any process
+                torch.manual_seed(generation.seed + batch[0])
+            blockers = LogitsProcessorList()
+            if generation.block_repeat_ngram:
+                blockers.append(
+                    GeneratedNgramBlocker(
+                        generation.block_repeat_ngram, encoded["input_ids"].shape[1]
+                    )
+                )
+            try:
+                with reproducible(generation.deterministic, device):
+                    output = model.generate(**encoded, **settings, logits_processor=blockers)
+            except torch.OutOfMemoryError:
+                # Halve the batches and try the same rows again. Greedy answers can change with the
+                # batch's composition (padding changes the kernels' shapes and so the rounding; in
+                # fp16/bf16 a near-tie between two tokens can flip), so a run that backed off is
+                # not bit-identical to one that did not.
+                if graphs is not None:
+                    graphs.drop()
+                release_memory()
+                if size == 1:
+                    raise FinanceQLoRAError(
+                        "generation.batch_size: out of GPU memory even at 1 prompt; lower "
+                        "generation.max_new_tokens or data sizes, or use a larger GPU"
+                    ) from None
+                size //= 2  # the configured size halved, not this (maybe short) batch's
+                rest = [i for b in (batch, *pending) for i in b]
+                pending = deque(shard_batches(rest, size))
+                log.warning("out of GPU memory: generating %d prompts at a time", size)
+                continue
+            except RuntimeError as exc:  # after the subclass OutOfMemoryError
+                if not generation.deterministic or "deterministic" not in str(exc):
+                    raise
+                # torch refuses an op without a deterministic kernel on this GPU and torch version
                 raise FinanceQLoRAError(
-                    "generation.batch_size: out of GPU memory even at 1 prompt; lower "
-                    "generation.max_new_tokens or data sizes, or use a larger GPU"
+                    "generation.deterministic: this GPU or torch version has no deterministic "
+                    f"kernel for an op of generation ({str(exc).splitlines()[0][:160]}); set "
+                    "generation.deterministic=false (answers may then differ run to run)"
                 ) from None
-            size //= 2  # the configured size halved, not this (maybe short) batch's
-            rest = [i for b in (batch, *pending) for i in b]
-            pending = deque(shard_batches(rest, size))
-            log.warning("out of GPU memory: generating %d prompts at a time", size)
-            continue
-        except RuntimeError as exc:  # after the subclass OutOfMemoryError
-            if not generation.deterministic or "deterministic" not in str(exc):
-                raise
-            # torch refuses an op without a deterministic kernel on this GPU and torch version
-            raise FinanceQLoRAError(
-                "generation.deterministic: this GPU or torch version has no deterministic "
-                f"kernel for an op of generation ({str(exc).splitlines()[0][:160]}); set "
-                "generation.deterministic=false (answers may then differ run to run)"
-            ) from None
-        new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
-        for i, ids in zip(batch, new_tokens, strict=True):
-            ids = _until_stop(ids, set(stop))
-            answers[i] = Generated(tokenizer.decode(ids, skip_special_tokens=True), len(ids))
-        if on_progress is not None:
-            on_progress(len(answers), total)
+            new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
+            for i, ids in zip(batch, new_tokens, strict=True):
+                ids = _until_stop(ids, set(stop))
+                answers[i] = Generated(tokenizer.decode(ids, skip_special_tokens=True), len(ids))
+            if on_progress is not None:
+                on_progress(len(answers), total)
+    if graphs is not None:
+        log.info(
+            "generation: %d decode steps replayed as CUDA graphs (%d recorded)%s",
+            graphs.replays,
+            graphs.captures,
+            f"; then eager: {graphs.eager_reason}" if graphs.eager_reason else "",
+        )
     return answers

@@ -1,0 +1,113 @@
+"""Do decode steps replayed as CUDA graphs give the eager answers on real weights?
+
+    python experiments/decode_graphs_smollm2.py --data ../shared/data/finance_alpaca_sample.jsonl
+
+SmolLM2-135M-Instruct (the smollm2-135m preset's model: 4-bit NF4 from the shipped weights,
+dequantized for generation) answers the 300 test prompts of the seed-0 split with a static cache
+in one batch of 300 (as llama2-7b-h100 generates), greedy, 128 new tokens, under
+generation.deterministic: decode steps as CUDA graphs (finance_qlora.decode_graphs) and eagerly,
+each twice in this process (the first and a warm generation), for the pretrained model and for
+the same model with a LoRA adapter of random weights on q_proj and v_proj (the fine-tuned
+evaluation's path through PEFT). Counts answers alike and times each; one JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks.gpu_throughput import DecodeLog  # noqa: E402
+from finance_qlora.config import DataConfig, resolve_config  # noqa: E402
+from finance_qlora.data import resolve_version, write_splits  # noqa: E402
+from finance_qlora.files import read_jsonl  # noqa: E402
+from finance_qlora.generation import generate_shard  # noqa: E402
+from finance_qlora.modeling import loaded  # noqa: E402
+from finance_qlora.prompts import write_prompts  # noqa: E402
+
+
+def timed(model, tokenizer, prompts, generation) -> tuple[list[str], float]:
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    answers = generate_shard(model, tokenizer, prompts, generation)
+    torch.cuda.synchronize()
+    return [answers[i].text for i in range(len(prompts))], round(time.perf_counter() - started, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/decode-graphs"))
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
+    args = parser.parse_args()
+    rows = DataConfig(dataset=str(args.data.resolve()), train_size=1000, test_size=300, seed=0)
+    splits = write_splits(resolve_version(rows.dataset), rows, args.work / "splits")
+    prompts = [
+        p["prompt"] for p in read_jsonl(write_prompts(splits, args.work / "prompts").test_path)
+    ]
+    config = resolve_config("smollm2-135m", {"generation": {"cache": "static", "batch_size": 300}})
+    eager = config.generation.model_copy(update={"cuda_graphs": False})
+    handler = DecodeLog()
+    logging.getLogger("finance_qlora.generation").addHandler(handler)
+    logging.getLogger("finance_qlora.generation").setLevel(logging.INFO)
+    result: dict = {
+        "machine": torch.cuda.get_device_name(),
+        "date": datetime.now(UTC).date().isoformat(),
+        "torch": torch.__version__,
+        "command": " ".join(["python", "experiments/decode_graphs_smollm2.py", *sys.argv[1:]]),
+        "generation": config.generation.model_dump(mode="json"),
+        "prompts": len(prompts),
+        "models": {},
+    }
+    with loaded(config.model, dequantize=config.generation.dequantize) as (model, tokenizer):
+        for name in ("pretrained", "random-lora"):
+            if name == "random-lora":
+                from peft import LoraConfig, get_peft_model
+
+                torch.manual_seed(0)
+                lora = LoraConfig(
+                    r=16, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"
+                )
+                model = get_peft_model(model, lora).eval()
+            runs = {}
+            for mode, settings in (("graphs", config.generation), ("eager", eager)):
+                handler.lines.clear()
+                first, first_s = timed(model, tokenizer, prompts, settings)
+                warm, warm_s = timed(model, tokenizer, prompts, settings)
+                runs[mode] = {
+                    "answers": first,
+                    "first_seconds": first_s,
+                    "warm_seconds": warm_s,
+                    "repeat_alike": sum(a == b for a, b in zip(first, warm, strict=True)),
+                    "log": list(handler.lines),
+                }
+            alike = sum(
+                a == b
+                for a, b in zip(runs["graphs"]["answers"], runs["eager"]["answers"], strict=True)
+            )
+            result["models"][name] = {
+                "graphs_vs_eager_alike": alike,
+                **{m: {k: v for k, v in r.items() if k != "answers"} for m, r in runs.items()},
+                "warm_speedup": round(
+                    runs["eager"]["warm_seconds"] / runs["graphs"]["warm_seconds"], 2
+                ),
+            }
+            print(json.dumps({name: result["models"][name]}), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    gpu = result["machine"].replace(" ", "-")
+    out = args.out / f"decode-graphs-smollm2-{gpu}-{result['date']}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
