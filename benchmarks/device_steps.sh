@@ -79,7 +79,7 @@ print(torch.__version__, triton.__version__, prefect.__version__, torch.cuda.dev
     CUDA_VISIBLE_DEVICES=0 python3 experiments/generation_repeat.py --store /tmp/ans/store \
       2>&1 | tail -1 | tee "$OUT/generation-repeat.json" ;;
   graphs7b) # the first and warm 300 x 128 generations (7B architecture, fresh processes):
-    # decode steps as CUDA graphs, eager, and graphs without deterministic algorithms
+    # decode steps as CUDA graphs, eager, and eager without deterministic algorithms
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
       --out "$OUT" --sections eval --runs 2 --eval-variants \
       dequantized-static,dequantized-static-eager,dequantized-static-nondeterministic ;;

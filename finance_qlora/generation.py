@@ -104,6 +104,18 @@ def reproducible(enabled: bool, device: torch.device) -> Iterator[None]:
         torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
+def graphs_wanted(generation: GenerationSettings, device: torch.device) -> bool:
+    """Decode steps as CUDA graphs: with a static cache on a GPU, and only where the eager
+    step is reproducible (`generation.deterministic`), so that a recording can be checked
+    against it."""
+    return (
+        generation.cuda_graphs
+        and generation.deterministic
+        and generation.cache == "static"
+        and device.type == "cuda"
+    )
+
+
 @torch.inference_mode()
 def generate_shard(
     model,
@@ -144,14 +156,7 @@ def generate_shard(
         # whole evaluation here, so never
         "disable_compile": True,
     }
-    # only where the eager step is reproducible can a recording be checked against it
-    graphs_on = (
-        generation.cuda_graphs
-        and generation.deterministic
-        and generation.cache == "static"
-        and device.type == "cuda"
-    )
-    with decode_graphs(model, graphs_on) as graphs:
+    with decode_graphs(model, graphs_wanted(generation, device)) as graphs:
         while pending:
             batch = pending.popleft()
             encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True)
@@ -173,8 +178,6 @@ def generate_shard(
                 # batch's composition (padding changes the kernels' shapes and so the rounding; in
                 # fp16/bf16 a near-tie between two tokens can flip), so a run that backed off is
                 # not bit-identical to one that did not.
-                if graphs is not None:
-                    graphs.drop()
                 release_memory()
                 if size == 1:
                     raise FinanceQLoRAError(
@@ -195,6 +198,9 @@ def generate_shard(
                     f"kernel for an op of generation ({str(exc).splitlines()[0][:160]}); set "
                     "generation.deterministic=false (answers may then differ run to run)"
                 ) from None
+            finally:
+                if graphs is not None:
+                    graphs.drop()  # the batch's graph and, with it, its key/value cache
             new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
             for i, ids in zip(batch, new_tokens, strict=True):
                 ids = _until_stop(ids, set(stop))
