@@ -255,9 +255,9 @@ class GenerationSettings(_Section):
     # The key/value cache: "dynamic" grows by concatenation (each new token copies the whole
     # cache); "static" is allocated once for prompt + max_new_tokens and written in place.
     cache: Literal["dynamic", "static"] = "dynamic"
-    # With the static cache on a GPU, replay each decode step as a CUDA graph: the same kernels
-    # with one launch, so the same answers (checked where each graph is recorded), without the
-    # host issuing every kernel of every token (finance_qlora/decode_graphs.py).
+    # With the static cache and `deterministic` on a GPU, replay each decode step as a CUDA
+    # graph: the same kernels with one launch, so the same answers (checked where each graph is
+    # recorded), without the host issuing every kernel of every token (decode_graphs.py).
     cuda_graphs: bool = True
     # Sampling instead of greedy decoding (the answer flow; the evaluation and the gate are
     # meant greedy). Each batch is seeded from `seed` and its first prompt, so one process or

@@ -161,23 +161,13 @@ def generate_shard(
             batch = pending.popleft()
             encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True)
             encoded = {k: v.to(device) for k, v in encoded.items()}
-            if generation.do_sample:  # by the batch's first prompt: the same in any process
-                torch.manual_seed(generation.seed + batch[0])
-            blockers = LogitsProcessorList()
-            if generation.block_repeat_ngram:
-                blockers.append(
-                    GeneratedNgramBlocker(
-                        generation.block_repeat_ngram, encoded["input_ids"].shape[1]
-                    )
-                )
             try:
-                with reproducible(generation.deterministic, device):
-                    output = model.generate(**encoded, **settings, logits_processor=blockers)
+                output = generate_batch(model, encoded, settings, generation, batch[0])
             except torch.OutOfMemoryError:
-                # Halve the batches and try the same rows again. Greedy answers can change with the
-                # batch's composition (padding changes the kernels' shapes and so the rounding; in
-                # fp16/bf16 a near-tie between two tokens can flip), so a run that backed off is
-                # not bit-identical to one that did not.
+                # Halve the batches and try the same rows again. Greedy answers can change with
+                # the batch's composition (padding changes the kernels' shapes and so the
+                # rounding; in fp16/bf16 a near-tie between two tokens can flip), so a run that
+                # backed off is not bit-identical to one that did not.
                 release_memory()
                 if size == 1:
                     raise FinanceQLoRAError(
@@ -189,15 +179,6 @@ def generate_shard(
                 pending = deque(shard_batches(rest, size))
                 log.warning("out of GPU memory: generating %d prompts at a time", size)
                 continue
-            except RuntimeError as exc:  # after the subclass OutOfMemoryError
-                if not generation.deterministic or "deterministic" not in str(exc):
-                    raise
-                # torch refuses an op without a deterministic kernel on this GPU and torch version
-                raise FinanceQLoRAError(
-                    "generation.deterministic: this GPU or torch version has no deterministic "
-                    f"kernel for an op of generation ({str(exc).splitlines()[0][:160]}); set "
-                    "generation.deterministic=false (answers may then differ run to run)"
-                ) from None
             finally:
                 if graphs is not None:
                     graphs.drop()  # the batch's graph and, with it, its key/value cache
@@ -215,3 +196,29 @@ def generate_shard(
             f"; then eager: {graphs.eager_reason}" if graphs.eager_reason else "",
         )
     return answers
+
+
+def generate_batch(
+    model, encoded: dict, settings: dict, generation: GenerationSettings, first: int
+):
+    """One batch's `generate`, under the setting's determinism; sampling seeded by the batch's
+    first prompt (`first`), so one process or several give the same answers."""
+    if generation.do_sample:
+        torch.manual_seed(generation.seed + first)
+    blockers = LogitsProcessorList()
+    if generation.block_repeat_ngram:
+        prompt_length = encoded["input_ids"].shape[1]
+        blockers.append(GeneratedNgramBlocker(generation.block_repeat_ngram, prompt_length))
+    device = encoded["input_ids"].device
+    try:
+        with reproducible(generation.deterministic, device):
+            return model.generate(**encoded, **settings, logits_processor=blockers)
+    except RuntimeError as exc:  # out of memory (a subclass) goes on to the caller's back-off
+        if not generation.deterministic or "deterministic" not in str(exc):
+            raise
+        # torch refuses an op without a deterministic kernel on this GPU and torch version
+        raise FinanceQLoRAError(
+            "generation.deterministic: this GPU or torch version has no deterministic "
+            f"kernel for an op of generation ({str(exc).splitlines()[0][:160]}); set "
+            "generation.deterministic=false (answers may then differ run to run)"
+        ) from None
