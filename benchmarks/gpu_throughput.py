@@ -401,15 +401,15 @@ def section_train(setup: Setup, variants: list[str], runs: int) -> dict:
     ref["cold_useful_tok_s"] = cold["useful_tok_s"]
     result["reference"] = ref
     result["variants"] = {}
-    watch = OutOfMemoryWatch()
+    watch = out_of_memory_watch()
     logging.getLogger("finance_qlora").addHandler(watch)
     for name in variants:
         print(f"train.{name}:")
         config = setup.config(train=TRAIN_VARIANTS[name])
-        watch.events.clear()
+        watch.lines.clear()
         try:
             result["variants"][name] = timed_train(setup, name, config, None, runs)
-            result["variants"][name]["oom_backoffs"] = list(watch.events)
+            result["variants"][name]["oom_backoffs"] = list(watch.lines)
         except Exception as exc:  # a variant that fails is reported, the rest still run
             result["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
             print(f"  failed: {result['variants'][name]['error']}")
@@ -439,7 +439,7 @@ def eval_in_process(setup: Setup, variant: str, runs: int) -> dict:
     """One generation setting in this (fresh) process: load, first 300 x 128, warm runs."""
     settings = EVAL_VARIANTS[variant]
     config = setup.config(generation={k: v for k, v in settings.items() if k != "dequantize"})
-    replays = DecodeLog()
+    replays = decode_log()
     logging.getLogger("finance_qlora.generation").addHandler(replays)
     logging.getLogger("finance_qlora.generation").setLevel(logging.INFO)
     release()
@@ -474,16 +474,26 @@ def eval_in_process(setup: Setup, variant: str, runs: int) -> dict:
     }
 
 
-class DecodeLog(logging.Handler):
-    """generate_shard's line on decode steps replayed as CUDA graphs."""
+class LogLines(logging.Handler):
+    """The project's log messages that contain `needle`, from `level` up."""
 
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
+    def __init__(self, needle: str, level: int):
+        super().__init__(level)
+        self.needle, self.lines = needle, []
 
     def emit(self, record):
-        if "decode steps" in record.getMessage():
+        if self.needle in record.getMessage():
             self.lines.append(record.getMessage())
+
+
+def out_of_memory_watch() -> LogLines:
+    """The out-of-memory back-offs: a profile that needed one did not fit."""
+    return LogLines("out of GPU memory", logging.WARNING)
+
+
+def decode_log() -> LogLines:
+    """generate_shard's line on decode steps replayed as CUDA graphs."""
+    return LogLines("decode steps", logging.INFO)
 
 
 def reference_eval_in_process(setup: Setup) -> dict:
@@ -608,21 +618,9 @@ def section_flow(args, setup: Setup, runs: int, evaluated: dict | None) -> dict:
     }
 
 
-class OutOfMemoryWatch(logging.Handler):
-    """Counts the project's out-of-memory back-offs: a profile that needed one did not fit."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.events: list[str] = []
-
-    def emit(self, record):
-        if "out of GPU memory" in record.getMessage():
-            self.events.append(record.getMessage())
-
-
 def section_t4(setup: Setup) -> dict:
     """A 16 GB T4 stood in for by a 15 GiB cap, fp16, FlashAttention off, 4-bit."""
-    watch = OutOfMemoryWatch()
+    watch = out_of_memory_watch()
     logging.getLogger("finance_qlora").addHandler(watch)
     if torch.cuda.is_available():
         release()
@@ -653,10 +651,10 @@ def section_t4(setup: Setup) -> dict:
                 "peak_gib": peak_gib(),
             }
             del model, tokenizer
-        profile["fits"] = not watch.events
+        profile["fits"] = not watch.lines
     except (torch.OutOfMemoryError, RuntimeError) as exc:  # loading wraps OOM in RuntimeError
         profile["fits"], profile["error"] = False, str(exc).splitlines()[0][:300]
-    profile["oom_backoffs"] = list(watch.events)
+    profile["oom_backoffs"] = list(watch.lines)
     return profile
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.gpu_throughput import DecodeLog  # noqa: E402
+from benchmarks.gpu_throughput import decode_log  # noqa: E402
 from finance_qlora.config import DataConfig, resolve_config  # noqa: E402
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl  # noqa: E402
@@ -56,7 +56,7 @@ def main() -> None:
     ]
     config = resolve_config("smollm2-135m", {"generation": {"cache": "static", "batch_size": 300}})
     eager = config.generation.model_copy(update={"cuda_graphs": False})
-    handler = DecodeLog()
+    handler = decode_log()
     logging.getLogger("finance_qlora.generation").addHandler(handler)
     logging.getLogger("finance_qlora.generation").setLevel(logging.INFO)
     result: dict = {

@@ -92,6 +92,16 @@ def generate_cut(model, tokenizer, prompts: list[str], max_new_tokens: int, batc
     return [cut_answer(g.text) for g in raw]
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny-cpu preset's 4-bit model (eval mode) and tokenizer, once a test module."""
+    from finance_qlora.config import resolve_config
+    from finance_qlora.modeling import load_model, load_tokenizer
+
+    config = resolve_config("tiny-cpu")
+    return load_model(config.model).eval(), load_tokenizer(config.model)
+
+
 def tiny_llama(kv_heads: int = 4):
     """A 2-layer Llama with random weights (seed 0), built in code: for tests of one layer's
     arithmetic, without a tokenizer or the 4-bit path."""

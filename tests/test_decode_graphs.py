@@ -15,10 +15,9 @@ import pytest
 import torch
 
 from finance_qlora import generation as generation_module
-from finance_qlora.config import GenerationSettings, resolve_config
+from finance_qlora.config import GenerationSettings
 from finance_qlora.decode_graphs import decode_graphs
 from finance_qlora.generation import generate_shard, graphs_wanted
-from finance_qlora.modeling import load_model, load_tokenizer
 from finance_qlora.prompts import to_prompt_completion
 from tests.conftest import make_rows
 
@@ -84,12 +83,6 @@ class OutOfMemoryOnce(EagerReplay):
             OutOfMemoryOnce.raised = True
             raise self.error
         return step()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    config = resolve_config("tiny-cpu")
-    return load_model(config.model).eval(), load_tokenizer(config.model)
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,10 @@ import os
 import pytest
 import torch
 
-from finance_qlora.config import GenerationSettings, resolve_config
+from finance_qlora.config import GenerationSettings
 from finance_qlora.generation import GeneratedNgramBlocker, generate_shard
-from finance_qlora.modeling import load_model, load_tokenizer
 from finance_qlora.prompts import to_prompt_completion
 from tests.conftest import generate, make_rows
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    config = resolve_config("tiny-cpu")
-    return load_model(config.model).eval(), load_tokenizer(config.model)
 
 
 @pytest.fixture(scope="module")
