@@ -143,3 +143,45 @@ def not_pluggable(model_name: str, class_name: str) -> ConfigError:
         f"train.padding_free: {model_name} ({class_name}) cannot keep packed rows apart (its "
         "attention is not transformers' pluggable kind); set train.padding_free=false"
     )
+
+
+def round_packed_length(batch: dict, multiple: int, pad_token_id: int, longest: int) -> dict:
+    """A padding-free batch lengthened to the next multiple of `multiple` tokens (at least one
+    more) by one filler row: pad tokens, labels masked, positions from 0, attending only to
+    itself, so the real rows compute exactly what they did. Batches then come in few lengths,
+    each with one shape: the attention's longest-row bound becomes `longest` (every row is at
+    most train.max_seq_length long), so compiled layers replay one CUDA graph per length."""
+    ids = batch["input_ids"]
+    tokens = ids.shape[1]
+    filler = (tokens // multiple + 1) * multiple - tokens  # 1..multiple
+    if filler > longest:
+        raise ValueError(f"a filler row of {filler} tokens is longer than the bound {longest}")
+    rows = batch["cu_seq_lens_q"].numel() - 1
+    fills = {
+        "input_ids": torch.full((1, filler), pad_token_id, dtype=ids.dtype),
+        "labels": torch.full((1, filler), -100, dtype=batch["labels"].dtype),
+        "position_ids": torch.arange(filler, dtype=batch["position_ids"].dtype)[None],
+        "seq_idx": torch.full((1, filler), rows, dtype=torch.int32),
+    }
+    out = dict(batch)
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == tokens:
+            fill = fills.get(key, torch.zeros((1, filler), dtype=value.dtype))
+            out[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
+    bounds = batch["cu_seq_lens_q"]
+    bounds = torch.cat([bounds, bounds.new_tensor([tokens + filler])])
+    out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = bounds
+    out["max_length_q"] = out["max_length_k"] = longest
+    return out
+
+
+class RoundedPacking:
+    """A padding-free collator whose batches `round_packed_length` lengthens."""
+
+    def __init__(self, collate, multiple: int, pad_token_id: int, longest: int):
+        self.collate, self.multiple = collate, multiple
+        self.pad_token_id, self.longest = pad_token_id, longest
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collate(examples)
+        return round_packed_length(batch, self.multiple, self.pad_token_id, self.longest)
