@@ -92,17 +92,6 @@ print(torch.__version__, triton.__version__, prefect.__version__, torch.cuda.dev
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
       --out "$OUT" --sections train --runs 2 --reference-rows 16 --variants \
       llama2-7b-h100,llama2-7b-h100-compiled-noliger,llama2-7b-h100-compiled-noliger-cppwrapper ;;
-  train-graphs) # training: compiled layers replaying CUDA graphs (train.cuda_graphs) beside
-    # the compiled layers and the preset as shipped
-    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
-      --out "$OUT" --sections train --runs 2 --reference-rows 16 --variants ${GRAPHS_VARIANTS:-\
-llama2-7b-h100,llama2-7b-h100-compiled-noliger,llama2-7b-h100-graphs256,llama2-7b-h100-graphs512} ;;
-  graphs-smoke) # train.cuda_graphs on a 2-layer model of the 7B architecture (minutes less)
-    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
-      --out /tmp/smoke --sections train --runs 1 --arch tiny --reference-rows 8 \
-      --variants llama2-7b-h100-graphs256 2>&1 | tail -8
-    python3 -c "import json; v=json.load(open('/tmp/smoke/train-partial.json'))['variants'];
-print(json.dumps({k: (x.get('error') or [x['useful_tok_s'], x['cudagraph_counters']]) for k, x in v.items()}))" ;;
   multi-train) # data-parallel training on 1 and 2 GPUs at the recipe's schedule; e.g.
     # MULTI_SET="train.compile=true train.fused_kernels=false" for compiled layers
     python3 benchmarks/multi_gpu.py --data $DATA --work /tmp/bench --out "$OUT" --arch llama2-7b \

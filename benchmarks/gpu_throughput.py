@@ -114,13 +114,6 @@ TRAIN_VARIANTS |= {
 TRAIN_VARIANTS["llama2-7b-h100-compiled-noliger-cppwrapper"] = TRAIN_VARIANTS[
     "llama2-7b-h100-compiled-noliger"
 ]
-# compiled layers replaying CUDA graphs (train.cuda_graphs), one set per packed length: a
-# step's packed rows rounded up to a multiple of 256 or 512 tokens by one filler row
-TRAIN_VARIANTS |= {
-    f"llama2-7b-h100-graphs{multiple}": TRAIN_VARIANTS["llama2-7b-h100-compiled-noliger"]
-    | {"cuda_graphs": True, "pad_to_multiple_of": multiple}
-    for multiple in (256, 512)
-}
 # the same settings with the libraries' own waits for the GPU (finance_qlora.sync_free off)
 TRAIN_VARIANTS |= {
     f"{name}-waits": TRAIN_VARIANTS[name]
@@ -350,7 +343,6 @@ def timed_train(setup: Setup, name: str, config, rows: int | None, runs: int) ->
         "runs": timed,
         "host_waits": waits,
         "graph_breaks": graph_breaks(),
-        "cudagraph_counters": cudagraph_counters(),
     }
 
 
@@ -359,14 +351,6 @@ def graph_breaks() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
     return dict(counters["graph_break"])
-
-
-def cudagraph_counters() -> dict[str, int]:
-    """Inductor's CUDA-graph counters in this process so far (skips: graphs it would not
-    record; recorded_non_static_inputs grows with each recording)."""
-    from torch._dynamo.utils import counters
-
-    return {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
 
 
 def section_loads(setup: Setup) -> dict:

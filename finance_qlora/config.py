@@ -139,8 +139,7 @@ class TrainSettings(_Section):
     # ignored); None: micro-batches of batch_size rows.
     # (at most 2^20: 64x the 80 GB preset's 16,384, more than any card holds at 7B)
     max_tokens_per_batch: Optional[int] = Field(None, gt=0, le=2**20)
-    # Pad every batch to a multiple of this length (the reference notebook padded to 512);
-    # padding-free, one filler row rounds the packed sequence up (packing.round_packed_length).
+    # Pad every batch to a multiple of this length (the reference notebook padded to 512).
     pad_to_multiple_of: Optional[int] = Field(None, gt=0)
     # Train on base weights dequantized once from NF4 (the same values the 4-bit kernels
     # compute with, at bf16 speed): "auto" where the GPU has room for them.
@@ -157,11 +156,6 @@ class TrainSettings(_Section):
     # thousand steps, so no preset turns it on. Excludes fused_kernels (Liger's kernels do not
     # compile).
     compile: bool = False
-    # The compiled layers replay CUDA graphs (torch.compile's "reduce-overhead"), one per packed
-    # length: at 16 rows a step the host, launching kernels, is slower than the GPU. Needs
-    # compile, padding_free and pad_to_multiple_of (few lengths: each new one records graphs).
-    # Dropout draws other masks inside a graph, as with another seed.
-    cuda_graphs: bool = False
     logging_steps: int = Field(10, gt=0)
     # A retried or re-run training resumes from the newest checkpoint; 0 turns them off.
     checkpoint_steps: int = Field(50, ge=0)
@@ -176,26 +170,6 @@ class TrainSettings(_Section):
                 "compile_with_liger",
                 "compile and fused_kernels exclude each other (Liger's kernels do not compile); "
                 "set train.fused_kernels=false with train.compile=true",
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _graphs_of_few_lengths(self) -> TrainSettings:
-        missing = [
-            f"train.{name}"
-            for name, value in (
-                ("compile=true", self.compile),
-                ("padding_free=true", self.padding_free),
-                ("pad_to_multiple_of", self.pad_to_multiple_of),
-            )
-            if not value
-        ]
-        if self.cuda_graphs and missing:
-            raise PydanticCustomError(
-                "graphs_need_lengths",
-                "cuda_graphs replays compiled, packed batches of few lengths; set {missing} "
-                "(e.g. pad_to_multiple_of=256) or train.cuda_graphs=false",
-                {"missing": " and ".join(missing)},
             )
         return self
 

@@ -9,18 +9,14 @@ from types import ModuleType
 from finance_qlora.errors import ConfigError
 
 
-def compile_layers(model, cuda_graphs: bool = False) -> int:
+def compile_layers(model) -> int:
     """torch.compile every decoder layer in place (regional compilation: the layers share one
     compiled graph, so the compile costs one layer's). Shapes are dynamic: packed and padded
     batches of every length reuse it. Inductor keeps the compiled kernels on the worker's disk
     (TORCHINDUCTOR_CACHE_DIR), where the next run finds them.
 
     Dropout draws its masks from the eager random stream (inductor's `fallback_random`), so a
-    compiled step computes what the eager one does, up to the rounding of fused arithmetic.
-
-    With `cuda_graphs` the layers replay CUDA graphs (mode "reduce-overhead"), recorded for
-    each batch length the second time it comes (train.pad_to_multiple_of keeps those few);
-    where inductor cannot record one it runs the compiled kernels as without."""
+    compiled step computes what the eager one does, up to the rounding of fused arithmetic."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     blocks = set(getattr(base, "_no_split_modules", None) or [])  # the repeated layer classes
     layers = [m for m in model.modules() if type(m).__name__ in blocks]
@@ -29,18 +25,13 @@ def compile_layers(model, cuda_graphs: bool = False) -> int:
             f"train.compile: {type(base).__name__} names no repeated layer class to compile; "
             "set train.compile=false"
         )
-    import torch._dynamo.config
     import torch._inductor.config
 
     # a process-wide switch (inductor has no per-graph one); eager random numbers for every
     # graph this process compiles
     torch._inductor.config.fallback_random = True
-    # the layers' float settings (LoRA's scaling, dropout's rate) as constants, not as 0-dim
-    # CPU tensors of dynamic shapes: inside CUDA graphs torch 2.11 read those as if on the GPU
-    # (a segmentation fault, H200, 2026-11-29)
-    torch._dynamo.config.specialize_float = True
     for layer in layers:
-        layer.compile(dynamic=True, mode="reduce-overhead" if cuda_graphs else None)
+        layer.compile(dynamic=True)
     return len(layers)
 
 

@@ -26,7 +26,7 @@ from finance_qlora.modeling import (
     maybe_dequantize,
     release_memory,
 )
-from finance_qlora.packing import RoundedPacking, use_varlen_attention
+from finance_qlora.packing import use_varlen_attention
 from finance_qlora.parallel import train_data_parallel
 from finance_qlora.prompts import fit_rows, shortest_row
 from finance_qlora.records import TrainRecord
@@ -96,8 +96,7 @@ def sft_config(train: TrainSettings, dtype: torch.dtype, out_dir: Path):
         # fit_to_length already fits every row; TRL refuses a max_length with padding_free
         max_length=None if train.padding_free else train.max_seq_length,
         padding_free=train.padding_free,
-        # padding-free: TRL's pads would each be a row of its own; packing.RoundedPacking adds
-        # one filler row instead (build_trainer)
+        # padding-free batches have no padding to round up (each pad would be a row of its own)
         pad_to_multiple_of=None if train.padding_free else train.pad_to_multiple_of,
         use_liger_kernel=train.fused_kernels,
         warmup_steps=train.warmup_ratio,  # below 1: a fraction of all steps
@@ -301,17 +300,8 @@ def build_trainer(
     for param in trainer.model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    if train.padding_free and train.pad_to_multiple_of:
-        trainer.data_collator = RoundedPacking(
-            trainer.data_collator,
-            train.pad_to_multiple_of,
-            tokenizer.pad_token_id,
-            train.max_seq_length,
-        )
     if train.compile:
-        layers = compile_layers(trainer.model, train.cuda_graphs)
-        graphs = " replaying CUDA graphs" if train.cuda_graphs else ""
-        log.info("compiled %d decoder layers (torch.compile)%s", layers, graphs)
+        log.info("compiled %d decoder layers (torch.compile)", compile_layers(trainer.model))
     return trainer
 
 

@@ -156,29 +156,3 @@ def test_training_runs_with_the_adapters_inputs_uncast(tmp_path, monkeypatch):
     config = resolve_config("tiny-cpu", {"train": {"epochs": 1}})
     training.train_adapter(prompts, config.model, config.lora, config.train, tmp_path / "out")
     assert len(trainers) == 1
-
-
-def test_cuda_graphs_need_compiled_packed_batches_of_few_lengths():
-    graphs = {"compile": True, "fused_kernels": False, "cuda_graphs": True}
-    with pytest.raises(ConfigError, match="set train.pad_to_multiple_of .*cuda_graphs=false"):
-        resolve_config("llama2-7b-h100", {"train": graphs})
-    with pytest.raises(ConfigError, match="set train.compile=true and train.pad_to_multiple_of"):
-        resolve_config("llama2-7b-h100", {"train": graphs | {"compile": False}})
-    rounded = graphs | {"pad_to_multiple_of": 256}
-    assert resolve_config("llama2-7b-h100", {"train": rounded}).train.cuda_graphs
-
-
-@pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_compiled_layers_replay_cuda_graphs_when_asked(monkeypatch, cuda_graphs):
-    """The layers go to torch.compile in its "reduce-overhead" mode (inductor's CUDA graphs)
-    with train.cuda_graphs, in its default mode without."""
-    modes = []
-    compile = torch.compile
-
-    def spy(*args, **kwargs):
-        modes.append(kwargs.get("mode"))
-        return compile(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "compile", spy)
-    assert compile_layers(tiny_llama(), cuda_graphs) == 2
-    assert modes == ["reduce-overhead" if cuda_graphs else None] * 2

@@ -9,12 +9,7 @@ from finance_qlora.batching import token_budget_batches
 from finance_qlora.config import resolve_config
 from finance_qlora.errors import ConfigError
 from finance_qlora.files import write_jsonl
-from finance_qlora.packing import (
-    ATTENTION,
-    RoundedPacking,
-    round_packed_length,
-    use_varlen_attention,
-)
+from finance_qlora.packing import ATTENTION, use_varlen_attention
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import build_trainer, train_adapter
 from tests.conftest import make_rows, tiny_llama
@@ -59,36 +54,6 @@ def test_rows_do_not_attend_across_their_boundary():
     logits = model(**collate([first, second])).logits[0, 6:]
     logits_changed = model(**collate([changed, second])).logits[0, 6:]
     torch.testing.assert_close(logits, logits_changed)
-
-
-@pytest.mark.parametrize("multiple", [16, 23])  # 46 tokens: rounded to 48, and past 46 to 69
-def test_a_rounded_packed_batch_gives_the_same_loss_and_gradients(multiple):
-    """One filler row (pads, labels masked, attending to itself) lengthens the batch to a
-    multiple; the real rows' loss and gradients stay those of the unrounded batch."""
-    batch = rows([5, 17, 3, 12, 9])
-    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(batch)
-    rounded = round_packed_length(packed, multiple, pad_token_id=0, longest=64)
-    length = rounded["input_ids"].shape[1]
-    assert length % multiple == 0 and 46 < length <= 46 + multiple
-    filler = length - 46
-    assert rounded["input_ids"][0, 46:].tolist() == [0] * filler
-    assert rounded["labels"][0, 46:].tolist() == [-100] * filler
-    assert rounded["position_ids"][0, 46:].tolist() == list(range(filler))
-    assert rounded["seq_idx"][0, 46:].tolist() == [5] * filler  # a sixth row
-    assert rounded["cu_seq_lens_q"].tolist() == [*packed["cu_seq_lens_q"].tolist(), length]
-    assert rounded["max_length_q"] == rounded["max_length_k"] == 64  # one shape a length
-
-    grads = []
-    for inputs in (packed, rounded):
-        model = tiny_llama(2)
-        use_varlen_attention(model, "tiny")
-        loss = model(**inputs).loss
-        loss.backward()
-        grads.append((loss, [p.grad for p in model.parameters()]))
-    (loss, plain), (loss_rounded, lengthened) = grads
-    torch.testing.assert_close(loss_rounded, loss, rtol=1e-5, atol=1e-6)
-    for a, b in zip(lengthened, plain, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_the_packed_attention_refuses_a_batch_without_row_boundaries():
@@ -162,28 +127,3 @@ def test_the_trainer_packs_budget_batches_and_attends_within_rows(tmp_path):
             assert all((b["input_ids"].shape[1]) <= 256 for b in batches)
         sizes[padding_free] = len(batches)
     assert sizes[True] < sizes[False]
-
-
-@pytest.mark.slow
-def test_rounded_packed_training_follows_the_unrounded_loss_curve(tmp_path):
-    """The wiring in build_trainer: padding-free with pad_to_multiple_of gives every batch a
-    length that is a multiple, and the same loss at every step as without it."""
-    prompts = tmp_path / "train.jsonl"
-    write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(12)])
-    curves = {}
-    for multiple in (None, 32):
-        train = {"epochs": 2, "padding_free": True, "learning_rate": 1e-2}
-        overrides = {"train": train | {"pad_to_multiple_of": multiple}, "lora": {"dropout": 0.0}}
-        config = resolve_config("tiny-cpu", overrides)
-        trainer = build_trainer(
-            prompts, config.model, config.lora, config.train, tmp_path / f"b{multiple}"
-        )
-        lengths = [b["input_ids"].shape[1] for b in trainer.get_train_dataloader()]
-        assert isinstance(trainer.data_collator, RoundedPacking) is bool(multiple)
-        assert all(n % 32 == 0 for n in lengths) is bool(multiple)
-        record = train_adapter(
-            prompts, config.model, config.lora, config.train, tmp_path / str(multiple)
-        )
-        curves[multiple] = record.losses
-    assert len(curves[32]) == 6
-    assert curves[32] == pytest.approx(curves[None], rel=1e-5)
