@@ -13,6 +13,9 @@ measured against the same pretrained answers.
 
 `seconds_to_reference_quality`: the train seconds a preset needs to reach the reference
 schedule's fine-tuned ROUGE-L (within 0.005): its one epoch's seconds if it does, else null.
+`rougeL.finetuned_minus_reference` (where the reference runs in the same invocation): the
+preset's fine-tuned ROUGE-L minus the reference's over the same test rows, with a paired 95%
+bootstrap interval: whether the two recipes differ beyond the test rows' spread.
 
 Results: benchmarks/results/recipe-quality-<gpu>-<date>.json.
 
@@ -135,6 +138,31 @@ def row(summary: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def versus_reference(summary: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """The run's fine-tuned ROUGE-L minus the reference schedule's, paired over the same test
+    rows, with a bootstrap interval (the runs' own bootstrap settings): whether two recipes
+    differ beyond the rows' spread. Where both evaluated the same pretrained answers
+    (`pretrained_as_reference`), this is also the difference of their deltas."""
+    import pandas as pd
+
+    from finance_qlora.bootstrap import paired_bootstrap
+
+    ref, run = (
+        pd.read_parquet(Path(s["report"]).parent / "examples.parquet") for s in (reference, summary)
+    )
+    if not ref["prompt"].equals(run["prompt"]):
+        return {"error": "the two runs did not evaluate the same test rows in the same order"}
+    settings = resolve_config("smollm2-135m").bootstrap
+    interval = paired_bootstrap(
+        ref["finetuned_rougeL"].tolist(),
+        run["finetuned_rougeL"].tolist(),
+        settings.resamples,
+        settings.confidence,
+        settings.seed,
+    ).delta
+    return {k: round(v, 4) for k, v in interval.model_dump().items()}
+
+
 def verdict(result: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
     bar = reference["rougeL"]["delta"] - TOLERANCE
     reached = result["rougeL"]["finetuned"] >= reference["rougeL"]["finetuned"] - TOLERANCE
@@ -185,6 +213,10 @@ def main() -> None:
         summaries |= dict(zip(others, done, strict=True))
     failed = {n: s for n, s in summaries.items() if "error" in s}
     results = {n: row(s, plans[n]) for n, s in summaries.items() if n not in failed}
+    if REFERENCE in results:
+        for name in results.keys() - {REFERENCE}:
+            vs = versus_reference(summaries[name], summaries[REFERENCE])
+            results[name]["rougeL"]["finetuned_minus_reference"] = vs
     reference = results.get(REFERENCE)
     if reference is None and args.reference_from:
         reference = json.loads(args.reference_from.read_text())[REFERENCE]
