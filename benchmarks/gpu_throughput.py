@@ -47,17 +47,12 @@ from benchmarks.host_waits import host_waits  # noqa: E402
 from experiments.determinism_probe import dropout_masks_agree  # noqa: E402
 from finance_qlora import sync_free  # noqa: E402
 from finance_qlora.builtin_models import train_bpe_tokenizer  # noqa: E402
-from finance_qlora.config import (  # noqa: E402
-    PRESETS,
-    DataConfig,
-    deep_merge,
-    merge_assignments,
-    resolve_config,
-)
+from finance_qlora.config import DataConfig  # noqa: E402
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl, write_jsonl  # noqa: E402
 from finance_qlora.generation import generate_shard  # noqa: E402
 from finance_qlora.modeling import compute_dtype, loaded  # noqa: E402
+from finance_qlora.presets import PRESETS, deep_merge, merge_assignments, resolve_config  # noqa: E402
 from finance_qlora.prompts import write_prompts  # noqa: E402
 from finance_qlora.quantized import quantized_folder  # noqa: E402
 from finance_qlora.training import train_adapter  # noqa: E402

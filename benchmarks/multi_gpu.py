@@ -41,13 +41,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_throughput import ARCHS, build_model, flow_run_timing  # noqa: E402
 
-from finance_qlora.config import DataConfig, deep_merge, merge_assignments, resolve_config  # noqa: E402
+from finance_qlora.config import DataConfig  # noqa: E402
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl  # noqa: E402
 from finance_qlora.parallel import (  # noqa: E402
     generate_sharded,
     train_data_parallel,
 )
+from finance_qlora.presets import deep_merge, merge_assignments, resolve_config  # noqa: E402
 from finance_qlora.prompts import cut_answer, write_prompts  # noqa: E402
 from finance_qlora.rouge import mean_scores, score_pairs  # noqa: E402
 

@@ -27,11 +27,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks.gpu_throughput import decode_log  # noqa: E402
-from finance_qlora.config import DataConfig, resolve_config  # noqa: E402
+from finance_qlora.config import DataConfig  # noqa: E402
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl  # noqa: E402
 from finance_qlora.generation import generate_shard  # noqa: E402
 from finance_qlora.modeling import loaded  # noqa: E402
+from finance_qlora.presets import resolve_config  # noqa: E402
 from finance_qlora.prompts import write_prompts  # noqa: E402
 
 

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
-from finance_qlora.config import PRESETS, merge_assignments, resolve_config  # noqa: E402
+from finance_qlora.presets import PRESETS, merge_assignments, resolve_config  # noqa: E402
 
 MODEL = "builtin:smollm2-135m"
 REFERENCE = "reference_schedule"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import Dataset, Sampler
 
-from finance_qlora.config import steps_per_epoch
+from finance_qlora.schedule import steps_per_epoch
 
 IGNORE = -100  # the label the loss skips
 

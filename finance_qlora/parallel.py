@@ -35,12 +35,11 @@ from finance_qlora.config import (
     LoraSettings,
     ModelConfig,
     TrainSettings,
-    auto_uses_several_gpus,
-    work_per_step,
 )
 from finance_qlora.errors import ConfigError
 from finance_qlora.files import read_jsonl, write_jsonl
 from finance_qlora.records import TrainRecord
+from finance_qlora.schedule import auto_uses_several_gpus, work_per_step
 
 ERROR_TYPES = {"FinanceQLoRAError", "ConfigError", "DataError", "TrainingError"}
 PROGRESS = "finance-qlora-progress "  # a line a process prints for the parent to parse

@@ -21,15 +21,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from finance_qlora.answering import Gated, adapter_model, decoding_of, resolve_adapter
-from finance_qlora.config import (
-    DeviceSettings,
-    GenerationSettings,
-    ModelConfig,
-    default_store,
-    merge_assignments,
-)
+from finance_qlora.config import DeviceSettings, GenerationSettings, ModelConfig, default_store
 from finance_qlora.errors import ConfigError, FinanceQLoRAError
 from finance_qlora.files import read_jsonl
+from finance_qlora.presets import merge_assignments
 from flows.finetune import StepRunner
 from flows.local_server import quiet_libraries, start_local_api
 from tasks.answer import answer, checked_questions, load_questions

@@ -28,18 +28,11 @@ from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 
 from finance_qlora.cli import outcome, resolve_args
-from finance_qlora.config import (
-    DEFAULT_PRESET,
-    ConfigOverrides,
-    DeviceSettings,
-    FinetuneConfig,
-    PresetName,
-    resolve_config,
-    schedule_line,
-)
+from finance_qlora.config import DEFAULT_PRESET, DeviceSettings, FinetuneConfig, PresetName
 from finance_qlora.errors import FinanceQLoRAError
 from finance_qlora.parallel import gpus_per_step, visible_gpu_count
 from finance_qlora.preflight import preflight
+from finance_qlora.presets import ConfigOverrides, resolve_config
 from finance_qlora.records import (
     AdapterRecord,
     ComparisonRecord,
@@ -49,6 +42,7 @@ from finance_qlora.records import (
     TrainRecord,
 )
 from finance_qlora.registry import Champion, Decision, Protocol, live_champion
+from finance_qlora.schedule import schedule_line
 from flows.local_server import (
     INTERRUPTED,
     STOP_SIGNALS,

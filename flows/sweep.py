@@ -23,14 +23,9 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from finance_qlora.config import (
-    DEFAULT_PRESET,
-    PresetName,
-    deep_merge,
-    merge_assignments,
-    resolve_config,
-)
+from finance_qlora.config import DEFAULT_PRESET, PresetName
 from finance_qlora.errors import ConfigError, FinanceQLoRAError
+from finance_qlora.presets import deep_merge, merge_assignments, resolve_config
 from flows.finetune import finetune
 from tasks.store_access import open_store
 

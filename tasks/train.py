@@ -6,16 +6,10 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from finance_qlora.adapter import normalize_adapter_config
-from finance_qlora.config import (
-    DeviceSettings,
-    LoraSettings,
-    ModelConfig,
-    TrainSettings,
-    micro_batch_words,
-    steps_per_epoch,
-)
+from finance_qlora.config import DeviceSettings, LoraSettings, ModelConfig, TrainSettings
 from finance_qlora.parallel import process_count
 from finance_qlora.records import PromptRecord, TrainRecord
+from finance_qlora.schedule import micro_batch_words, steps_per_epoch
 from finance_qlora.training import train_adapter
 from tasks.identity import StepIdentity, step_key
 from tasks.progress import Progress

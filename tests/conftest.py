@@ -95,8 +95,8 @@ def generate_cut(model, tokenizer, prompts: list[str], max_new_tokens: int, batc
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny-cpu preset's 4-bit model (eval mode) and tokenizer, once a test module."""
-    from finance_qlora.config import resolve_config
     from finance_qlora.modeling import load_model, load_tokenizer
+    from finance_qlora.presets import resolve_config
 
     config = resolve_config("tiny-cpu")
     return load_model(config.model).eval(), load_tokenizer(config.model)

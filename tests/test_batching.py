@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from finance_qlora.batching import token_budget_batches
-from finance_qlora.config import resolve_config
 from finance_qlora.files import write_jsonl
 from finance_qlora.modeling import dequantize_4bit_layers, load_model, load_tokenizer
+from finance_qlora.presets import resolve_config
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import build_trainer, train_adapter
 from tests.conftest import generate_cut, make_rows

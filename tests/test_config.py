@@ -1,14 +1,14 @@
 import pytest
 from pydantic import ValidationError
 
-from finance_qlora.config import (
+from finance_qlora.errors import ConfigError
+from finance_qlora.presets import (
     PRESETS,
     ConfigOverrides,
     merge_assignments,
     parse_assignment,
     resolve_config,
 )
-from finance_qlora.errors import ConfigError
 
 
 def test_default_preset_is_the_reference_recipe():
@@ -124,7 +124,8 @@ def test_a_metric_that_cannot_be_loaded_is_one_config_line(monkeypatch):
 
 def test_an_override_model_is_every_field_optional_with_its_constraints():
     """`_partial` builds the flow's parameter model (at import, so it is called again here)."""
-    from finance_qlora.config import FinetuneConfig, TrainSettings, _partial
+    from finance_qlora.config import FinetuneConfig, TrainSettings
+    from finance_qlora.presets import _partial
 
     train = _partial(TrainSettings)
     assert train.__name__ == "TrainSettingsOverride"

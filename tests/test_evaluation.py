@@ -3,10 +3,10 @@
 import pandas as pd
 import pytest
 
-from finance_qlora.config import resolve_config
 from finance_qlora.evaluation import evaluate_model
 from finance_qlora.files import write_jsonl
 from finance_qlora.modeling import loaded
+from finance_qlora.presets import resolve_config
 from finance_qlora.prompts import cut_answer, to_prompt_completion
 from finance_qlora.report import paired_examples
 from finance_qlora.rouge import METRICS

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finance_qlora.config import resolve_config
 from finance_qlora.files import write_jsonl
+from finance_qlora.presets import resolve_config
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import build_trainer
 from tests.conftest import make_rows

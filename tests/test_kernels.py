@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from finance_qlora.config import resolve_config
 from finance_qlora.errors import ConfigError
 from finance_qlora.files import write_jsonl
 from finance_qlora.kernels import compile_layers, uncast_adapter_inputs
+from finance_qlora.presets import resolve_config
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import build_trainer
 from tests.conftest import make_rows, tiny_llama

@@ -46,10 +46,10 @@ def _tiny_with_generation_eos(tmp_path, eos_token_id) -> str:
 
 @pytest.mark.slow
 def test_eos_the_model_does_not_end_on_is_refused(tmp_path):
-    from finance_qlora.config import resolve_config
     from finance_qlora.errors import ConfigError
     from finance_qlora.files import write_jsonl
     from finance_qlora.modeling import loaded
+    from finance_qlora.presets import resolve_config
     from finance_qlora.prompts import to_prompt_completion
     from finance_qlora.training import build_trainer
     from tests.conftest import make_rows
@@ -68,8 +68,8 @@ def test_eos_the_model_does_not_end_on_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_eos_among_several_generation_eos_ids_is_accepted(tmp_path):
-    from finance_qlora.config import resolve_config
     from finance_qlora.modeling import loaded, stop_token_ids
+    from finance_qlora.presets import resolve_config
 
     name = _tiny_with_generation_eos(tmp_path, [7, 2])
     config = resolve_config("tiny-cpu", {"model": {"name": name}})

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import pytest
 
-from finance_qlora.config import resolve_config
 from finance_qlora.files import read_jsonl
+from finance_qlora.presets import resolve_config
 from finance_qlora.prompts import fit_rows, shortest_row, to_prompt_completion
 from tests.conftest import SHARED_DATA, make_rows
 

@@ -6,10 +6,10 @@ import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from finance_qlora.batching import token_budget_batches
-from finance_qlora.config import resolve_config
 from finance_qlora.errors import ConfigError
 from finance_qlora.files import write_jsonl
 from finance_qlora.packing import ATTENTION, use_varlen_attention
+from finance_qlora.presets import resolve_config
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import build_trainer, train_adapter
 from tests.conftest import make_rows, tiny_llama

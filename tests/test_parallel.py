@@ -18,14 +18,16 @@ from safetensors.torch import load_file
 
 import finance_qlora.parallel as parallel
 import finance_qlora.training as training
-from finance_qlora.config import AUTO_MIN_PROMPTS, DeviceSettings, devices_line, resolve_config
+from finance_qlora.config import AUTO_MIN_PROMPTS, DeviceSettings
 from finance_qlora.errors import ConfigError
 from finance_qlora.evaluation import evaluate_model
 from finance_qlora.files import write_jsonl
 from finance_qlora.generation import shard_batches
 from finance_qlora.modeling import load_model
 from finance_qlora.parallel import RankFailed, choose_gpus, process_count
+from finance_qlora.presets import resolve_config
 from finance_qlora.prompts import to_prompt_completion
+from finance_qlora.schedule import devices_line
 from finance_qlora.training import train_adapter
 from flows.finetune import main
 from tasks.retries import is_transient

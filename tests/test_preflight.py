@@ -7,9 +7,9 @@ import pytest
 from transformers import PretrainedConfig
 
 from finance_qlora import modeling, preflight
-from finance_qlora.config import resolve_config
 from finance_qlora.data import hub_offline
 from finance_qlora.errors import ConfigError
+from finance_qlora.presets import resolve_config
 
 
 def _config(**model):

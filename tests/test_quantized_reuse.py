@@ -10,9 +10,9 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
 from finance_qlora import builtin_models
-from finance_qlora.config import resolve_config
 from finance_qlora.files import write_jsonl
 from finance_qlora.modeling import compute_dtype, load_model, loaded
+from finance_qlora.presets import resolve_config
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.quantized import quantized_folder
 from finance_qlora.training import train_adapter

@@ -2,8 +2,8 @@
 
 import pytest
 
-from finance_qlora.config import resolve_config
 from finance_qlora.files import read_jsonl
+from finance_qlora.presets import resolve_config
 from tests.conftest import SHARED_DATA
 
 pytestmark = pytest.mark.skipif(

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from finance_qlora.config import resolve_config
 from finance_qlora.errors import FinanceQLoRAError, TrainingError
 from finance_qlora.files import atomic_dir, read_jsonl, write_jsonl
 from finance_qlora.modeling import loaded
+from finance_qlora.presets import resolve_config
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import latest_checkpoint, train_adapter
 from tests.conftest import generate_cut, make_rows

@@ -14,9 +14,10 @@ from transformers import TrainerCallback
 from transformers.optimization import get_scheduler
 
 from finance_qlora.batching import Empty, StepSampler
-from finance_qlora.config import PRESETS, optimizer_steps, resolve_config
 from finance_qlora.files import write_jsonl
+from finance_qlora.presets import PRESETS, resolve_config
 from finance_qlora.prompts import to_prompt_completion
+from finance_qlora.schedule import optimizer_steps
 from finance_qlora.step_trainer import micro_batching, warmup_that_updates
 from finance_qlora.training import smaller_micro_batches, train_adapter
 from tests.conftest import make_rows

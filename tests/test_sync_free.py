@@ -8,8 +8,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.overrides import TorchFunctionMode
 
 from finance_qlora import sync_free
-from finance_qlora.config import resolve_config
 from finance_qlora.files import write_jsonl
+from finance_qlora.presets import resolve_config
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import build_trainer
 from tests.conftest import make_rows

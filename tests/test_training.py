@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finance_qlora.config import resolve_config
 from finance_qlora.errors import ConfigError
 from finance_qlora.files import fingerprint, write_jsonl
 from finance_qlora.modeling import load_model
+from finance_qlora.presets import resolve_config
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import train_adapter
 from tests.conftest import make_rows

@@ -1,0 +1,92 @@
+"""What a configuration plans, in numbers and words: the optimizer-step schedule (rows a
+step, steps an epoch, how the card computes a step) and the GPUs that devices.num_gpus "auto"
+gives each step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from finance_qlora.config import (
+    AUTO_MIN_PROMPTS,
+    AUTO_MIN_ROW_EPOCHS,
+    FinetuneConfig,
+    TrainSettings,
+)
+
+
+def steps_per_epoch(rows: int, rows_per_step: int) -> int:
+    return math.ceil(rows / rows_per_step)
+
+
+def optimizer_steps(rows: int, rows_per_step: int, epochs: float) -> int:
+    """What the Trainer runs: ceil(epochs x steps per epoch)."""
+    return math.ceil(epochs * steps_per_epoch(rows, rows_per_step))
+
+
+def micro_batch_words(train: TrainSettings) -> str:
+    """How one step's rows are computed on the card, in words."""
+    if train.max_tokens_per_batch:
+        kind = "real" if train.padding_free else "padded"
+        return f"at most {train.max_tokens_per_batch} {kind} tokens"
+    return f"{train.batch_size} rows"
+
+
+def schedule_line(config: FinetuneConfig) -> str:
+    """The optimizer-step schedule in words (--show-config)."""
+    train, rows = config.train, config.data.train_size
+    return (
+        f"schedule: {train.rows_per_step} rows an optimizer step, "
+        f"{steps_per_epoch(rows, train.rows_per_step)} steps an epoch of {rows} training rows, "
+        f"{optimizer_steps(rows, train.rows_per_step, train.epochs)} steps in "
+        f"{train.epochs:g} epoch(s) at lr {train.learning_rate:g} ({train.lr_scheduler}); "
+        f"computed in micro-batches of {micro_batch_words(train)}"
+    )
+
+
+def auto_uses_several_gpus(work: float | None, auto_from: float = AUTO_MIN_ROW_EPOCHS) -> bool:
+    """devices.num_gpus "auto": several GPUs only from `auto_from` of a step's work."""
+    return work is not None and work >= auto_from
+
+
+class StepWork(NamedTuple):
+    """A step's work, the amount from which devices.num_gpus "auto" spreads it over every GPU,
+    and the unit both are counted in."""
+
+    work: float
+    auto_from: float
+    unit: str
+
+
+def work_per_step(config: FinetuneConfig) -> dict[str, StepWork]:
+    """What "auto" decides each multi-GPU step by: training by rows x epochs, evaluation by the
+    prompts evaluated (the test rows, or a sweep's validation rows)."""
+    return {
+        "training": StepWork(
+            config.data.train_size * config.train.epochs, AUTO_MIN_ROW_EPOCHS, "row-epochs"
+        ),
+        "evaluation": StepWork(config.data.evaluated_rows, AUTO_MIN_PROMPTS, "prompts"),
+    }
+
+
+def devices_line(config: FinetuneConfig) -> str:
+    """What devices.num_gpus asks for, in words (--show-config; the flow logs its choice)."""
+    asked = config.devices.num_gpus
+    if asked is None:
+        return "devices: every GPU the worker sees (devices.num_gpus unset)"
+    if asked != "auto":
+        return f"devices: {asked} GPU(s) (devices.num_gpus)"
+    training, evaluation = work_per_step(config).values()
+
+    def gpus(step: StepWork) -> str:
+        several = auto_uses_several_gpus(step.work, step.auto_from)
+        return "every visible GPU" if several else "one GPU"
+
+    return (
+        f"devices: auto: training on {gpus(training)} for {config.data.train_size} rows x "
+        f"{config.train.epochs:g} epoch(s) = {training.work:g} row-epochs (several from "
+        f"{AUTO_MIN_ROW_EPOCHS}), evaluating on {gpus(evaluation)} for {evaluation.work} "
+        f"prompts (several from {AUTO_MIN_PROMPTS}): more GPUs only where they repay their "
+        "per-process start-up"
+    )
