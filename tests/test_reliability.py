@@ -205,7 +205,7 @@ def test_killed_adapter_save_leaves_no_folder_under_the_final_name(tmp_path):
 import shutil, time
 from pathlib import Path
 import finance_qlora.adapter as adapter
-from finance_qlora.config import resolve_config
+from finance_qlora.presets import resolve_config
 from finance_qlora.records import TrainRecord
 real_copy = shutil.copy2
 def slow_copy(src, dst):
