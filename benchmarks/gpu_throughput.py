@@ -397,7 +397,6 @@ def section_train(setup: Setup, variants: list[str], runs: int) -> dict:
     result["reference"] = ref
     result["variants"] = {}
     watch = out_of_memory_watch()
-    logging.getLogger("finance_qlora").addHandler(watch)
     for name in variants:
         print(f"train.{name}:")
         config = setup.config(train=TRAIN_VARIANTS[name])
@@ -435,8 +434,6 @@ def eval_in_process(setup: Setup, variant: str, runs: int) -> dict:
     settings = EVAL_VARIANTS[variant]
     config = setup.config(generation={k: v for k, v in settings.items() if k != "dequantize"})
     replays = decode_log()
-    logging.getLogger("finance_qlora.generation").addHandler(replays)
-    logging.getLogger("finance_qlora.generation").setLevel(logging.INFO)
     release()
     started = time.perf_counter()
     with loaded(config.model, dequantize=settings["dequantize"]) as (model, tokenizer):
@@ -482,13 +479,20 @@ class LogLines(logging.Handler):
 
 
 def out_of_memory_watch() -> LogLines:
-    """The out-of-memory back-offs: a profile that needed one did not fit."""
-    return LogLines("out of GPU memory", logging.WARNING)
+    """The out-of-memory back-offs, from now on: a profile that needed one did not fit."""
+    watch = LogLines("out of GPU memory", logging.WARNING)
+    logging.getLogger("finance_qlora").addHandler(watch)
+    return watch
 
 
 def decode_log() -> LogLines:
-    """generate_shard's line on decode steps replayed as CUDA graphs."""
-    return LogLines("decode steps", logging.INFO)
+    """generate_shard's line on decode steps replayed as CUDA graphs, from now on (an INFO
+    line: the generation logger lets INFO through from here)."""
+    lines = LogLines("decode steps", logging.INFO)
+    generation = logging.getLogger("finance_qlora.generation")
+    generation.addHandler(lines)
+    generation.setLevel(logging.INFO)
+    return lines
 
 
 def reference_eval_in_process(setup: Setup) -> dict:
@@ -616,7 +620,6 @@ def section_flow(args, setup: Setup, runs: int, evaluated: dict | None) -> dict:
 def section_t4(setup: Setup) -> dict:
     """A 16 GB T4 stood in for by a 15 GiB cap, fp16, FlashAttention off, 4-bit."""
     watch = out_of_memory_watch()
-    logging.getLogger("finance_qlora").addHandler(watch)
     if torch.cuda.is_available():
         release()
         total = torch.cuda.get_device_properties(0).total_memory

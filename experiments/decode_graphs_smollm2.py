@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from datetime import UTC, datetime
@@ -58,8 +57,6 @@ def main() -> None:
     config = resolve_config("smollm2-135m", {"generation": {"cache": "static", "batch_size": 300}})
     eager = config.generation.model_copy(update={"cuda_graphs": False})
     handler = decode_log()
-    logging.getLogger("finance_qlora.generation").addHandler(handler)
-    logging.getLogger("finance_qlora.generation").setLevel(logging.INFO)
     result: dict = {
         "machine": torch.cuda.get_device_name(),
         "date": datetime.now(UTC).date().isoformat(),
