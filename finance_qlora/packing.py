@@ -4,8 +4,8 @@ position ids starting again at 0, and attention that never crosses from one row 
 TRL's `padding_free` collator builds such a batch (with the row boundaries as `cu_seq_lens_q`);
 this module gives the model an attention function that reads those boundaries:
 
-- on CUDA from Ampere on, torch's variable-length FlashAttention
-  (`torch.nn.attention.varlen.varlen_attn`);
+- on CUDA from Ampere on, torch's variable-length FlashAttention (the aten op that
+  `torch.nn.attention.varlen.varlen_attn` wraps, called directly: see `flash_varlen`);
 - elsewhere (the CPU, a T4), or where that is missing, each row padded on the right to the
   longest and run through `scaled_dot_product_attention` with `is_causal=True`. Right padding
   needs no mask: a causal row never looks at the padding after it, so its outputs are exact.
@@ -24,10 +24,12 @@ from finance_qlora.errors import ConfigError
 ATTENTION = "finance_qlora_varlen"
 
 
-try:  # torch's FlashAttention for packed rows (torch 2.10 and newer)
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:
-    varlen_attn = None
+# torch's FlashAttention kernels for packed rows, with their autograd formula (the backward
+# kernel); missing from builds without FlashAttention
+try:
+    _flash_forward = torch.ops.aten._flash_attention_forward
+except AttributeError:
+    _flash_forward = None
 
 # The CUDA devices where it runs, found when the attention is registered: the forward (compiled
 # with train.compile) then reads a set instead of asking the driver.
@@ -37,7 +39,7 @@ _FLASH_DEVICES: set[int] = set()
 def find_flash_devices() -> None:
     """FlashAttention needs Ampere or newer (not the T4) and not to be turned off."""
     _FLASH_DEVICES.clear()
-    if varlen_attn is None or not torch.cuda.is_available():
+    if _flash_forward is None or not torch.cuda.is_available():
         return
     if torch.backends.cuda.flash_sdp_enabled():
         devices = range(torch.cuda.device_count())
@@ -51,6 +53,20 @@ def _flash_capable(q: torch.Tensor) -> bool:
         and q.dtype in (torch.float16, torch.bfloat16)
         and (q.device.index or 0) in _FLASH_DEVICES
     )
+
+
+def flash_varlen(q, k, v, cu_seq_lens: torch.Tensor, longest: int, scaling: float | None):
+    """Causal FlashAttention of each row on its own; q/k/v: (tokens, heads, dim).
+
+    The aten op that `varlen_attn` calls, no dropout, causal (`varlen_attn`'s window (-1, 0)
+    is what FlashAttention makes of is_causal), so the same kernels forward and backward
+    (tests/test_packing_cuda.py compares them); called directly because `varlen_attn` is a
+    custom op with a list argument, which inductor's C++ wrapper cannot compile.
+    """
+    out, *_ = _flash_forward(
+        q, k, v, cu_seq_lens, cu_seq_lens, longest, longest, 0.0, True, False, scale=scaling
+    )
+    return out
 
 
 def padded_rows_attention(q, k, v, cu_seq_lens: torch.Tensor, scaling: float | None):
@@ -104,17 +120,7 @@ def varlen_attention_forward(
     if _flash_capable(q):
         cu = cu_seq_lens.to(q.device, torch.int32)
         longest = int(kwargs.get("max_length_q") or (cu[1:] - cu[:-1]).max())
-        out = varlen_attn(
-            q,
-            k,
-            v,
-            cu,
-            cu,
-            longest,
-            longest,
-            scale=scaling,
-            window_size=(-1, 0),  # causal
-        )
+        out = flash_varlen(q, k, v, cu, longest, scaling)
     else:
         out = padded_rows_attention(q, k, v, cu_seq_lens, scaling)
     return out.unsqueeze(0), None
