@@ -88,11 +88,12 @@ print(torch.__version__, triton.__version__, prefect.__version__, torch.cuda.dev
     CUDA_VISIBLE_DEVICES=0 python3 experiments/decode_graphs_smollm2.py --data $DATA --out "$OUT"
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
       --out "$OUT" --sections flow --flow-runs 2 ;;
-  recipes) # SmolLM2: the reference schedule and the GPU presets at three training seeds
-    # ($RECIPES), the held-out answer loss beside ROUGE; a second call resumes from the store
+  recipes) # SmolLM2: the reference schedule and every preset at three training seeds
+    # ($RECIPES; smollm2-135m has the reference's settings: served from the store's cache), the
+    # held-out answer loss beside ROUGE; a second call resumes from the store
     CUDA_VISIBLE_DEVICES=0 python3 experiments/recipe_quality.py --data $DATA \
       --store /tmp/rq/store --out "$OUT" --seeds 42 43 44 --tag seeds \
-      --only ${RECIPES:-reference_schedule llama2-7b-h100 llama2-7b-t4} ;;
+      --only ${RECIPES:-reference_schedule llama2-7b-h100 llama2-7b-t4 smollm2-135m} ;;
   packing) # the packed rows' FlashAttention against torch's varlen_attn (pytest carried)
     CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -p no:cacheprovider tests/test_packing_cuda.py ;;
   cppwrapper) # training: compiled layers with inductor's Python wrapper and its C++ one
