@@ -1,8 +1,9 @@
 """On a CUDA card with FlashAttention (Ampere or newer): `packing.flash_varlen` gives exactly
 what torch's public `varlen_attn` gives, forward and backward, and never lets one packed row see
-another. Skipped elsewhere; the lent GPU machines have no pytest, so it also runs as a script:
+another. Skipped elsewhere. On a lent GPU machine: `bash benchmarks/device_steps.sh packing`
+(pytest among the carried wheels), or as a plain script from the repository root:
 
-    python tests/test_packing_cuda.py
+    PYTHONPATH=. python tests/test_packing_cuda.py
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ pytestmark = pytest.mark.skipif(not CAPABLE, reason="needs a CUDA card with Flas
 LENGTHS = [37, 5, 128, 64, 1, 300]  # packed rows of uneven lengths, one of a single token
 
 
+def _seeded(seed: int):
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
 def packed(heads: int = 8, dim: int = 64, seed: int = 0):
-    generator = torch.Generator(device="cuda").manual_seed(seed)
+    generator = _seeded(seed)
     tokens = sum(LENGTHS)
     q, k, v = (
         torch.randn(tokens, heads, dim, device="cuda", dtype=torch.bfloat16, generator=generator)
@@ -35,10 +40,6 @@ def attend(fn, q, k, v, bounds):
     weights = torch.randn(out.shape, device="cuda", generator=_seeded(1))
     (out.float() * weights).sum().backward()
     return out.detach(), q.grad, k.grad, v.grad
-
-
-def _seeded(seed: int):
-    return torch.Generator(device="cuda").manual_seed(seed)
 
 
 def ours(q, k, v, bounds):
