@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from finance_qlora.batching import IGNORE
+
 
 def answer_nll(
     model, tokenizer, prompts: list[str], answers: list[str], max_length: int, batch_size: int = 16
@@ -35,7 +37,7 @@ def answer_nll(
         batch = rows[first : first + batch_size]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, (ids, start) in enumerate(batch):  # right padding: causal rows never see it
             input_ids[i, : len(ids)] = torch.tensor(ids)
@@ -46,9 +48,9 @@ def answer_nll(
         # position t predicts token t + 1
         shifted = labels[:, 1:].to(device)
         nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=-100, reduction="none"
+            logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=IGNORE, reduction="none"
         )
-        counts = (shifted != -100).sum(dim=1)
+        counts = (shifted != IGNORE).sum(dim=1)
         losses.extend((nll.sum(dim=1) / counts).tolist())
     return losses
 

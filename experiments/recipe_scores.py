@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from statistics import fmean as mean
 from typing import Any
 
 from finance_qlora.presets import resolve_config
@@ -20,11 +21,6 @@ def examples(summary: dict[str, Any]):
     import pandas as pd
 
     return pd.read_parquet(Path(summary["report"]).parent / "examples.parquet")
-
-
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
 
 
 def seed_average(runs: dict[int, dict[str, Any]], column: str) -> list[float]:
