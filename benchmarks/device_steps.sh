@@ -42,6 +42,21 @@ print(torch.__version__, triton.__version__, prefect.__version__, torch.cuda.dev
       --reference-rows 8 2>&1 | tail -5
     python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench --out "$OUT" \
       --sections loads 2>&1 | tail -3 ;;
+  install-only) # the wheels alone (the train section builds the 7B random model itself)
+    bash benchmarks/device_install.sh /tmp/.whl1 /tmp/.whl2 /tmp/.whl3
+    python3 -c "import torch, triton, prefect, trl, bitsandbytes, pytest;
+print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes.__version__)" ;;
+  flat) # one 8-bit update for all adapters against one per adapter, bit for bit (pytest)
+    CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -p no:cacheprovider tests/test_flat_optimizer_cuda.py ;;
+  timeline-eager|timeline-compiled) # one GPU: the preset (eager) or its compiled layers with
+    # inductor's C++ wrapper, each beside itself with the host's work around a step as before
+    # (gpu_throughput.host_as_before), timed runs in turn; three steps of each profiled phase
+    # by phase (benchmarks/step_timeline.py)
+    if [ "$1" = timeline-eager ]; then v=llama2-7b-h100
+    else v=llama2-7b-h100-compiled-noliger-cppwrapper; fi
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+      --out "$OUT" --sections train --runs 3 --interleave --reference-rows 4 \
+      --variants $v-host-as-before,$v --profile $v-host-as-before,$v ;;
   speed) # one GPU: the preset, PEFT's casts back on, compiled layers; beside the reference
     CUDA_VISIBLE_DEVICES=0 pin 0-15 python3 benchmarks/gpu_throughput.py --data $DATA \
       --work /tmp/bench --out "$OUT" --sections train --runs 2 --variants \
@@ -83,6 +98,11 @@ print(torch.__version__, triton.__version__, prefect.__version__, torch.cuda.dev
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
       --out "$OUT" --sections eval --runs 2 --eval-variants \
       dequantized-static,dequantized-static-eager,dequantized-static-nondeterministic ;;
+  graphs7b-profile) # the first and a warm 300 x 128 generation of the preset under
+    # torch.profiler (a fresh process; slower than unprofiled: for where the time goes)
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+      --out "$OUT" --sections eval --runs 1 --eval-variants dequantized-static \
+      --reference-prompts 0 --profile dequantized-static ;;
   graphs-smol) # CUDA-graph decode steps against eager ones on SmolLM2's real weights; then the
     # whole flow as shipped (generation as the graphs7b step's project setting)
     CUDA_VISIBLE_DEVICES=0 python3 experiments/decode_graphs_smollm2.py --data $DATA --out "$OUT"

@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,8 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.host_waits import host_waits  # noqa: E402
+from benchmarks.step_timeline import profile_phases, profiled_generation  # noqa: E402
 from experiments.determinism_probe import dropout_masks_agree  # noqa: E402
-from finance_qlora import sync_free  # noqa: E402
+from finance_qlora import flat_optimizer, sync_free  # noqa: E402
 from finance_qlora.builtin_models import train_bpe_tokenizer  # noqa: E402
 from finance_qlora.config import DataConfig  # noqa: E402
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
@@ -114,6 +116,12 @@ TRAIN_VARIANTS |= {
     f"{name}-waits": TRAIN_VARIANTS[name]
     for name in ("llama2-7b-h100", "llama2-7b-h100-compiled-noliger")
 }
+# the same settings with the host's work around a step as before 2026-11-29 (see
+# host_as_before): each beside the setting as it is
+TRAIN_VARIANTS |= {
+    f"{name}-host-as-before": TRAIN_VARIANTS[name] | {"loader_workers": 0}
+    for name in ("llama2-7b-h100", "llama2-7b-h100-compiled-noliger-cppwrapper")
+}
 
 
 def peft_input_casts():
@@ -144,6 +152,31 @@ def library_waits():
     return Callback()
 
 
+@contextmanager
+def host_as_before():
+    """The host's work around a step as before 2026-11-29: bitsandbytes' update weight by
+    weight (finance_qlora.flat_optimizer off), the Trainer's own FLOPs estimate (the model's
+    parameters counted each step); with the variant's loader_workers=0, batches collated in
+    the training process between steps."""
+    from transformers import Trainer
+
+    import finance_qlora.training as training
+
+    made = training.step_trainer_class
+
+    def as_before():
+        class AsBefore(made()):
+            floating_point_ops = Trainer.floating_point_ops
+
+        return AsBefore
+
+    flat_optimizer.ENABLED, training.step_trainer_class = False, as_before
+    try:
+        yield
+    finally:
+        flat_optimizer.ENABLED, training.step_trainer_class = True, made
+
+
 def inductor_wrapper(cpp: bool):
     """A TrainerCallback factory: the compiled layers' kernels called from inductor's C++
     wrapper (`cpp`) or its Python one. When that changes dynamo's compiled code is dropped:
@@ -162,11 +195,16 @@ def inductor_wrapper(cpp: bool):
 
 
 VARIANT_CALLBACKS = {
-    "llama2-7b-h100-compiled-noliger": inductor_wrapper(False),
-    "llama2-7b-h100-compiled-noliger-cppwrapper": inductor_wrapper(True),
-    "llama2-7b-h100-peft-casts": peft_input_casts,
-    "llama2-7b-h100-waits": library_waits,
-    "llama2-7b-h100-compiled-noliger-waits": library_waits,
+    "llama2-7b-h100-compiled-noliger": [inductor_wrapper(False)],
+    "llama2-7b-h100-compiled-noliger-cppwrapper": [inductor_wrapper(True)],
+    "llama2-7b-h100-peft-casts": [peft_input_casts],
+    "llama2-7b-h100-waits": [library_waits],
+    "llama2-7b-h100-compiled-noliger-waits": [library_waits],
+    "llama2-7b-h100-compiled-noliger-cppwrapper-host-as-before": [inductor_wrapper(True)],
+}
+VARIANT_CONTEXTS = {
+    "llama2-7b-h100-host-as-before": host_as_before,
+    "llama2-7b-h100-compiled-noliger-cppwrapper-host-as-before": host_as_before,
 }
 
 
@@ -267,33 +305,6 @@ class Setup:
         return path
 
 
-def profile_steps(path: Path):
-    """A TrainerCallback: torch.profiler over steps 3-4, its top CUDA kernels to a file."""
-    from transformers import TrainerCallback
-
-    class Callback(TrainerCallback):
-        profiler = None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 2:
-                activities = [torch.profiler.ProfilerActivity.CPU]
-                if torch.cuda.is_available():
-                    activities.append(torch.profiler.ProfilerActivity.CUDA)
-                self.profiler = torch.profiler.profile(activities=activities)
-                self.profiler.__enter__()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.profiler is not None and state.global_step == 4:
-                sync()
-                self.profiler.__exit__(None, None, None)
-                sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-                table = self.profiler.key_averages().table(sort_by=sort, row_limit=40)
-                path.write_text(table)
-                self.profiler = None
-
-    return Callback()
-
-
 def train_once(setup: Setup, config, prompts: Path, name: str, callbacks=None) -> dict:
     out = setup.args.work / "train-runs" / name
     shutil.rmtree(out, ignore_errors=True)
@@ -315,19 +326,35 @@ def train_once(setup: Setup, config, prompts: Path, name: str, callbacks=None) -
     }
 
 
-def timed_train(setup: Setup, name: str, config, rows: int | None, runs: int) -> dict:
-    """A warm-up run on the same rows (every batch shape, every kernel specialisation), then
-    `runs` timed runs on `rows` rows (all when None)."""
+def runner(setup: Setup, name: str, config, rows: int | None):
+    """run(label, extra_callbacks, prompts=None) trains variant `name` once on `rows` rows (all
+    when None), with the variant's callbacks and context."""
     prompts = setup.subset(rows) if rows else setup.prompts.train_path
-    extra = VARIANT_CALLBACKS.get(name)
-    callbacks = (lambda: [extra()]) if extra else (lambda: [])
+    factories = VARIANT_CALLBACKS.get(name, [])
+    context = VARIANT_CONTEXTS.get(name, nullcontext)
+
+    def run(label: str, extra=(), on: Path | None = None) -> dict:
+        callbacks = [make() for make in factories] + list(extra)
+        with context():
+            return train_once(setup, config, on or prompts, f"{name}-{label}", callbacks)
+
+    return run
+
+
+def warm_up(run) -> tuple[dict, dict]:
+    """A warm-up run on the same rows (every batch shape, every kernel specialisation); it also
+    counts where the host waits for the GPU (steps 3-5)."""
     waits: dict = {}
-    # the warm-up run also counts where the host waits for the GPU (steps 3-5)
-    warm = train_once(setup, config, prompts, f"{name}-warmup", callbacks() + [host_waits(waits)])
-    timed = [train_once(setup, config, prompts, f"{name}-{i}", callbacks()) for i in range(runs)]
-    if name == setup.args.profile:
-        profile = setup.args.out / f"profile-{name}.txt"
-        train_once(setup, config, setup.subset(400), f"{name}-profile", [profile_steps(profile)])
+    return run("warmup", [host_waits(waits)]), waits
+
+
+def profiled(setup: Setup, name: str, run) -> None:
+    """--profile: three whole steps, phase by phase (step_timeline.py), after the timed runs."""
+    if name in setup.args.profile.split(","):
+        run("profile", [profile_phases(setup.args.out, name)], setup.subset(400))
+
+
+def summary(config, rows, warm: dict, waits: dict, timed: list[dict]) -> dict:
     return {
         "rows": rows or 1000,
         "settings": config.train.model_dump(mode="json"),
@@ -339,6 +366,30 @@ def timed_train(setup: Setup, name: str, config, rows: int | None, runs: int) ->
         "host_waits": waits,
         "graph_breaks": graph_breaks(),
     }
+
+
+def timed_train(setup: Setup, name: str, config, rows: int | None, runs: int) -> dict:
+    """A warm-up run, then `runs` timed runs on `rows` rows (all when None)."""
+    run = runner(setup, name, config, rows)
+    warm, waits = warm_up(run)
+    timed = [run(str(i)) for i in range(runs)]
+    profiled(setup, name, run)
+    return summary(config, rows, warm, waits, timed)
+
+
+def interleaved_train(setup: Setup, names: list[str], runs: int) -> dict:
+    """Each variant warmed up, then their timed runs taken in turn (A B A B ...): a drift in
+    the machine's speed over the minutes then falls on every variant alike."""
+    configs = {name: setup.config(train=TRAIN_VARIANTS[name]) for name in names}
+    runs_of = {name: runner(setup, name, configs[name], None) for name in names}
+    warm = {name: warm_up(runs_of[name]) for name in names}
+    timed: dict[str, list[dict]] = {name: [] for name in names}
+    for i in range(runs):
+        for name in names:
+            timed[name].append(runs_of[name](str(i)))
+    for name in names:
+        profiled(setup, name, runs_of[name])
+    return {name: summary(configs[name], None, *warm[name], timed[name]) for name in names}
 
 
 def graph_breaks() -> dict[str, int]:
@@ -397,7 +448,10 @@ def section_train(setup: Setup, variants: list[str], runs: int) -> dict:
     result["reference"] = ref
     result["variants"] = {}
     watch = out_of_memory_watch()
-    for name in variants:
+    if setup.args.interleave:
+        result["variants"] = interleaved_train(setup, variants, runs)
+        result["interleaved"] = True
+    for name in [] if setup.args.interleave else variants:
         print(f"train.{name}:")
         config = setup.config(train=TRAIN_VARIANTS[name])
         watch.lines.clear()
@@ -440,10 +494,15 @@ def eval_in_process(setup: Setup, variant: str, runs: int) -> dict:
         sync()
         load_seconds = time.perf_counter() - started
         seconds, digests = [], []
-        for _ in range(1 + runs):
+        for run in range(1 + runs):
+            # --profile: the first and the last generation under torch.profiler (slower)
+            profiling = variant in setup.args.profile.split(",") and run in (0, runs)
+            label = f"{variant}-{'first' if run == 0 else 'warm'}"
+            watched = profiled_generation(setup.args.out, label) if profiling else nullcontext()
             started = time.perf_counter()
-            answers = generate_shard(model, tokenizer, setup.test_prompts, config.generation)
-            sync()
+            with watched:
+                answers = generate_shard(model, tokenizer, setup.test_prompts, config.generation)
+                sync()
             seconds.append(time.perf_counter() - started)
             texts = [answers[i].text for i in range(len(setup.test_prompts))]
             digests.append(hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16])
@@ -463,6 +522,7 @@ def eval_in_process(setup: Setup, variant: str, runs: int) -> dict:
         # the answers of each generation (variants with the same digest answered alike)
         "answers_sha256": digests,
         "decode_log": replays.lines,
+        "profiled": variant in setup.args.profile.split(","),
     }
 
 
@@ -519,7 +579,8 @@ def reference_eval_in_process(setup: Setup) -> dict:
 def child(args, flag: str, value: str) -> dict:
     """Run this script with `flag value` in a fresh process; its last line is JSON."""
     command = [sys.executable, __file__, flag, value, "--data", str(args.data), "--arch", args.arch]
-    command += ["--work", str(args.work), "--runs", str(args.runs)]
+    command += ["--work", str(args.work), "--runs", str(args.runs), "--out", str(args.out)]
+    command += ["--profile", args.profile]
     command += ["--reference-prompts", str(args.reference_prompts)]
     command += [f"--flow-set={assignment}" for assignment in args.flow_set]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -530,7 +591,9 @@ def child(args, flag: str, value: str) -> dict:
 
 
 def section_eval(args, variants: list[str]) -> dict:
-    result = {"reference": child(args, "--eval-child", "reference"), "variants": {}}
+    result: dict = {"variants": {}}
+    if args.reference_prompts:  # 0: the variants alone
+        result["reference"] = child(args, "--eval-child", "reference")
     for name in variants:
         print(f"eval.{name}:")
         result["variants"][name] = child(args, "--eval-child", name)
@@ -670,6 +733,9 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(TRAIN_VARIANTS))
     parser.add_argument("--eval-variants", default=",".join(EVAL_VARIANTS))
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument(
+        "--interleave", action="store_true", help="train: the variants' timed runs in turn"
+    )
     parser.add_argument("--flow-runs", type=int, default=3)
     parser.add_argument(
         "--flow-set", action="append", default=[], help="section.field=value for the flow runs"
@@ -678,7 +744,12 @@ def main() -> None:
     parser.add_argument("--reference-prompts", type=int, default=4)
     parser.add_argument("--t4-rows", type=int, default=160)
     parser.add_argument("--t4-prompts", type=int, default=64)
-    parser.add_argument("--profile", help="a train variant to profile (steps 3-4) after timing")
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="train variants to profile (steps 3-5) and eval variants (first and last "
+        "generation), comma-separated",
+    )
     parser.add_argument("--eval-child", help=argparse.SUPPRESS)
     parser.add_argument("--flow-child", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -36,6 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "padding_free": True,
             "fused_kernels": True,
             "dequantize": "auto",
+            "loader_workers": 1,
         },
         "generation": {"batch_size": 300, "cache": "static"},
     },

@@ -1,7 +1,8 @@
 """TRL's SFTTrainer with the recipe's schedule: each optimizer step holds `train.rows_per_step`
 rows (`batching.StepSampler`), computed in micro-batches, with a warm-up that never runs at
-learning rate 0; steps the host never waits for (`sync_free`); and the modeling names it
-patches (Liger's kernels) set back after training.
+learning rate 0; steps the host never waits for (`sync_free`); one 8-bit optimizer update for
+all adapter weights (`flat_optimizer`); and the modeling names it patches (Liger's kernels) set
+back after training.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import math
 import sys
 
-from finance_qlora import sync_free
+from finance_qlora import flat_optimizer, sync_free
 from finance_qlora.batching import MaskableRows, MicroBatching, StepSampler
 from finance_qlora.config import TrainSettings
 from finance_qlora.kernels import ModuleNames
@@ -34,11 +35,14 @@ def step_trainer_class():
     """TRL's SFTTrainer whose optimizer steps hold `train.rows_per_step` rows each, computed
     in micro-batches (`batching.StepSampler`), with a warm-up that never runs at lr 0."""
     import torch
-    from accelerate.utils import send_to_device
+    from accelerate.utils import DistributedType, send_to_device
     from torch.optim.lr_scheduler import LambdaLR
     from torch.utils.data import DataLoader
     from transformers import TrainerCallback
     from trl import SFTTrainer
+
+    # one process or plain data parallelism: every gradient whole on its own device
+    PLAIN = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 
     class EpochToSampler(TrainerCallback):
         """The epoch reaches the sampler at each epoch's start: the Trainer's own set_epoch
@@ -64,6 +68,8 @@ def step_trainer_class():
             model = kwargs["model"]
             self.modeling_names = ModuleNames(sys.modules[type(model).__module__])
             self.pending_metrics = sync_free.PendingMetrics()
+            self.counted_parameters: int | None = None
+            self.trainable_parameters: list | None = None
             super().__init__(*args, **kwargs)
             self.add_callback(EpochToSampler(self))
 
@@ -76,6 +82,30 @@ def step_trainer_class():
         def log(self, logs, start_time=None):
             self.pending_metrics.flush(self)
             super().log(logs, start_time)
+
+        def floating_point_ops(self, inputs) -> int:
+            # The Trainer's estimate for its logs (6 x input tokens x parameters) with the
+            # parameters counted once: counting walks every module (about 1,000 on a 7B
+            # model with adapters), milliseconds of host time in each step otherwise.
+            main = getattr(self.model, "main_input_name", "input_ids")
+            if main not in inputs or not hasattr(self.model, "num_parameters"):
+                return 0
+            if self.counted_parameters is None:
+                self.counted_parameters = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * inputs[main].numel() * self.counted_parameters
+
+        def _clip_grad_norm(self, model):
+            # Only the trainable weights can have gradients: clip those (a list taken once)
+            # instead of walking all of the model's parameters each step (about 6 ms of host
+            # time a step on a 7B model with adapters, H200, 2026-11-29). The same norm and
+            # the same clipped gradients; other setups (DeepSpeed, FSDP, TP) keep the Trainer's.
+            if self.accelerator.distributed_type not in PLAIN or self.is_fsdp_enabled:
+                return super()._clip_grad_norm(model)
+            if self.trainable_parameters is None:
+                self.trainable_parameters = [p for p in model.parameters() if p.requires_grad]
+            return self.accelerator.clip_grad_norm_(
+                self.trainable_parameters, self.args.max_grad_norm
+            )
 
         def _prepare_input(self, data):
             if sync_free.ENABLED and not self.is_deepspeed_enabled:
@@ -95,6 +125,8 @@ def step_trainer_class():
         def create_optimizer(self, model=None):
             optimizer = super().create_optimizer(model)
             sync_free.without_parameter_syncs(optimizer)
+            # after sync_free (its subclass first), before the scheduler wraps step
+            flat_optimizer.flatten_adapters(optimizer)
             return optimizer
 
         def train(self, *args, **kwargs):
@@ -102,6 +134,8 @@ def step_trainer_class():
                 return super().train(*args, **kwargs)
             finally:
                 self.modeling_names.restore()
+                if self.optimizer is not None:
+                    flat_optimizer.unflatten_adapters(self.optimizer)
 
         def get_train_dataloader(self):
             # The Trainer's private column filter: what its own loader would feed the collator.

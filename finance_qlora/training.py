@@ -121,7 +121,7 @@ def sft_config(train: TrainSettings, dtype: torch.dtype, out_dir: Path):
         save_total_limit=2,
         report_to="none",
         disable_tqdm=True,
-        dataloader_num_workers=0,
+        dataloader_num_workers=train.loader_workers,
     )
 
 

@@ -55,7 +55,7 @@ NOT_IDENTITY: dict[str, set[str]] = {
     "DataConfig": {"dataset", "revision"},
     "DataVersion": {"source"},
     "ModelConfig": {"hf_token_secret", "reuse_quantized"},
-    "TrainSettings": {"checkpoint_steps"},
+    "TrainSettings": {"checkpoint_steps", "loader_workers"},
     "GenerationSettings": {"cuda_graphs"},
 }
 # Task parameters that name where or how, never what: never part of a key. On how many GPUs

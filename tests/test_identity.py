@@ -180,5 +180,5 @@ def test_the_fields_that_never_retrain_are_the_reviewed_ones():
     not a side effect (the rule test above takes NOT_IDENTITY as given)."""
     from tasks.identity import NOT_IDENTITY
 
-    assert NOT_IDENTITY["TrainSettings"] == {"checkpoint_steps"}
+    assert NOT_IDENTITY["TrainSettings"] == {"checkpoint_steps", "loader_workers"}
     assert NOT_IDENTITY["ModelConfig"] == {"hf_token_secret", "reuse_quantized"}
