@@ -156,17 +156,18 @@ def library_waits():
 def host_as_before():
     """The host's work around a step as before 2026-11-29: bitsandbytes' update weight by
     weight (finance_qlora.flat_optimizer off), the Trainer's own FLOPs estimate (the model's
-    parameters counted each step); with the variant's loader_workers=0, batches collated in
-    the training process between steps."""
+    parameters counted each step) and clipping (over all of them); with the variant's
+    loader_workers=0, batches collated in the training process between steps."""
     from transformers import Trainer
 
     import finance_qlora.training as training
 
-    made = training.step_trainer_class
+    made, enabled = training.step_trainer_class, flat_optimizer.ENABLED
 
     def as_before():
         class AsBefore(made()):
             floating_point_ops = Trainer.floating_point_ops
+            _clip_grad_norm = Trainer._clip_grad_norm
 
         return AsBefore
 
@@ -174,7 +175,7 @@ def host_as_before():
     try:
         yield
     finally:
-        flat_optimizer.ENABLED, training.step_trainer_class = True, made
+        flat_optimizer.ENABLED, training.step_trainer_class = enabled, made
 
 
 def inductor_wrapper(cpp: bool):

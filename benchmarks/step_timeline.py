@@ -182,13 +182,14 @@ def profiled_generation(out: Path, name: str):
 
 def host_calls() -> list[tuple[object, str, str]]:
     """(owner, attribute, label): the Trainer's host work around a step, marked host:<label>."""
+    from accelerate import Accelerator
     from torch.optim.lr_scheduler import LRScheduler
     from transformers import PreTrainedModel, Trainer
     from transformers.trainer_callback import CallbackHandler
 
     return [
         (Trainer, "get_batch_samples", "next batches"),
-        (Trainer, "_clip_grad_norm", "clip gradients"),
+        (Accelerator, "clip_grad_norm_", "clip gradients"),
         (Trainer, "_get_grad_norm", "gradient norm"),
         (Trainer, "_track_num_input_tokens", "count input tokens"),
         (Trainer, "_maybe_log_save_evaluate", "log, save, evaluate"),

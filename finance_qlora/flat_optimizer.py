@@ -3,15 +3,24 @@
 bitsandbytes' 8-bit AdamW updates parameter by parameter: for q/v adapters on 32 layers, 128
 Python calls and kernel launches a step, each for 65,536 numbers, which leave the GPU waiting
 on the host (issue 19's profile: the optimizer phase of a 16-row step). Its update is
-blockwise: the 8-bit states are quantized in blocks of 256 numbers, each with its own absmax,
-and everything else is elementwise. Weights whose sizes are whole blocks therefore compute the
-same when they lie end to end in one flat tensor: the same blocks, the same numbers, one call.
+blockwise: the 8-bit states are quantized in blocks (256 numbers in bitsandbytes 0.50), each
+with its own absmax, and everything else is elementwise. Weights whose sizes are whole blocks
+therefore compute the same when they lie end to end in one flat tensor: the same blocks, the
+same numbers, one call.
 
 `flatten_adapters` lays the eligible weights of each parameter group end to end (each weight
-becomes a view into the flat tensor, so the model sees the updates in place) and gives the
-optimizer the flat tensor instead; before each step the weights' gradients are copied into
-its gradient. Nothing computed changes (tests/test_flat_optimizer.py: bit for bit equal to
-bitsandbytes' own per-weight updates; tests/test_flat_optimizer_cuda.py on a GPU).
+becomes a view into the flat tensor, so the model sees the updates in place; they stay views,
+which PEFT's saving handles) and gives the optimizer the flat tensor instead; before each step
+the weights' gradients are copied into its gradient (a second copy of the adapters' gradients,
+34 MB for q/v on a 7B model). Nothing computed changes (tests/test_flat_optimizer.py: bit for
+bit equal to bitsandbytes' own per-weight updates, also through a checkpoint and a resume;
+tests/test_flat_optimizer_cuda.py on a GPU).
+
+Not flattened, each weight then updated alone as before: fp16 training (the loss scaler
+unscales and checks the optimizer's own gradients, which the flat one gets only in `step`),
+settings that look at a whole weight or override one weight's config, weights not whole blocks.
+A checkpoint's optimizer state holds the flat tensor: a resume needs the same layout (training
+folders are keyed by the training code, so a checkpoint of other code is never resumed).
 """
 
 from __future__ import annotations
@@ -24,9 +33,6 @@ log = logging.getLogger(__name__)
 
 # The benchmarks turn this off to time a step with bitsandbytes' per-weight updates beside it.
 ENABLED = True
-
-# bitsandbytes' block of 8-bit optimizer states (Optimizer2State.init_state, 0.50)
-BLOCK = 256
 
 
 class FlatGroup:
@@ -45,10 +51,17 @@ class FlatGroup:
             offset += n
         self.flat = torch.nn.Parameter(data, requires_grad=False)
         self.grad = torch.empty_like(data)
+        self.storage = data.untyped_storage().data_ptr()
 
     def gather_grads(self) -> None:
         """The members' gradients into the flat one; none at all: the step skips it, as
         bitsandbytes skips a weight without a gradient."""
+        if any(p.untyped_storage().data_ptr() != self.storage for p in self.members):
+            # a weight's data replaced after flattening would silently never be updated
+            raise RuntimeError(
+                "a flattened adapter weight no longer lies in the optimizer's flat tensor "
+                "(its .data was replaced after the optimizer was made)"
+            )
         grads = [p.grad for p in self.members]
         if all(g is None for g in grads):
             self.flat.grad = None
@@ -65,37 +78,39 @@ class FlatGroup:
         torch.cat([g.reshape(-1) for g in grads], out=self.grad)
         self.flat.grad = self.grad
 
-    def unflatten(self) -> None:
-        """Each weight back in its own storage (saving, later use of the model)."""
-        for p in self.members:
-            p.data = p.data.clone()
+
+def state_block(optimizer, group: dict) -> int:
+    """The numbers in one block of this bitsandbytes' 8-bit states, read from its own
+    init_state on a throwaway weight (0: not blockwise)."""
+    probe = torch.nn.Parameter(torch.zeros(1 << 16, device=group["params"][0].device))
+    try:
+        optimizer.init_state(group, probe, 0, 0)
+        absmax = optimizer.state[probe].get("absmax1")
+        return probe.numel() // absmax.numel() if absmax is not None else 0
+    finally:
+        optimizer.state.pop(probe, None)
 
 
-def _eligible(optimizer, p: torch.Tensor) -> bool:
-    """A weight whose per-weight update is blockwise in whole blocks: 8-bit states (at least
-    min_8bit_size numbers), a multiple of the block, a floating dense tensor."""
-    args = optimizer.args
-    return (
-        p.requires_grad
-        and p.is_floating_point()
-        and p.layout == torch.strided
-        and p.numel() >= args.min_8bit_size
-        and p.numel() % BLOCK == 0
-    )
+def _overridden(optimizer) -> set[int]:
+    """ids of weights with their own config in bitsandbytes' process-wide manager: set
+    directly, or through a module (the Trainer asks 32-bit states for embeddings that way,
+    resolved only at the first step)."""
+    manager = optimizer.mng
+    by_module = {id(getattr(m, attr, None)) for m, attr, _ in manager.module_weight_config_triple}
+    return set(manager.pid2config) | by_module
 
 
 def _whole_weight_settings(optimizer) -> bool:
     """Settings that look at a weight as a whole (clipping by a percentile of its gradient
-    norms, an update-norm cap) or override one weight's config (bitsandbytes'
-    GlobalOptimManager, a process-wide registry): then each weight stays alone."""
-    args, overridden = optimizer.args, optimizer.mng.pid2config
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norms, an update-norm cap), or configs kept by position (bitsandbytes' index2config, which
+    a flat tensor at another position would not get): then each weight stays alone."""
+    args = optimizer.args
     return (
         getattr(args, "percentile_clipping", 100) < 100  # older bitsandbytes
         or not getattr(args, "block_wise", True)  # older bitsandbytes: one absmax a weight
         or getattr(args, "max_unorm", 0.0) > 0
         or args.optim_bits != 8
-        or any(id(p) in overridden for p in params)
+        or bool(optimizer.mng.index2config)
     )
 
 
@@ -119,40 +134,51 @@ def _flat_class(base: type) -> type:
     return _FLAT[base]
 
 
-def flatten_adapters(optimizer) -> int:
+def flatten_adapters(optimizer, scaled: bool = False) -> int:
     """Lay the eligible weights of each of a bitsandbytes 8-bit optimizer's parameter groups end
-    to end, before its first step. Returns how many weights were flattened (0: unchanged)."""
+    to end, before its first step; `scaled`: a loss scaler (fp16) steps this optimizer, so
+    nothing is flattened. Returns how many weights were flattened (0: unchanged)."""
     try:
         from bitsandbytes.optim.optimizer import Optimizer8bit
     except ImportError:
         return 0
-    if not ENABLED or not isinstance(optimizer, Optimizer8bit) or optimizer.state:
+    if not ENABLED or scaled or not isinstance(optimizer, Optimizer8bit) or optimizer.state:
         return 0
     if _whole_weight_settings(optimizer):
         return 0
+    overridden = _overridden(optimizer)
+    min_8bit = optimizer.args.min_8bit_size
     flat_groups, flattened = [], 0
-    for group in optimizer.param_groups:
-        members = [p for p in group["params"] if _eligible(optimizer, p)]
-        kinds = {(p.device, p.dtype) for p in members}
-        if len(members) < 2 or len(kinds) > 1:
+    for gindex, group in enumerate(optimizer.param_groups):
+        if not group["params"] or not (block := state_block(optimizer, group)):
+            continue
+        members = [
+            p
+            for p in group["params"]
+            if p.requires_grad
+            and p.is_floating_point()
+            and p.layout == torch.strided
+            and id(p) not in overridden
+            and p.numel() >= min_8bit  # 8-bit states (smaller weights get 32-bit ones)
+            and p.numel() % block == 0
+        ]
+        if len(members) < 2 or len({(p.device, p.dtype) for p in members}) > 1:
             continue
         flat = FlatGroup(members)
         ids = {id(p) for p in members}
         group["params"] = [flat.flat] + [p for p in group["params"] if id(p) not in ids]
+        # States made now, unpaged: the adapters' own were not paged either (bitsandbytes pages
+        # weights of 100,000 numbers or more), and paging would add a wait to every step. The
+        # other weights keep the optimizer's paging.
+        paged, optimizer.is_paged = optimizer.is_paged, False
+        try:
+            optimizer.init_state(group, flat.flat, gindex, 0)
+        finally:
+            optimizer.is_paged = paged
         flat_groups.append(flat)
         flattened += len(members)
     if not flat_groups:
         return 0
-    # bitsandbytes pages the states of weights of 100,000 numbers or more (managed memory, a
-    # wait at the end of each step); the adapters' own states were not paged: neither are the
-    # flat tensor's.
-    optimizer.is_paged = False
     optimizer.flat_groups = flat_groups
     optimizer.__class__ = _flat_class(type(optimizer))
     return flattened
-
-
-def unflatten_adapters(optimizer) -> None:
-    """Each flattened weight back in its own storage (at the end of training)."""
-    for group in getattr(optimizer, "flat_groups", ()):
-        group.unflatten()

@@ -97,9 +97,11 @@ def step_trainer_class():
         def _clip_grad_norm(self, model):
             # Only the trainable weights can have gradients: clip those (a list taken once)
             # instead of walking all of the model's parameters each step (about 6 ms of host
-            # time a step on a 7B model with adapters, H200, 2026-11-29). The same norm and
-            # the same clipped gradients; other setups (DeepSpeed, FSDP, TP) keep the Trainer's.
-            if self.accelerator.distributed_type not in PLAIN or self.is_fsdp_enabled:
+            # time a step on a 7B model with adapters, H200, 2026-11-29, for the Trainer's whole
+            # clip). The same norm and the same clipped gradients; other setups (DeepSpeed,
+            # FSDP, sharded gradients) keep the Trainer's.
+            plain = self.accelerator.distributed_type in PLAIN and not self.is_fsdp_enabled
+            if not plain or self._has_mixed_mesh_grads(model):
                 return super()._clip_grad_norm(model)
             if self.trainable_parameters is None:
                 self.trainable_parameters = [p for p in model.parameters() if p.requires_grad]
@@ -125,8 +127,10 @@ def step_trainer_class():
         def create_optimizer(self, model=None):
             optimizer = super().create_optimizer(model)
             sync_free.without_parameter_syncs(optimizer)
-            # after sync_free (its subclass first), before the scheduler wraps step
-            flat_optimizer.flatten_adapters(optimizer)
+            # after sync_free (its subclass first), before the scheduler wraps step; not under
+            # fp16's loss scaler, which unscales and checks the optimizer's own gradients
+            scaled = self.args.fp16 or getattr(self.accelerator, "scaler", None) is not None
+            flat_optimizer.flatten_adapters(optimizer, scaled=scaled)
             return optimizer
 
         def train(self, *args, **kwargs):
@@ -134,8 +138,6 @@ def step_trainer_class():
                 return super().train(*args, **kwargs)
             finally:
                 self.modeling_names.restore()
-                if self.optimizer is not None:
-                    flat_optimizer.unflatten_adapters(self.optimizer)
 
         def get_train_dataloader(self):
             # The Trainer's private column filter: what its own loader would feed the collator.

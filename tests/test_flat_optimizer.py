@@ -11,13 +11,23 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from finance_qlora import flat_optimizer, sync_free
 from finance_qlora.files import write_jsonl
-from finance_qlora.flat_optimizer import flatten_adapters, unflatten_adapters
+from finance_qlora.flat_optimizer import flatten_adapters
 from finance_qlora.presets import resolve_config
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.training import train_adapter
 from tests.conftest import make_rows
 
 pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(autouse=True)
+def fresh_overrides():
+    """bitsandbytes keeps weight overrides in one process-wide manager: none before or after."""
+    from bitsandbytes.optim import GlobalOptimManager
+
+    GlobalOptimManager.get_instance().initialize()
+    yield
+    GlobalOptimManager.get_instance().initialize()
 
 
 def weights() -> list[torch.nn.Parameter]:
@@ -78,7 +88,7 @@ def test_one_flat_update_makes_bitsandbytes_per_weight_updates(monkeypatch):
     assert type(pickle.loads(pickle.dumps(optimizer))) is type(optimizer)
 
 
-def test_the_weights_are_views_of_the_flat_tensor_until_unflattened():
+def test_the_weights_are_views_of_the_flat_tensor():
     params = weights()
     before = [p.detach().clone() for p in params]
     optimizer = optimizer_for(params)
@@ -90,10 +100,36 @@ def test_the_weights_are_views_of_the_flat_tensor_until_unflattened():
         assert torch.equal(p, value) and p.is_leaf and p.requires_grad
     run_steps(params, optimizer, steps=1)
     assert torch.equal(params[0].reshape(-1), flat[: params[0].numel()])  # updated in place
-    unflatten_adapters(optimizer)
-    storages = {p.untyped_storage().data_ptr() for p in params}
-    assert len(storages) == len(params)
-    assert all(not torch.equal(p, value) for p, value in zip(params, before, strict=True))
+    # a weight whose data is replaced afterwards would never be updated again: refused
+    params[2].data = params[2].data.clone()
+    with pytest.raises(RuntimeError, match="no longer lies in the optimizer's flat tensor"):
+        run_steps(params, optimizer, steps=1)
+
+
+def test_fp16s_loss_scaler_and_overridden_weights_keep_per_weight_updates():
+    """A loss scaler unscales and checks the optimizer's own gradients (the flat one is filled
+    only in step): nothing flattened. A weight with its own config (the Trainer asks 32-bit
+    states for embeddings through bitsandbytes' module overrides) stays alone."""
+    import bitsandbytes as bnb
+
+    assert flatten_adapters(optimizer_for(weights()), scaled=True) == 0
+    params = weights()
+    holder = torch.nn.Module()
+    holder.weight = params[0]
+    bnb.optim.GlobalOptimManager.get_instance().register_module_override(
+        holder, "weight", {"optim_bits": 32}
+    )
+    optimizer = optimizer_for(params)
+    assert flatten_adapters(optimizer) == 2  # (256, 16) and (16, 512), not params[0]
+    assert any(p is params[0] for p in optimizer.param_groups[0]["params"])
+    run_steps(params, optimizer, steps=1)
+    assert optimizer.state[params[0]]["state1"].dtype == torch.float32  # its override held
+
+
+def test_the_block_is_read_from_bitsandbytes():
+    optimizer = optimizer_for(weights())
+    assert flat_optimizer.state_block(optimizer, optimizer.param_groups[0]) == 256
+    assert not optimizer.state  # the probe left nothing behind
 
 
 def test_settings_that_see_a_whole_weight_keep_per_weight_updates(monkeypatch):
@@ -104,7 +140,7 @@ def test_settings_that_see_a_whole_weight_keep_per_weight_updates(monkeypatch):
     assert flatten_adapters(capped) == 0
     params = weights()
     bnb.optim.GlobalOptimManager.get_instance().override_config(params[0], "betas", (0.8, 0.9))
-    assert flatten_adapters(optimizer_for(params)) == 0
+    assert flatten_adapters(optimizer_for(params)) == 2  # that weight alone
     assert flatten_adapters(optimizer_for(weights())) == 3  # others' overrides: not these
     stepped = optimizer_for(weights())
     run_steps([p for g in stepped.param_groups for p in g["params"]], stepped, steps=1)
@@ -115,8 +151,8 @@ def test_settings_that_see_a_whole_weight_keep_per_weight_updates(monkeypatch):
 
 
 def test_training_computes_the_same_adapter_with_one_update(tmp_path, monkeypatch):
-    """The trainer's 8-bit optimizer flattened and not: the same losses and adapter bit for bit;
-    its checkpoints save and the saved adapter's weights are their own tensors again."""
+    """The trainer's 8-bit optimizer flattened and not: the same losses and adapter bit for bit,
+    with checkpoints saved on the way (PEFT saves weights that share one storage)."""
     prompts = tmp_path / "train.jsonl"
     write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(12)])
     # r=64 on the 64-wide model: 4,096-number adapter weights (8-bit states, whole blocks)
@@ -130,7 +166,9 @@ def test_training_computes_the_same_adapter_with_one_update(tmp_path, monkeypatc
     flattened = []
     real = flat_optimizer.flatten_adapters
     monkeypatch.setattr(
-        flat_optimizer, "flatten_adapters", lambda o: flattened.append(real(o)) or flattened[-1]
+        flat_optimizer,
+        "flatten_adapters",
+        lambda o, **k: flattened.append(real(o, **k)) or flattened[-1],
     )
     records = {}
     for enabled in (True, False):
@@ -142,3 +180,48 @@ def test_training_computes_the_same_adapter_with_one_update(tmp_path, monkeypatc
     adapters = [load_file(Path(records[k].folder, "adapter_model.safetensors")) for k in records]
     assert adapters[0].keys() == adapters[1].keys()
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+def test_a_resumed_training_loads_the_flat_optimizers_state(tmp_path):
+    """A checkpoint holds the flat tensor's optimizer state; a training resumed from it ends
+    with the adapter of the training that ran through (bit for bit on the CPU)."""
+    import shutil
+
+    prompts = tmp_path / "train.jsonl"
+    write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(12)])
+    config = resolve_config(
+        "tiny-cpu",
+        {
+            "train": {"optimizer": "paged_adamw_8bit", "epochs": 2, "checkpoint_steps": 2},
+            "lora": {"r": 64, "alpha": 128},
+        },
+    )
+    whole = train_adapter(prompts, config.model, config.lora, config.train, tmp_path / "whole")
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-4", resumed_dir / "checkpoint-4")
+    state = torch.load(resumed_dir / "checkpoint-4" / "optimizer.pt", weights_only=False)
+    # the flat tensor; the Trainer's group without weight decay is empty
+    assert [len(g["params"]) for g in state["param_groups"]] == [1, 0]
+    resumed = train_adapter(prompts, config.model, config.lora, config.train, resumed_dir)
+    assert resumed.resumed_from == 4 and whole.steps == 6
+    a, b = (load_file(Path(r.folder, "adapter_model.safetensors")) for r in (whole, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_trainer_keeps_per_weight_updates_under_a_loss_scaler(tmp_path):
+    """fp16 (the T4) steps the optimizer through accelerate's GradScaler: not flattened."""
+    from finance_qlora.training import build_trainer
+
+    prompts = tmp_path / "train.jsonl"
+    write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(8)])
+    config = resolve_config(
+        "tiny-cpu", {"train": {"optimizer": "paged_adamw_8bit"}, "lora": {"r": 64, "alpha": 128}}
+    )
+    made = {}
+    for scaler in (None, torch.amp.GradScaler("cpu")):
+        trainer = build_trainer(prompts, config.model, config.lora, config.train, tmp_path / "o")
+        trainer.accelerator.scaler = scaler
+        made[scaler is None] = trainer.create_optimizer()
+    assert len(made[True].flat_groups) == 1  # bf16/fp32: one flat tensor
+    assert not hasattr(made[False], "flat_groups")
