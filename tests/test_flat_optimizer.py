@@ -150,19 +150,22 @@ def test_settings_that_see_a_whole_weight_keep_per_weight_updates(monkeypatch):
     assert flatten_adapters(optimizer_for(weights())) == 0
 
 
+def adapter_training(tmp_path, **train):
+    """Rows and the tiny model's settings with the 8-bit optimizer; r=64 on the 64-wide model:
+    4,096-number adapter weights (8-bit states, whole blocks)."""
+    prompts = tmp_path / "train.jsonl"
+    write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(12)])
+    overrides = {
+        "train": {"optimizer": "paged_adamw_8bit", **train},
+        "lora": {"r": 64, "alpha": 128},
+    }
+    return prompts, resolve_config("tiny-cpu", overrides)
+
+
 def test_training_computes_the_same_adapter_with_one_update(tmp_path, monkeypatch):
     """The trainer's 8-bit optimizer flattened and not: the same losses and adapter bit for bit,
     with checkpoints saved on the way (PEFT saves weights that share one storage)."""
-    prompts = tmp_path / "train.jsonl"
-    write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(12)])
-    # r=64 on the 64-wide model: 4,096-number adapter weights (8-bit states, whole blocks)
-    config = resolve_config(
-        "tiny-cpu",
-        {
-            "train": {"optimizer": "paged_adamw_8bit", "epochs": 1, "checkpoint_steps": 2},
-            "lora": {"r": 64, "alpha": 128},
-        },
-    )
+    prompts, config = adapter_training(tmp_path, epochs=1, checkpoint_steps=2)
     flattened = []
     real = flat_optimizer.flatten_adapters
     monkeypatch.setattr(
@@ -187,15 +190,7 @@ def test_a_resumed_training_loads_the_flat_optimizers_state(tmp_path):
     with the adapter of the training that ran through (bit for bit on the CPU)."""
     import shutil
 
-    prompts = tmp_path / "train.jsonl"
-    write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(12)])
-    config = resolve_config(
-        "tiny-cpu",
-        {
-            "train": {"optimizer": "paged_adamw_8bit", "epochs": 2, "checkpoint_steps": 2},
-            "lora": {"r": 64, "alpha": 128},
-        },
-    )
+    prompts, config = adapter_training(tmp_path, epochs=2, checkpoint_steps=2)
     whole = train_adapter(prompts, config.model, config.lora, config.train, tmp_path / "whole")
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
@@ -213,11 +208,7 @@ def test_the_trainer_keeps_per_weight_updates_under_a_loss_scaler(tmp_path):
     """fp16 (the T4) steps the optimizer through accelerate's GradScaler: not flattened."""
     from finance_qlora.training import build_trainer
 
-    prompts = tmp_path / "train.jsonl"
-    write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(8)])
-    config = resolve_config(
-        "tiny-cpu", {"train": {"optimizer": "paged_adamw_8bit"}, "lora": {"r": 64, "alpha": 128}}
-    )
+    prompts, config = adapter_training(tmp_path)
     made = {}
     for scaler in (None, torch.amp.GradScaler("cpu")):
         trainer = build_trainer(prompts, config.model, config.lora, config.train, tmp_path / "o")
