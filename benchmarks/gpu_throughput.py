@@ -328,8 +328,8 @@ def train_once(setup: Setup, config, prompts: Path, name: str, callbacks=None) -
 
 
 def runner(setup: Setup, name: str, config, rows: int | None):
-    """run(label, extra_callbacks, prompts=None) trains variant `name` once on `rows` rows (all
-    when None), with the variant's callbacks and context."""
+    """run(label, extra callbacks, on=another prompts file) trains variant `name` once on `rows`
+    rows (all when None), with the variant's callbacks and context."""
     prompts = setup.subset(rows) if rows else setup.prompts.train_path
     factories = VARIANT_CALLBACKS.get(name, [])
     context = VARIANT_CONTEXTS.get(name, nullcontext)
@@ -355,7 +355,7 @@ def profiled(setup: Setup, name: str, run) -> None:
         run("profile", [profile_phases(setup.args.out, name)], setup.subset(400))
 
 
-def summary(config, rows, warm: dict, waits: dict, timed: list[dict]) -> dict:
+def summary(config, rows: int | None, warm: dict, waits: dict, timed: list[dict]) -> dict:
     return {
         "rows": rows or 1000,
         "settings": config.train.model_dump(mode="json"),
