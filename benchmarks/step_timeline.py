@@ -76,7 +76,11 @@ def timeline(trace: dict, top_gaps: int = 12, min_gap_us: float = 50.0) -> dict:
     )
     if not phases:
         raise ValueError("the trace holds no phase:* ranges")
-    runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    runtime = sorted(
+        (e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")),
+        key=lambda e: e["ts"],
+    )
+    starts = [e["ts"] for e in runtime]
     host_ops = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation")]
     host_ops = [e for e in host_ops if not e["name"].startswith(PREFIX)]
     calls_ms: dict[str, float] = defaultdict(float)
@@ -84,10 +88,6 @@ def timeline(trace: dict, top_gaps: int = 12, min_gap_us: float = 50.0) -> dict:
         if e["name"].startswith(HOST):
             calls_ms[e["name"][len(HOST) :]] += e["dur"] / 1000
     steps = sum(e["name"] == PREFIX + "optimizer" for e in phases) or 1
-    starts = [e["ts"] for e in runtime]
-    order = sorted(range(len(runtime)), key=lambda i: starts[i])
-    runtime = [runtime[i] for i in order]
-    starts = [e["ts"] for e in runtime]
 
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for phase in phases:
