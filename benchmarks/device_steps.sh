@@ -103,6 +103,16 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
       --out "$OUT" --sections eval --runs 1 --eval-variants dequantized-static \
       --reference-prompts 0 --profile dequantized-static ;;
+  stop-late) # the first and a warm 300 x 128 generation in three fresh processes each, in
+    # turn: the host deciding at every decode step whether to stop (as before) and a step late
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+      --out "$OUT" --sections eval --runs 1 --eval-repeats 3 --reference-prompts 0 \
+      --eval-variants dequantized-static-stop-each-step,dequantized-static ;;
+  flow) # the whole flow as shipped (llama2-7b-h100) in two fresh processes, the first without
+    # a kept 4-bit copy; $FLOW_SET: section.field=value for both
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+      --out "$OUT" --sections flow --flow-runs 2 \
+      $(for a in ${FLOW_SET:-}; do echo "--flow-set=$a"; done) ;;
   graphs-smol) # CUDA-graph decode steps against eager ones on SmolLM2's real weights; then the
     # whole flow as shipped (generation as the graphs7b step's project setting)
     CUDA_VISIBLE_DEVICES=0 python3 experiments/decode_graphs_smollm2.py --data $DATA --out "$OUT"

@@ -12,8 +12,9 @@ stands in for its tokenizer), the 1,000 / 300 rows, one GPU. Sections (--section
   same rows to warm up, then timed --runs times; medians. The process's very first run (the
   reference on its rows, before any other) is reported as the cold number.
 - eval: each generation setting in a fresh process (as an evaluate task meets it): the first
-  300 x 128 generation, then --runs warm ones. The reference (batch 1, 4-bit) is timed on
-  --reference-prompts after a warm-up and extrapolated to 300.
+  300 x 128 generation, then --runs warm ones; --eval-repeats fresh processes each, the
+  settings in turn (the median process reported, with every process's first). The reference
+  (batch 1, 4-bit) is timed on --reference-prompts after a warm-up and extrapolated to 300.
 - flow: the whole flow (python -m flows.finetune: load, format, baseline eval, train, save,
   final eval, compare) in a fresh process and a fresh store, --flow-runs times; the first
   finds no kept 4-bit copy. Reported: the flow run's own duration and its tasks'.
@@ -47,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.host_waits import host_waits  # noqa: E402
 from benchmarks.step_timeline import profile_phases, profiled_generation  # noqa: E402
 from experiments.determinism_probe import dropout_masks_agree  # noqa: E402
-from finance_qlora import flat_optimizer, sync_free  # noqa: E402
+from finance_qlora import flat_optimizer, generation, sync_free  # noqa: E402
 from finance_qlora.builtin_models import train_bpe_tokenizer  # noqa: E402
 from finance_qlora.config import DataConfig  # noqa: E402
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
@@ -227,7 +228,28 @@ EVAL_VARIANTS = {
         "deterministic": False,
     },
     "4bit-static": {"dequantize": "never", "cache": "static", "batch_size": 300},
+    # the preset's setting with the host waiting for the card at every decode step (before
+    # 2026-11-29's generation.stop_checks_deferred)
+    "dequantized-static-stop-each-step": {
+        "dequantize": "always",
+        "cache": "static",
+        "batch_size": 300,
+    },
 }
+
+
+@contextmanager
+def stop_each_step():
+    """generate() decides to stop at every decode step, as transformers does on a GPU."""
+    devices = generation.DEFERRED_STOP_DEVICES
+    generation.DEFERRED_STOP_DEVICES = ()
+    try:
+        yield
+    finally:
+        generation.DEFERRED_STOP_DEVICES = devices
+
+
+EVAL_CONTEXTS = {"dequantized-static-stop-each-step": stop_each_step}
 
 
 def build_model(arch: str, folder: Path, texts: list[str]) -> None:
@@ -491,7 +513,10 @@ def eval_in_process(setup: Setup, variant: str, runs: int) -> dict:
     replays = decode_log()
     release()
     started = time.perf_counter()
-    with loaded(config.model, dequantize=settings["dequantize"]) as (model, tokenizer):
+    with (
+        EVAL_CONTEXTS.get(variant, nullcontext)(),
+        loaded(config.model, dequantize=settings["dequantize"]) as (model, tokenizer),
+    ):
         sync()
         load_seconds = time.perf_counter() - started
         seconds, digests = [], []
@@ -595,11 +620,26 @@ def section_eval(args, variants: list[str]) -> dict:
     result: dict = {"variants": {}}
     if args.reference_prompts:  # 0: the variants alone
         result["reference"] = child(args, "--eval-child", "reference")
-    for name in variants:
-        print(f"eval.{name}:")
-        result["variants"][name] = child(args, "--eval-child", name)
+    processes: dict[str, list[dict]] = {name: [] for name in variants}
+    for repeat in range(args.eval_repeats):  # fresh processes, the variants in turn
+        for name in variants:
+            print(f"eval.{name} (process {repeat + 1} of {args.eval_repeats}):")
+            processes[name].append(child(args, "--eval-child", name))
+    for name, runs in processes.items():
+        timed = sorted((r for r in runs if "first_seconds" in r), key=lambda r: r["first_seconds"])
+        result["variants"][name] = runs[0]
+        if len(runs) > 1 and timed:  # the median process's figures, with each one's first
+            firsts = [r["first_seconds"] for r in runs if "first_seconds" in r]
+            result["variants"][name] = timed[(len(timed) - 1) // 2] | {
+                "first_seconds_processes": firsts
+            }
     measured = {k: v for k, v in result["variants"].items() if "first_seconds" in v}
     digests = {k: v["answers_sha256"] for k, v in measured.items()}
+    late, each = "dequantized-static", "dequantized-static-stop-each-step"
+    if late in digests and each in digests:  # every generation of every process alike
+        runs = [r for name in (late, each) for r in processes[name]]
+        every = {d for r in runs for d in r.get("answers_sha256", [])}
+        result["deferred_stop_answers_alike"] = len(every) == 1
     if "dequantized-static" in digests and "dequantized-static-eager" in digests:
         result["cuda_graphs_answers_alike"] = (
             set(digests["dequantized-static"]) == set(digests["dequantized-static-eager"])
@@ -736,6 +776,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument(
         "--interleave", action="store_true", help="train: the variants' timed runs in turn"
+    )
+    parser.add_argument(
+        "--eval-repeats", type=int, default=1, help="eval: fresh processes per variant"
     )
     parser.add_argument("--flow-runs", type=int, default=3)
     parser.add_argument(
