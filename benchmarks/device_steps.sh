@@ -113,6 +113,12 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
       --out "$OUT" --sections flow --flow-runs 2 \
       $(for a in ${FLOW_SET:-}; do echo "--flow-set=$a"; done) ;;
+  stop-smol) # SmolLM2's real weights: the stop read a step late against each step, the same
+    # answers? In one batch of 300 (as llama2-7b-h100) and in batches of 32 (some end early)
+    for size in 300 32; do
+      CUDA_VISIBLE_DEVICES=0 python3 experiments/decode_graphs_smollm2.py --data $DATA \
+        --out "$OUT" --compare stop --models pretrained --batch-size $size 2>&1 | grep -v "it/s"
+    done ;;
   graphs-smol) # CUDA-graph decode steps against eager ones on SmolLM2's real weights; then the
     # whole flow as shipped (generation as the graphs7b step's project setting)
     CUDA_VISIBLE_DEVICES=0 python3 experiments/decode_graphs_smollm2.py --data $DATA --out "$OUT"

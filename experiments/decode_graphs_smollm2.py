@@ -1,4 +1,5 @@
-"""Do decode steps replayed as CUDA graphs give the eager answers on real weights?
+"""Do decode steps replayed as CUDA graphs give the eager answers on real weights? And does
+reading the stop flag a step late (`--compare stop`) give the answers of reading it each step?
 
     python experiments/decode_graphs_smollm2.py --data ../shared/data/finance_alpaca_sample.jsonl
 
@@ -9,6 +10,10 @@ generation.deterministic: decode steps as CUDA graphs (finance_qlora.decode_grap
 each twice in this process (the first and a warm generation), for the pretrained model and for
 the same model with a LoRA adapter of random weights on q_proj and v_proj (the fine-tuned
 evaluation's path through PEFT). Counts answers alike and times each; one JSON file.
+`--compare stop`: decode steps as graphs in both, generate() deciding to stop a step late
+(generation.stop_checks_deferred, as shipped) and at every step; answers that end before 128
+tokens counted (a batch whose rows all end early runs the late stop's extra step and undoes
+it: smaller --batch-size makes that likelier).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.gpu_throughput import decode_log  # noqa: E402
+from benchmarks.gpu_throughput import decode_log, stop_each_step  # noqa: E402
 from finance_qlora.config import DataConfig  # noqa: E402
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl  # noqa: E402
@@ -35,12 +41,15 @@ from finance_qlora.presets import resolve_config  # noqa: E402
 from finance_qlora.prompts import write_prompts  # noqa: E402
 
 
-def timed(model, tokenizer, prompts, generation) -> tuple[list[str], float]:
+def timed(model, tokenizer, prompts, generation) -> tuple[list[str], float, int]:
+    """The answers, the seconds, and how many answers ended before the token limit."""
     torch.cuda.synchronize()
     started = time.perf_counter()
     answers = generate_shard(model, tokenizer, prompts, generation)
     torch.cuda.synchronize()
-    return [answers[i].text for i in range(len(prompts))], round(time.perf_counter() - started, 2)
+    seconds = round(time.perf_counter() - started, 2)
+    ended = sum(a.new_tokens < generation.max_new_tokens for a in answers.values())
+    return [answers[i].text for i in range(len(prompts))], seconds, ended
 
 
 def main() -> None:
@@ -48,14 +57,25 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/decode-graphs"))
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
+    parser.add_argument("--compare", choices=["graphs", "stop"], default="graphs")
+    parser.add_argument("--models", default="pretrained,random-lora")
+    parser.add_argument("--batch-size", type=int, default=300, help="prompts a generate() call")
     args = parser.parse_args()
     rows = DataConfig(dataset=str(args.data.resolve()), train_size=1000, test_size=300, seed=0)
     splits = write_splits(resolve_version(rows.dataset), rows, args.work / "splits")
     prompts = [
         p["prompt"] for p in read_jsonl(write_prompts(splits, args.work / "prompts").test_path)
     ]
-    config = resolve_config("smollm2-135m", {"generation": {"cache": "static", "batch_size": 300}})
+    batching = {"cache": "static", "batch_size": args.batch_size}
+    config = resolve_config("smollm2-135m", {"generation": batching})
     eager = config.generation.model_copy(update={"cuda_graphs": False})
+    modes = {  # name: generation settings, what the generation runs under
+        "graphs": [("graphs", config.generation, nullcontext), ("eager", eager, nullcontext)],
+        "stop": [
+            ("late", config.generation, nullcontext),
+            ("each-step", config.generation, stop_each_step),
+        ],
+    }[args.compare]
     handler = decode_log()
     result: dict = {
         "machine": torch.cuda.get_device_name(),
@@ -67,7 +87,7 @@ def main() -> None:
         "models": {},
     }
     with loaded(config.model, dequantize=config.generation.dequantize) as (model, tokenizer):
-        for name in ("pretrained", "random-lora"):
+        for name in args.models.split(","):
             if name == "random-lora":
                 from peft import LoraConfig, get_peft_model
 
@@ -77,32 +97,33 @@ def main() -> None:
                 )
                 model = get_peft_model(model, lora).eval()
             runs = {}
-            for mode, settings in (("graphs", config.generation), ("eager", eager)):
+            for mode, settings, context in modes:
                 handler.lines.clear()
-                first, first_s = timed(model, tokenizer, prompts, settings)
-                warm, warm_s = timed(model, tokenizer, prompts, settings)
+                with context():
+                    first, first_s, ended = timed(model, tokenizer, prompts, settings)
+                    warm, warm_s, _ = timed(model, tokenizer, prompts, settings)
                 runs[mode] = {
                     "answers": first,
                     "first_seconds": first_s,
                     "warm_seconds": warm_s,
+                    "ended_before_limit": ended,
                     "repeat_alike": sum(a == b for a, b in zip(first, warm, strict=True)),
                     "log": list(handler.lines),
                 }
+            (new, *_), (old, *_) = modes
             alike = sum(
-                a == b
-                for a, b in zip(runs["graphs"]["answers"], runs["eager"]["answers"], strict=True)
+                a == b for a, b in zip(runs[new]["answers"], runs[old]["answers"], strict=True)
             )
             result["models"][name] = {
-                "graphs_vs_eager_alike": alike,
+                f"{new}_vs_{old}_alike": alike,
                 **{m: {k: v for k, v in r.items() if k != "answers"} for m, r in runs.items()},
-                "warm_speedup": round(
-                    runs["eager"]["warm_seconds"] / runs["graphs"]["warm_seconds"], 2
-                ),
+                "warm_speedup": round(runs[old]["warm_seconds"] / runs[new]["warm_seconds"], 2),
             }
             print(json.dumps({name: result["models"][name]}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = result["machine"].replace(" ", "-")
-    out = args.out / f"decode-graphs-smollm2-{gpu}-{result['date']}.json"
+    name = "decode-graphs" if args.compare == "graphs" else f"stop-late-batch{args.batch_size}"
+    out = args.out / f"{name}-smollm2-{gpu}-{result['date']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(out)
 
