@@ -13,7 +13,8 @@ stands in for its tokenizer), the 1,000 / 300 rows, one GPU. Sections (--section
   reference on its rows, before any other) is reported as the cold number.
 - eval: each generation setting in a fresh process (as an evaluate task meets it): the first
   300 x 128 generation, then --runs warm ones; --eval-repeats fresh processes each, the
-  settings in turn (the median process reported, with every process's first). The reference
+  settings in turn, the order reversed every other round (medians over the processes, each
+  process kept). The reference
   (batch 1, 4-bit) is timed on --reference-prompts after a warm-up and extrapolated to 300.
 - flow: the whole flow (python -m flows.finetune: load, format, baseline eval, train, save,
   final eval, compare) in a fresh process and a fresh store, --flow-runs times; the first
@@ -621,25 +622,31 @@ def section_eval(args, variants: list[str]) -> dict:
     if args.reference_prompts:  # 0: the variants alone
         result["reference"] = child(args, "--eval-child", "reference")
     processes: dict[str, list[dict]] = {name: [] for name in variants}
-    for repeat in range(args.eval_repeats):  # fresh processes, the variants in turn
-        for name in variants:
+    for repeat in range(args.eval_repeats):  # fresh processes, the variants in turn, the
+        # order reversed every other round (neither always meets the machine's first process)
+        for name in variants if repeat % 2 == 0 else variants[::-1]:
             print(f"eval.{name} (process {repeat + 1} of {args.eval_repeats}):")
             processes[name].append(child(args, "--eval-child", name))
     for name, runs in processes.items():
-        timed = sorted((r for r in runs if "first_seconds" in r), key=lambda r: r["first_seconds"])
         result["variants"][name] = runs[0]
-        if len(runs) > 1 and timed:  # the median process's figures, with each one's first
-            firsts = [r["first_seconds"] for r in runs if "first_seconds" in r]
-            result["variants"][name] = timed[(len(timed) - 1) // 2] | {
-                "first_seconds_processes": firsts
-            }
+        if len(runs) > 1:  # every process kept; the medians over them (none if one failed)
+            failed = [r["error"] for r in runs if "error" in r]
+            result["variants"][name] = {"processes": runs} | (
+                {"error": failed[0]}
+                if failed
+                else {
+                    "first_seconds": median([r["first_seconds"] for r in runs]),
+                    "warm_seconds": median([r["warm_seconds"] for r in runs]),
+                    "first_seconds_processes": [r["first_seconds"] for r in runs],
+                    "answers_sha256": [d for r in runs for d in r["answers_sha256"]],
+                    "settings": runs[0]["settings"],
+                }
+            )
     measured = {k: v for k, v in result["variants"].items() if "first_seconds" in v}
     digests = {k: v["answers_sha256"] for k, v in measured.items()}
     late, each = "dequantized-static", "dequantized-static-stop-each-step"
     if late in digests and each in digests:  # every generation of every process alike
-        runs = [r for name in (late, each) for r in processes[name]]
-        every = {d for r in runs for d in r.get("answers_sha256", [])}
-        result["deferred_stop_answers_alike"] = len(every) == 1
+        result["deferred_stop_answers_alike"] = len(set(digests[late] + digests[each])) == 1
     if "dequantized-static" in digests and "dequantized-static-eager" in digests:
         result["cuda_graphs_answers_alike"] = (
             set(digests["dequantized-static"]) == set(digests["dequantized-static-eager"])
@@ -778,7 +785,12 @@ def main() -> None:
         "--interleave", action="store_true", help="train: the variants' timed runs in turn"
     )
     parser.add_argument(
-        "--eval-repeats", type=int, default=1, help="eval: fresh processes per variant"
+        "--eval-repeats",
+        type=int,
+        default=1,
+        choices=range(1, 11),
+        metavar="1..10",
+        help="eval: fresh processes per variant",
     )
     parser.add_argument("--flow-runs", type=int, default=3)
     parser.add_argument(

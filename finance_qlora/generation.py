@@ -8,6 +8,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
@@ -108,6 +109,26 @@ def reproducible(enabled: bool, device: torch.device) -> Iterator[None]:
 # generate() reads whether every row has finished one decode step late on these devices (see
 # `stop_checks_deferred`); empty: at every step, as transformers does on them (benchmarks)
 DEFERRED_STOP_DEVICES: tuple[str, ...] = ("cuda",)
+# inside `stop_checks_deferred` (per thread and task, so overlapping uses cannot undo another's)
+_LATE_STOP: ContextVar[bool] = ContextVar("late_stop", default=False)
+
+
+def _late_stop_rule(original: staticmethod):
+    """transformers' rule for deferring the stop, extended to `DEFERRED_STOP_DEVICES` inside
+    `stop_checks_deferred`, where the cache is not handed back and no assistant model runs."""
+
+    def is_supported(device, cache, cache_is_returned, is_assistant) -> bool:
+        if (
+            _LATE_STOP.get()
+            and device.type in DEFERRED_STOP_DEVICES
+            and not is_assistant
+            and not cache_is_returned
+        ):
+            return True
+        return original.__func__(device, cache, cache_is_returned, is_assistant)
+
+    is_supported.transformers_rule = original
+    return staticmethod(is_supported)
 
 
 @contextmanager
@@ -121,31 +142,29 @@ def stop_checks_deferred(device: torch.device) -> Iterator[None]:
     a step late, so the host queues step t + 1 while the card computes step t; it undoes the
     one extra step it may run, so the answers are the same. transformers enables it on Apple
     GPUs only; this enables it on CUDA, where the cache is not returned to the caller (ours
-    never is), as transformers itself requires. A 300 x 128 generation of LLaMA-2-7B on an
-    H200: about 0.1 s less, first and warm (benchmarks/README.md)."""
+    never is), as transformers itself requires. The rule is installed once, and applies only
+    inside this context. A logits processor that reads tokens on the host (the n-gram
+    blockers) still waits every step. A 300 x 128 generation of LLaMA-2-7B on an H200: about
+    0.1 s less, within the spread between processes (benchmarks/README.md)."""
     from transformers.generation import utils
 
     deferred = getattr(utils, "DeferredStopCheck", None)  # None in older transformers: as is
-    original = deferred and inspect.getattr_static(deferred, "is_supported", None)
+    rule = deferred and inspect.getattr_static(deferred, "is_supported", None)
     expected = ["device", "cache", "cache_is_returned", "is_assistant"]
     if (
         device.type not in DEFERRED_STOP_DEVICES
-        or not isinstance(original, staticmethod)
-        or list(inspect.signature(original.__func__).parameters) != expected
+        or not isinstance(rule, staticmethod)
+        or list(inspect.signature(rule.__func__).parameters) != expected
     ):
         yield
         return
-
-    def is_supported(device, cache, cache_is_returned, is_assistant) -> bool:
-        if device.type in DEFERRED_STOP_DEVICES and not is_assistant and not cache_is_returned:
-            return True
-        return original.__func__(device, cache, cache_is_returned, is_assistant)
-
-    deferred.is_supported = staticmethod(is_supported)
+    if not hasattr(rule.__func__, "transformers_rule"):
+        deferred.is_supported = _late_stop_rule(rule)
+    token = _LATE_STOP.set(True)
     try:
         yield
     finally:
-        deferred.is_supported = original
+        _LATE_STOP.reset(token)
 
 
 def graphs_wanted(generation: GenerationSettings, device: torch.device) -> bool:
