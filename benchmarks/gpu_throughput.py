@@ -158,7 +158,7 @@ def library_waits():
 def host_as_before():
     """The host's work around a step as before 2026-11-29: bitsandbytes' update weight by
     weight (finance_qlora.flat_optimizer off), the Trainer's own FLOPs estimate (the model's
-    parameters counted each step) and clipping (over all of them); with the variant's
+    parameters counted each step), clipping and zeroing (over all of them); with the variant's
     loader_workers=0, batches collated in the training process between steps."""
     from transformers import Trainer
 
@@ -170,6 +170,7 @@ def host_as_before():
         class AsBefore(made()):
             floating_point_ops = Trainer.floating_point_ops
             _clip_grad_norm = Trainer._clip_grad_norm
+            zero_trainable_only = False
 
         return AsBefore
 

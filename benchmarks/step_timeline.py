@@ -187,6 +187,8 @@ def host_calls() -> list[tuple[object, str, str]]:
     from transformers import PreTrainedModel, Trainer
     from transformers.trainer_callback import CallbackHandler
 
+    from finance_qlora import step_trainer
+
     return [
         (Trainer, "get_batch_samples", "next batches"),
         (Accelerator, "clip_grad_norm_", "clip gradients"),
@@ -195,6 +197,7 @@ def host_calls() -> list[tuple[object, str, str]]:
         (Trainer, "_maybe_log_save_evaluate", "log, save, evaluate"),
         (PreTrainedModel, "num_parameters", "count parameters (flops)"),
         (torch.nn.Module, "zero_grad", "zero gradients"),
+        (step_trainer, "drop_gradients", "zero gradients"),  # StepTrainer's, after its first
         (LRScheduler, "step", "learning rate"),
         (CallbackHandler, "on_step_end", "step-end callbacks"),
     ]

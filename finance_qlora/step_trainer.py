@@ -1,14 +1,16 @@
 """TRL's SFTTrainer with the recipe's schedule: each optimizer step holds `train.rows_per_step`
 rows (`batching.StepSampler`), computed in micro-batches, with a warm-up that never runs at
 learning rate 0; steps the host never waits for (`sync_free`); one 8-bit optimizer update for
-all adapter weights (`flat_optimizer`); and the modeling names it patches (Liger's kernels) set
-back after training.
+all adapter weights (`flat_optimizer`); the host's work around a step done once (the FLOPs
+estimate's parameter count, the clip's and the zeroing's weight lists); and the modeling names
+it patches (Liger's kernels) set back after training.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 
 from finance_qlora import flat_optimizer, sync_free
 from finance_qlora.batching import MaskableRows, MicroBatching, StepSampler
@@ -29,6 +31,42 @@ def warmup_that_updates(schedule, warmup_steps: int):
         return schedule(step + 1) if step < warmup_steps else schedule(step)
 
     return factor
+
+
+def drop_gradients(weights: list) -> None:
+    """What `Module.zero_grad()` does to each weight (set_to_none, its default)."""
+    for weight in weights:
+        weight.grad = None
+
+
+def zero_trainable_only(model) -> Callable[[], None]:
+    """`model.zero_grad()`, which the Trainer calls after every optimizer step, over the
+    trainable weights only: only they get gradients from a step, and walking every module's
+    parameters costs about 3.5 ms of host time a step on a 7B model with adapters (H200
+    profile, 2026-11-29). Its first call (the Trainer's, before the first step) is the model's
+    own, so a stale gradient of a frozen weight goes too, and lists the trainable weights;
+    `set_to_none=False` is the model's own as well. Returns what puts the model's own back."""
+    own = vars(model).get("zero_grad")  # an instance's own, if it had one
+    walk = model.zero_grad
+    trainable: list | None = None
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        nonlocal trainable
+        if trainable is None or not set_to_none:
+            walk(set_to_none)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            return
+        drop_gradients(trainable)
+
+    model.zero_grad = zero_grad
+
+    def put_back() -> None:
+        if own is None:
+            del model.zero_grad
+        else:
+            model.zero_grad = own
+
+    return put_back
 
 
 def step_trainer_class():
@@ -58,6 +96,9 @@ def step_trainer_class():
                 self.trainer.step_sampler.set_epoch(math.floor(state.epoch + 1e-9))
 
     class StepTrainer(SFTTrainer):
+        # the model's gradients zeroed over its trainable weights (`zero_trainable_only`)
+        zero_trainable_only = True
+
         def __init__(self, *args, steps: TrainSettings, **kwargs):
             self.steps = steps
             self.step_sampler: StepSampler | None = None
@@ -134,9 +175,14 @@ def step_trainer_class():
             return optimizer
 
         def train(self, *args, **kwargs):
+            # with one process the Trainer zeroes this model itself; a wrapper (DDP, FSDP)
+            # walks its own parameters and never calls this
+            put_back = zero_trainable_only(self.model) if self.zero_trainable_only else None
             try:
                 return super().train(*args, **kwargs)
             finally:
+                if put_back is not None:
+                    put_back()
                 self.modeling_names.restore()
 
         def get_train_dataloader(self):

@@ -1,17 +1,19 @@
 """What the host does around a training step, done once or off the critical path, with nothing
-computed changed: the parameter count for the Trainer's FLOPs estimate taken once, and batches
-collated by a loader process while the step runs (train.loader_workers)."""
+computed changed: the parameter count for the Trainer's FLOPs estimate taken once, the clip and
+the zeroing over the trainable weights listed once, and batches collated by a loader process
+while the step runs (train.loader_workers)."""
 
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from finance_qlora.files import write_jsonl
 from finance_qlora.presets import resolve_config
 from finance_qlora.prompts import to_prompt_completion
+from finance_qlora.step_trainer import zero_trainable_only
 from finance_qlora.training import build_trainer, train_adapter
 from tests.conftest import make_rows
 
@@ -87,3 +89,43 @@ def test_clipping_the_trainable_weights_clips_what_the_trainer_clips(prompts, tm
     model.parameters = lambda *a, **k: walks.append(1) or iter(trainable)
     trainer._clip_grad_norm(model)
     assert walks == []  # the list taken on the first clip
+
+
+def test_zeroing_the_trainable_weights_zeroes_what_the_model_zeroes(prompts, tmp_path):
+    """After the first call (the model's own, which also drops a stale gradient of a frozen
+    weight) the Trainer's `model.zero_grad()` drops the trainable weights' gradients without
+    walking the model; set_to_none=False is the model's own; put back after training."""
+    config = resolve_config("tiny-cpu", {"train": {"epochs": 1}})
+    trainer = build_trainer(prompts, config.model, config.lora, config.train, tmp_path / "out")
+    model = trainer.model
+    weights = list(model.parameters())
+    trainable = [p for p in weights if p.requires_grad]
+    frozen = next(p for p in weights if not p.requires_grad and p.is_floating_point())
+    put_back = zero_trainable_only(model)
+    walks = []
+    model.parameters = lambda *a, **k: walks.append(1) or iter(weights)
+    for p in [*trainable, frozen]:
+        p.grad = torch.ones_like(p)
+    model.zero_grad()
+    assert all(p.grad is None for p in weights) and walks == [1, 1]  # its own walk, the list
+    for p in trainable:
+        p.grad = torch.ones_like(p)
+    model.zero_grad()
+    assert all(p.grad is None for p in trainable) and walks == [1, 1]  # no walk now
+    trainable[0].grad = torch.ones_like(trainable[0])
+    model.zero_grad(set_to_none=False)
+    assert torch.equal(trainable[0].grad, torch.zeros_like(trainable[0])) and len(walks) == 4
+    put_back()
+    del model.parameters
+    assert "zero_grad" not in vars(model)
+
+    class InEffect(TrainerCallback):
+        seen: list[bool] = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            InEffect.seen.append("zero_grad" in vars(model))
+
+    trainer.add_callback(InEffect())
+    trainer.train()
+    assert InEffect.seen == [True] * trainer.state.global_step and InEffect.seen
+    assert "zero_grad" not in vars(trainer.model)
