@@ -170,7 +170,7 @@ def host_as_before():
         class AsBefore(made()):
             floating_point_ops = Trainer.floating_point_ops
             _clip_grad_norm = Trainer._clip_grad_norm
-            zero_trainable_only = False
+            trainable_zeroing = False
 
         return AsBefore
 

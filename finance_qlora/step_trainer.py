@@ -97,7 +97,7 @@ def step_trainer_class():
 
     class StepTrainer(SFTTrainer):
         # the model's gradients zeroed over its trainable weights (`zero_trainable_only`)
-        zero_trainable_only = True
+        trainable_zeroing = True
 
         def __init__(self, *args, steps: TrainSettings, **kwargs):
             self.steps = steps
@@ -177,7 +177,7 @@ def step_trainer_class():
         def train(self, *args, **kwargs):
             # with one process the Trainer zeroes this model itself; a wrapper (DDP, FSDP)
             # walks its own parameters and never calls this
-            put_back = zero_trainable_only(self.model) if self.zero_trainable_only else None
+            put_back = zero_trainable_only(self.model) if self.trainable_zeroing else None
             try:
                 return super().train(*args, **kwargs)
             finally:
