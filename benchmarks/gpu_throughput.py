@@ -390,6 +390,7 @@ def summary(config, rows: int | None, warm: dict, waits: dict, timed: list[dict]
         "runs": timed,
         "host_waits": waits,
         "graph_breaks": graph_breaks(),
+        "compile_caches": compile_caches(),
     }
 
 
@@ -422,6 +423,17 @@ def graph_breaks() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
     return dict(counters["graph_break"])
+
+
+def compile_caches() -> dict:
+    """torch.compile's on-disk caches in this process so far: AOTAutograd's hits, misses and
+    bypasses, with the reasons it gave for a bypass (a bypass traces forward and backward
+    again however warm the cache), and inductor's FX graph cache."""
+    from torch._dynamo.utils import counters
+
+    caches = {k: v for k, v in counters["aot_autograd"].items() if k.startswith("autograd_")}
+    caches |= {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
+    return caches | {"bypass_reasons": sorted(set(CACHE_BYPASSES.lines))}
 
 
 def section_loads(setup: Setup) -> dict:
@@ -566,6 +578,13 @@ class LogLines(logging.Handler):
             self.lines.append(record.getMessage())
 
 
+# AOTAutograd's reasons for not using its cache (an INFO line, let through from here)
+CACHE_BYPASSES = LogLines("Bypassing autograd cache", logging.INFO)
+_cache_log = logging.getLogger("torch._functorch._aot_autograd.autograd_cache")
+_cache_log.addHandler(CACHE_BYPASSES)
+_cache_log.setLevel(logging.INFO)
+
+
 def out_of_memory_watch() -> LogLines:
     """The out-of-memory back-offs, from now on: a profile that needed one did not fit."""
     watch = LogLines("out of GPU memory", logging.WARNING)
@@ -702,6 +721,7 @@ def flow_in_process(setup: Setup, run: int) -> dict:
         "tasks_seconds": steps,
         "cached_steps": summary["cached_steps"],
         "peak_gib": peak_gib(),
+        "compile_caches": compile_caches(),
     }
 
 
