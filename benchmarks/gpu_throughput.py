@@ -578,11 +578,14 @@ class LogLines(logging.Handler):
             self.lines.append(record.getMessage())
 
 
-# AOTAutograd's reasons for not using its cache (an INFO line, let through from here)
+# AOTAutograd's reasons for not using its cache (INFO lines: `main` lets them through)
 CACHE_BYPASSES = LogLines("Bypassing autograd cache", logging.INFO)
-_cache_log = logging.getLogger("torch._functorch._aot_autograd.autograd_cache")
-_cache_log.addHandler(CACHE_BYPASSES)
-_cache_log.setLevel(logging.INFO)
+
+
+def watch_cache_bypasses() -> None:
+    log = logging.getLogger("torch._functorch._aot_autograd.autograd_cache")
+    log.addHandler(CACHE_BYPASSES)
+    log.setLevel(logging.INFO)
 
 
 def out_of_memory_watch() -> LogLines:
@@ -832,6 +835,7 @@ def main() -> None:
     args = parser.parse_args()
     args.data, args.work = args.data.resolve(), args.work.resolve()
     os.environ.setdefault("FINANCE_QLORA_CACHE", str(args.work / "cache"))
+    watch_cache_bypasses()
     setup = Setup(args)
     if args.eval_child:
         if args.eval_child == "reference":
