@@ -14,8 +14,8 @@ stands in for its tokenizer), the 1,000 / 300 rows, one GPU. Sections (--section
 - eval: each generation setting in a fresh process (as an evaluate task meets it): the first
   300 x 128 generation, then --runs warm ones; --eval-repeats fresh processes each, the
   settings in turn, the order reversed every other round (medians over the processes, each
-  process kept). The reference
-  (batch 1, 4-bit) is timed on --reference-prompts after a warm-up and extrapolated to 300.
+  process kept). The reference (batch 1, 4-bit) is timed on --reference-prompts after a
+  warm-up and extrapolated to 300.
 - flow: the whole flow (python -m flows.finetune: load, format, baseline eval, train, save,
   final eval, compare) in a fresh process and a fresh store, --flow-runs times; the first
   finds no kept 4-bit copy. Reported: the flow run's own duration and its tasks'.
