@@ -39,24 +39,24 @@ def drop_gradients(weights: list) -> None:
         weight.grad = None
 
 
-def zero_trainable_only(model) -> Callable[[], None]:
+def zero_trainable_only(model, trainable: Callable[[], list]) -> Callable[[], None]:
     """`model.zero_grad()`, which the Trainer calls after every optimizer step, over the
-    trainable weights only: only they get gradients from a step, and walking every module's
-    parameters costs about 3.5 ms of host time a step on a 7B model with adapters (H200
-    profile, 2026-11-29). Its first call (the Trainer's, before the first step) is the model's
-    own, so a stale gradient of a frozen weight goes too, and lists the trainable weights;
+    trainable weights only (`trainable()`, the trainer's list): only they get gradients from a
+    step, and walking every module's parameters costs about 3.5 ms of host time a step on a 7B
+    model with adapters (H200 profile, 2026-11-29). Its first call (the Trainer's, before the
+    first step) is the model's own, so a stale gradient of a frozen weight goes too;
     `set_to_none=False` is the model's own as well. Returns what puts the model's own back."""
     own = vars(model).get("zero_grad")  # an instance's own, if it had one
     walk = model.zero_grad
-    trainable: list | None = None
+    walked = False
 
     def zero_grad(set_to_none: bool = True) -> None:
-        nonlocal trainable
-        if trainable is None or not set_to_none:
+        nonlocal walked
+        if not walked or not set_to_none:
             walk(set_to_none)
-            trainable = [p for p in model.parameters() if p.requires_grad]
+            walked = True
             return
-        drop_gradients(trainable)
+        drop_gradients(trainable())
 
     model.zero_grad = zero_grad
 
@@ -136,7 +136,7 @@ def step_trainer_class():
             return 6 * inputs[main].numel() * self.counted_parameters
 
         def _clip_grad_norm(self, model):
-            # Only the trainable weights can have gradients: clip those (a list taken once)
+            # Only the trainable weights can have gradients: clip those
             # instead of walking all of the model's parameters each step (about 6 ms of host
             # time a step on a 7B model with adapters, H200, 2026-11-29, for the Trainer's whole
             # clip). The same norm and the same clipped gradients; other setups (DeepSpeed,
@@ -144,11 +144,17 @@ def step_trainer_class():
             plain = self.accelerator.distributed_type in PLAIN and not self.is_fsdp_enabled
             if not plain or self._has_mixed_mesh_grads(model):
                 return super()._clip_grad_norm(model)
-            if self.trainable_parameters is None:
-                self.trainable_parameters = [p for p in model.parameters() if p.requires_grad]
             return self.accelerator.clip_grad_norm_(
-                self.trainable_parameters, self.args.max_grad_norm
+                self.trainable_weights(), self.args.max_grad_norm
             )
+
+        def trainable_weights(self) -> list:
+            """The weights that get gradients, listed once for the clip and the zeroing (the
+            model's own parameters: a DDP wrapper's are the same tensors)."""
+            if self.trainable_parameters is None:
+                weights = self.model.parameters()
+                self.trainable_parameters = [p for p in weights if p.requires_grad]
+            return self.trainable_parameters
 
         def _prepare_input(self, data):
             if sync_free.ENABLED and not self.is_deepspeed_enabled:
@@ -177,7 +183,9 @@ def step_trainer_class():
         def train(self, *args, **kwargs):
             # with one process the Trainer zeroes this model itself; a wrapper (DDP, FSDP)
             # walks its own parameters and never calls this
-            put_back = zero_trainable_only(self.model) if self.trainable_zeroing else None
+            put_back = None
+            if self.trainable_zeroing:
+                put_back = zero_trainable_only(self.model, self.trainable_weights)
             try:
                 return super().train(*args, **kwargs)
             finally:
