@@ -113,6 +113,10 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
       --out "$OUT" --sections flow --flow-runs 2 \
       $(for a in ${FLOW_SET:-}; do echo "--flow-set=$a"; done) ;;
+  compile-load) # where a warm-cache compile of the 7B layer spends its time (variants:
+    # benchmarks/compile_load.py; $COMPILE_VARIANTS picks some)
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/compile_load.py --data $DATA \
+      --work /tmp/compile-load --out "$OUT" ${COMPILE_VARIANTS:+--variants $COMPILE_VARIANTS} ;;
   stop-smol) # SmolLM2's real weights: the stop read a step late against each step, the same
     # answers? In one batch of 300 (as llama2-7b-h100) and in batches of 32 (some end early)
     for size in 300 32; do

@@ -70,6 +70,14 @@ ARCHS = {
         num_attention_heads=32,
         num_key_value_heads=32,
     ),
+    # the 7B layer twice: compiled layers compile one graph a layer class, as for 32
+    "llama2-7b-layers2": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=2,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
     # a smoke-test size for checking the script itself on a CPU
     "tiny": dict(
         hidden_size=64,
@@ -258,7 +266,7 @@ def build_model(arch: str, folder: Path, texts: list[str]) -> None:
     """Random weights in bf16 on the GPU, saved as a local Hugging Face folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    vocab = 32000 if arch == "llama2-7b" else 512
+    vocab = 32000 if arch.startswith("llama2-7b") else 512
     # no pad token, like LLaMA-2's: load_tokenizer pads with <unk>
     tokenizer = train_bpe_tokenizer(texts, vocab, pad_token=None)
     tokenizer.save_pretrained(folder)
@@ -433,7 +441,22 @@ def compile_caches() -> dict:
 
     caches = {k: v for k, v in counters["aot_autograd"].items() if k.startswith("autograd_")}
     caches |= {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
-    return caches | {"bypass_reasons": sorted(set(CACHE_BYPASSES.lines))}
+    caches |= {f"dynamo_{k}": v for k, v in counters["stats"].items()}
+    return caches | {
+        "bypass_reasons": sorted(set(CACHE_BYPASSES.lines)),
+        "recompiles": dict(counters["recompiles"]),
+        "phase_seconds": compile_phase_seconds(),
+    }
+
+
+def compile_phase_seconds(at_least: float = 0.5) -> dict[str, float]:
+    """Where torch.compile's time went in this process (dynamo's `dynamo_timed` phases summed
+    over every graph; the phases nest, so they do not add up): those of `at_least` seconds."""
+    from torch._dynamo.utils import compile_times
+
+    names, seconds = compile_times(repr="csv", aggregate=True)
+    phases = zip(names, map(float, seconds), strict=True)
+    return {name: round(s, 2) for name, s in phases if s >= at_least}
 
 
 def section_loads(setup: Setup) -> dict:

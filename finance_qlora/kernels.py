@@ -32,7 +32,25 @@ def compile_layers(model) -> int:
     torch._inductor.config.fallback_random = True
     for layer in layers:
         layer.compile(dynamic=True)
+    warm_compile_workers(wait=True)  # started before the model loaded (build_trainer)
     return len(layers)
+
+
+def warm_compile_workers(wait: bool = False) -> None:
+    """Start inductor's compile worker processes now (`maybe_warm_pool`, which inductor itself
+    calls only at the first compiled call); `wait` blocks until they answer. Where the workers
+    are not ready when a graph loads from inductor's cache, its Triton kernels load in this
+    process one after the other: about 45 s of a warm-cache compile of the 7B layer on the
+    H200 (benchmarks/compile_load.py). CPU builds compile C++ here and have no workers."""
+    from torch.utils._triton import has_triton_package
+
+    if not has_triton_package():
+        return
+    from torch._inductor.async_compile import AsyncCompile, maybe_warm_pool
+
+    maybe_warm_pool()
+    if wait:
+        AsyncCompile.wait_pool_ready()
 
 
 def uncast_adapter_inputs(trainer):

@@ -1,0 +1,159 @@
+"""Where a compiled layer's time goes when inductor's cache is warm (issue 19: the compiled
+preset's flow spends about 45 s in `PyCodeCache.load_by_key_path` with every cache hit).
+
+    python benchmarks/compile_load.py --data ../shared/data/finance_alpaca_sample.jsonl
+
+The LLaMA-2-7B layer (random weights, 2 layers: `train.compile` compiles one graph a layer
+class, so two layers compile what 32 do) trained on --rows rows with the `llama2-7b-h100`
+settings and compiled layers, each variant in a fresh process over one inductor cache:
+
+- cold: an empty cache;
+- warm-as-before: the cache the cold process left, the compile workers started at the first
+  compiled call as inductor does (`kernels.warm_compile_workers` switched off);
+- warm-profiled: the same under cProfile (slower: for where the time goes; the top callers by
+  cumulative time go to <out>/compile-load-profile.txt);
+- warm: the project as it is: the workers started before the model loads, waited for before
+  the first compiled call;
+- warm-threads1: the same, compiling in this process alone (TORCHINDUCTOR_COMPILE_THREADS=1);
+- warm-vec-isa-ok: the same, inductor told the CPU's vector instructions build
+  (TORCHINDUCTOR_VEC_ISA_OK=1: no test programs compiled and loaded to find out).
+
+The C++ sources in the cache (`cpp_sources`: what a CUDA layer compiles for the CPU) are listed.
+
+Reported per process: the training's seconds (the compile included), torch.compile's phases
+(gpu_throughput.compile_caches) and the files in the Triton caches before and after.
+Results: <out>/compile-load-<gpu>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.gpu_throughput import Setup, compile_caches, train_once  # noqa: E402
+
+VARIANTS = (
+    "cold",
+    "warm-as-before",
+    "warm-profiled",
+    "warm",
+    "warm-threads1",
+    "warm-vec-isa-ok",
+)
+ENV = {
+    "warm-threads1": {"TORCHINDUCTOR_COMPILE_THREADS": "1"},
+    "warm-vec-isa-ok": {"TORCHINDUCTOR_VEC_ISA_OK": "1"},
+}
+
+
+def triton_files(cache: Path) -> dict[str, int]:
+    """Files in inductor's Triton cache and in Triton's own (the launchers)."""
+    folders = {"inductor_triton": cache / "triton", "home_triton": Path.home() / ".triton"}
+    return {name: sum(p.is_file() for p in folder.rglob("*")) for name, folder in folders.items()}
+
+
+def cpp_sources(cache: Path, head: int = 1200) -> dict[str, str]:
+    """Each C++ source in the cache, by path, with its opening characters."""
+    return {
+        str(path.relative_to(cache)): path.read_text(errors="replace")[:head]
+        for path in sorted(cache.rglob("*.cpp"))
+    }
+
+
+def in_process(args, variant: str) -> dict:
+    cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    before = triton_files(cache)
+    if variant in ("warm-as-before", "warm-profiled"):
+        from finance_qlora import kernels, training
+
+        kernels.warm_compile_workers = training.warm_compile_workers = lambda wait=False: None
+    setup = Setup(args)
+    config = setup.config(train={"compile": True, "fused_kernels": False})
+    prompts = setup.subset(args.rows)
+    profiler = cProfile.Profile() if variant == "warm-profiled" else None
+    started = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    run = train_once(setup, config, prompts, variant)
+    if profiler:
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
+        (args.out / "compile-load-profile.txt").write_text(text.getvalue())
+    return {
+        "train_seconds": run["seconds"],
+        "call_seconds": round(time.perf_counter() - started, 2),
+        "compile_caches": compile_caches(),
+        "triton_files_before": before,
+        "triton_files_after": triton_files(cache),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data", type=Path, default=ROOT.parent / "shared/data/finance_alpaca_sample.jsonl"
+    )
+    parser.add_argument("--work", type=Path, default=Path("/tmp/finance-qlora-compile-load"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--arch", default="llama2-7b-layers2")
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--child", choices=VARIANTS)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        print(json.dumps(in_process(args, args.child)))
+        return
+
+    Setup(args)  # the random model and the splits, built before any process is timed
+    cache = args.work / "inductor-cache"
+    results = {}
+    for variant in args.variants.split(","):
+        env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(cache)} | ENV.get(variant, {})
+        command = [sys.executable, __file__, "--child", variant, "--data", str(args.data)]
+        command += ["--work", str(args.work), "--out", str(args.out), "--arch", args.arch]
+        command += ["--rows", str(args.rows)]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode:
+            results[variant] = {"error": done.stderr.strip().splitlines()[-1][:400]}
+        else:
+            results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[variant]["process_seconds"] = round(time.perf_counter() - started, 2)
+        print(variant, json.dumps(results[variant]), flush=True)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    date = datetime.now(UTC).strftime("%Y-%m-%d")
+    record = {
+        "gpu": gpu,
+        "date": date,
+        "torch": torch.__version__,
+        "command": "python " + " ".join(sys.argv),
+        "arch": args.arch,
+        "rows": args.rows,
+        "variants": results,
+        "cpp_sources": cpp_sources(cache),
+    }
+    path = args.out / f"compile-load-{gpu.replace(' ', '-')}-{date}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
