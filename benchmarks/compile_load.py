@@ -1,5 +1,6 @@
-"""Where a compiled layer's time goes when inductor's cache is warm (issue 19: the compiled
-preset's flow spends about 45 s in `PyCodeCache.load_by_key_path` with every cache hit).
+"""Where a compiled layer's time goes when it compiles, cold and from inductor's cache (issue
+19: the compiled preset's flow spent about 45 s of a warm-cache compile in
+`PyCodeCache.load_by_key_path`).
 
     python benchmarks/compile_load.py --data ../shared/data/finance_alpaca_sample.jsonl
 
@@ -8,20 +9,20 @@ class, so two layers compile what 32 do) trained on --rows rows with the `llama2
 settings and compiled layers, each variant in a fresh process over one inductor cache:
 
 - cold: an empty cache;
-- warm-as-before: the cache the cold process left, the compile workers started at the first
-  compiled call as inductor does (`kernels.warm_compile_workers` switched off);
+- warm: the cache the cold process left;
 - warm-profiled: the same under cProfile (slower: for where the time goes; the top callers by
   cumulative time go to <out>/compile-load-profile.txt);
-- warm: the project as it is: the workers started before the model loads, waited for before
-  the first compiled call;
-- warm-threads1: the same, compiling in this process alone (TORCHINDUCTOR_COMPILE_THREADS=1);
-- warm-vec-isa-ok: the same, inductor told the CPU's vector instructions build
-  (TORCHINDUCTOR_VEC_ISA_OK=1: no test programs compiled and loaded to find out).
+- cold-dynamic-floats, warm-dynamic-floats: the layers' float attributes as graph inputs, as
+  before `kernels.CONSTANT_FLOATS` (other graphs: inductor's graph cache is cold for the first
+  of them, Triton's kernels may not be: not comparable with cold).
 
-The C++ sources in the cache (`cpp_sources`: what a CUDA layer compiles for the CPU) are listed.
+The results of 2026-11-29 name the variants of this script at commit 5d6fcb0 (warm-as-before,
+warm-profiled, warm: the compile workers started before the model loads, warm-threads1) and
+one run with TORCHINDUCTOR_VEC_ISA_OK=1 (benchmarks/README.md says what each was).
 
 Reported per process: the training's seconds (the compile included), torch.compile's phases
-(gpu_throughput.compile_caches) and the files in the Triton caches before and after.
+(gpu_throughput.compile_caches) and the files in the Triton caches before and after; and the
+C++ sources in the cache (`cpp_sources`: what the CUDA layer compiled for the CPU).
 Results: <out>/compile-load-<gpu>-<date>.json.
 """
 
@@ -48,16 +49,11 @@ from benchmarks.gpu_throughput import Setup, compile_caches, train_once  # noqa:
 
 VARIANTS = (
     "cold",
-    "warm-as-before",
-    "warm-profiled",
     "warm",
-    "warm-threads1",
-    "warm-vec-isa-ok",
+    "warm-profiled",
+    "cold-dynamic-floats",
+    "warm-dynamic-floats",
 )
-ENV = {
-    "warm-threads1": {"TORCHINDUCTOR_COMPILE_THREADS": "1"},
-    "warm-vec-isa-ok": {"TORCHINDUCTOR_VEC_ISA_OK": "1"},
-}
 
 
 def triton_files(cache: Path) -> dict[str, int]:
@@ -77,10 +73,10 @@ def cpp_sources(cache: Path, head: int = 1200) -> dict[str, str]:
 def in_process(args, variant: str) -> dict:
     cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     before = triton_files(cache)
-    if variant in ("warm-as-before", "warm-profiled"):
-        from finance_qlora import kernels, training
+    if variant.endswith("-dynamic-floats"):
+        from finance_qlora import kernels
 
-        kernels.warm_compile_workers = training.warm_compile_workers = lambda wait=False: None
+        kernels.CONSTANT_FLOATS = False
     setup = Setup(args)
     config = setup.config(train={"compile": True, "fused_kernels": False})
     prompts = setup.subset(args.rows)
@@ -126,7 +122,7 @@ def main() -> None:
     cache = args.work / "inductor-cache"
     results = {}
     for variant in args.variants.split(","):
-        env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(cache)} | ENV.get(variant, {})
+        env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(cache)}
         command = [sys.executable, __file__, "--child", variant, "--data", str(args.data)]
         command += ["--work", str(args.work), "--out", str(args.out), "--arch", args.arch]
         command += ["--rows", str(args.rows)]

@@ -57,6 +57,12 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
       --out "$OUT" --sections train --runs 3 --interleave --reference-rows 4 \
       --variants $v-host-as-before,$v --profile $v-host-as-before,$v ;;
+  floats) # one GPU: compiled layers (C++ wrapper) with the float attributes as graph inputs
+    # (as before kernels.CONSTANT_FLOATS), then as constants; one after the other (a change
+    # of setting compiles again)
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+      --out "$OUT" --sections train --runs 3 --reference-rows 4 --variants \
+      llama2-7b-h100-compiled-noliger-cppwrapper-dynamic-floats,llama2-7b-h100-compiled-noliger-cppwrapper ;;
   speed) # one GPU: the preset, PEFT's casts back on, compiled layers; beside the reference
     CUDA_VISIBLE_DEVICES=0 pin 0-15 python3 benchmarks/gpu_throughput.py --data $DATA \
       --work /tmp/bench --out "$OUT" --sections train --runs 2 --variants \

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.host_waits import host_waits  # noqa: E402
 from benchmarks.step_timeline import profile_phases, profiled_generation  # noqa: E402
 from experiments.determinism_probe import dropout_masks_agree  # noqa: E402
-from finance_qlora import flat_optimizer, generation, sync_free  # noqa: E402
+from finance_qlora import flat_optimizer, generation, kernels, sync_free  # noqa: E402
 from finance_qlora.builtin_models import train_bpe_tokenizer  # noqa: E402
 from finance_qlora.config import DataConfig  # noqa: E402
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
@@ -119,6 +119,10 @@ TRAIN_VARIANTS |= {
 }
 # compiled layers with inductor's C++ wrapper around their kernels instead of its Python one
 TRAIN_VARIANTS["llama2-7b-h100-compiled-noliger-cppwrapper"] = TRAIN_VARIANTS[
+    "llama2-7b-h100-compiled-noliger"
+]
+# the same with the layers' float attributes as graph inputs (see float_attributes)
+TRAIN_VARIANTS["llama2-7b-h100-compiled-noliger-cppwrapper-dynamic-floats"] = TRAIN_VARIANTS[
     "llama2-7b-h100-compiled-noliger"
 ]
 # the same settings with the libraries' own waits for the GPU (finance_qlora.sync_free off)
@@ -206,6 +210,23 @@ def inductor_wrapper(cpp: bool):
     return lambda: Callback()
 
 
+@contextmanager
+def float_attributes(constant: bool):
+    """The compiled layers' float attributes as constants (`constant`, as kernels.CONSTANT_FLOATS
+    has it) or as graph inputs (as before it), around every training run (runner). When that
+    changes, dynamo's compiled code is dropped, which the layers would otherwise reuse: so
+    -dynamic-floats variants run one after the other, not with --interleave (main refuses)."""
+    import torch._dynamo.config
+
+    if torch._dynamo.config.specialize_float != constant:
+        torch._dynamo.reset()
+    kernels.CONSTANT_FLOATS = constant
+    try:
+        yield
+    finally:
+        kernels.CONSTANT_FLOATS = True
+
+
 VARIANT_CALLBACKS = {
     "llama2-7b-h100-compiled-noliger": [inductor_wrapper(False)],
     "llama2-7b-h100-compiled-noliger-cppwrapper": [inductor_wrapper(True)],
@@ -213,6 +234,7 @@ VARIANT_CALLBACKS = {
     "llama2-7b-h100-waits": [library_waits],
     "llama2-7b-h100-compiled-noliger-waits": [library_waits],
     "llama2-7b-h100-compiled-noliger-cppwrapper-host-as-before": [inductor_wrapper(True)],
+    "llama2-7b-h100-compiled-noliger-cppwrapper-dynamic-floats": [inductor_wrapper(True)],
 }
 VARIANT_CONTEXTS = {
     "llama2-7b-h100-host-as-before": host_as_before,
@@ -368,7 +390,7 @@ def runner(setup: Setup, name: str, config, rows: int | None):
 
     def run(label: str, extra=(), on: Path | None = None) -> dict:
         callbacks = [make() for make in factories] + list(extra)
-        with context():
+        with float_attributes(not name.endswith("-dynamic-floats")), context():
             return train_once(setup, config, on or prompts, f"{name}-{label}", callbacks)
 
     return run
@@ -856,6 +878,8 @@ def main() -> None:
     parser.add_argument("--eval-child", help=argparse.SUPPRESS)
     parser.add_argument("--flow-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.interleave and "-dynamic-floats" in args.variants:
+        parser.error("-dynamic-floats variants compile again at each change: not with --interleave")
     args.data, args.work = args.data.resolve(), args.work.resolve()
     os.environ.setdefault("FINANCE_QLORA_CACHE", str(args.work / "cache"))
     watch_cache_bypasses()

@@ -4,19 +4,34 @@ inputs through fp32 under mixed precision, and kernels patched in for training o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 from finance_qlora.errors import ConfigError
 
+# The layers' float attributes (RMSNorm's epsilon, LoRA's scaling and dropout rate, the
+# attention's scale) compiled in as constants. Left dynamic (torch's default with dynamic
+# shapes), each becomes a 0-d CPU float64 input that the graph converts with a C++ kernel: a
+# C++ build at every compile, cached or not, before which inductor test-builds the CPU's vector
+# instructions (about 40 s of a warm-cache compile of the 7B layer on the H200's host,
+# benchmarks/results/compile-load-NVIDIA-H200-2026-11-29*.json), and six to eight scalar
+# tensors made on the host at every layer call. Dynamo guards each constant: a changed value
+# compiles again (never a stale one), and layers whose floats differ (per-layer LoRA alphas,
+# which the project's LoRA settings do not make) would each take one of its 8 recompiles, then
+# run eagerly. benchmarks/gpu_throughput.py switches it off to compare.
+CONSTANT_FLOATS = True
 
-def compile_layers(model) -> int:
+
+def compile_layers(model, backend: str | Callable = "inductor") -> int:
     """torch.compile every decoder layer in place (regional compilation: the layers share one
     compiled graph, so the compile costs one layer's). Shapes are dynamic: packed and padded
     batches of every length reuse it. Inductor keeps the compiled kernels on the worker's disk
     (TORCHINDUCTOR_CACHE_DIR), where the next run finds them.
 
     Dropout draws its masks from the eager random stream (inductor's `fallback_random`), so a
-    compiled step computes what the eager one does, up to the rounding of fused arithmetic."""
+    compiled step computes what the eager one does, up to the rounding of fused arithmetic.
+    Both that and CONSTANT_FLOATS hold for every graph compiled later in the process.
+    `backend`: torch.compile's (a test records the graphs with its own)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     blocks = set(getattr(base, "_no_split_modules", None) or [])  # the repeated layer classes
     layers = [m for m in model.modules() if type(m).__name__ in blocks]
@@ -25,32 +40,16 @@ def compile_layers(model) -> int:
             f"train.compile: {type(base).__name__} names no repeated layer class to compile; "
             "set train.compile=false"
         )
+    import torch._dynamo.config
     import torch._inductor.config
 
-    # a process-wide switch (inductor has no per-graph one); eager random numbers for every
-    # graph this process compiles
+    # process-wide switches (neither has a per-graph one): eager random numbers, and float
+    # attributes as constants, for every graph this process compiles
     torch._inductor.config.fallback_random = True
+    torch._dynamo.config.specialize_float = CONSTANT_FLOATS
     for layer in layers:
-        layer.compile(dynamic=True)
-    warm_compile_workers(wait=True)  # started before the model loaded (build_trainer)
+        layer.compile(backend=backend, dynamic=True)
     return len(layers)
-
-
-def warm_compile_workers(wait: bool = False) -> None:
-    """Start inductor's compile worker processes now (`maybe_warm_pool`, which inductor itself
-    calls only at the first compiled call); `wait` blocks until they answer. Where the workers
-    are not ready when a graph loads from inductor's cache, its Triton kernels load in this
-    process one after the other: about 45 s of a warm-cache compile of the 7B layer on the
-    H200 (benchmarks/compile_load.py). CPU builds compile C++ here and have no workers."""
-    from torch.utils._triton import has_triton_package
-
-    if not has_triton_package():
-        return
-    from torch._inductor.async_compile import AsyncCompile, maybe_warm_pool
-
-    maybe_warm_pool()
-    if wait:
-        AsyncCompile.wait_pool_ready()
 
 
 def uncast_adapter_inputs(trainer):

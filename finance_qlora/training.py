@@ -17,7 +17,7 @@ import torch
 from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
 from finance_qlora.errors import ConfigError, TrainingError
 from finance_qlora.files import atomic_dir, fingerprint, read_jsonl
-from finance_qlora.kernels import compile_layers, uncast_adapter_inputs, warm_compile_workers
+from finance_qlora.kernels import compile_layers, uncast_adapter_inputs
 from finance_qlora.modeling import (
     check_special_tokens,
     compute_dtype,
@@ -267,8 +267,6 @@ def build_trainer(
     rows = read_jsonl(prompts_path)
     dataset = Dataset.from_list(fit_to_length(rows, tokenizer, train.max_seq_length))
     dtype = compute_dtype(model_cfg.compute_dtype)
-    if train.compile:  # the compile workers start while the model loads
-        warm_compile_workers()
     model = load_model(model_cfg, token)
     check_targets(model, lora.target_modules, model_cfg.name)
     check_special_tokens(model, tokenizer, model_cfg.name)

@@ -90,6 +90,46 @@ def test_compiled_layers_train_like_the_plain_ones(tmp_path):
     assert again == pytest.approx(losses[False], abs=1e-5)
 
 
+@pytest.fixture
+def fresh_dynamo(monkeypatch):
+    """Dynamo's compiled code dropped before and after (a test's backend never serves another
+    test's layers), and the process-wide settings compile_layers makes set back."""
+    import torch._dynamo.config
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._dynamo.config, "specialize_float", False)
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", False)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_layers_take_their_float_attributes_as_constants(fresh_dynamo):
+    """RMSNorm's epsilon, LoRA's scaling and dropout rate and the attention's scale are compiled
+    in: not 0-d CPU float64 inputs, which a CUDA graph converts with a C++ kernel (a C++ build,
+    and inductor's test builds of the CPU's vector instructions, at every compile)."""
+    graphs = []
+
+    def record(graph, example_inputs):
+        graphs.append(example_inputs)
+        return graph.forward
+
+    model = bf16_lora_model()
+    expected = model(input_ids=torch.arange(1, 25)[None]).logits
+    assert compile_layers(model, backend=record) == 2
+    logits = model(input_ids=torch.arange(1, 25)[None]).logits
+    assert graphs  # the layers went through the backend
+    floats = [
+        x
+        for inputs in graphs
+        for x in inputs
+        if isinstance(x, float | torch.SymFloat)
+        or (isinstance(x, torch.Tensor) and x.dim() == 0 and x.is_floating_point())
+    ]
+    assert floats == []
+    assert torch.equal(logits, expected)  # this backend runs the graph eagerly
+
+
 def test_compile_refuses_a_model_without_repeated_layers():
     with pytest.raises(ConfigError, match="train.compile"):
         compile_layers(torch.nn.Linear(2, 2))
