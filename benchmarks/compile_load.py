@@ -14,7 +14,9 @@ settings and compiled layers, each variant in a fresh process over one inductor 
   cumulative time go to <out>/compile-load-profile.txt);
 - cold-dynamic-floats, warm-dynamic-floats: the layers' float attributes as graph inputs, as
   before `kernels.CONSTANT_FLOATS` (other graphs: inductor's graph cache is cold for the first
-  of them, Triton's kernels may not be: not comparable with cold).
+  of them, Triton's kernels may not be: not comparable with cold);
+- cold-cppwrapper, warm-cppwrapper: the kernels called from inductor's C++ wrapper (a C++ build
+  for each graph: does it bring the CPU checks back?).
 
 The results of 2026-11-29 name the variants of this script at commit 5d6fcb0 (warm-as-before,
 warm-profiled, warm: the compile workers started before the model loads, warm-threads1) and
@@ -53,6 +55,8 @@ VARIANTS = (
     "warm-profiled",
     "cold-dynamic-floats",
     "warm-dynamic-floats",
+    "cold-cppwrapper",
+    "warm-cppwrapper",
 )
 
 
@@ -77,6 +81,10 @@ def in_process(args, variant: str) -> dict:
         from finance_qlora import kernels
 
         kernels.CONSTANT_FLOATS = False
+    if variant.endswith("-cppwrapper"):
+        import torch._inductor.config
+
+        torch._inductor.config.cpp_wrapper = True
     setup = Setup(args)
     config = setup.config(train={"compile": True, "fused_kernels": False})
     prompts = setup.subset(args.rows)
