@@ -11,14 +11,14 @@ from finance_qlora.errors import ConfigError
 
 # The layers' float attributes (RMSNorm's epsilon, LoRA's scaling and dropout rate, the
 # attention's scale) compiled in as constants. Left dynamic (torch's default with dynamic
-# shapes), each becomes a 0-d CPU float64 input that the graph converts with a C++ kernel: a
-# C++ build at every compile, cached or not, before which inductor test-builds the CPU's vector
-# instructions (about 40 s of a warm-cache compile of the 7B layer on the H200's host,
-# benchmarks/results/compile-load-NVIDIA-H200-2026-11-29*.json), and six to eight scalar
-# tensors made on the host at every layer call. Dynamo guards each constant: a changed value
-# compiles again (never a stale one), and layers whose floats differ (per-layer LoRA alphas,
-# which the project's LoRA settings do not make) would each take one of its 8 recompiles, then
-# run eagerly. benchmarks/gpu_throughput.py switches it off to compare.
+# shapes), each becomes a 0-d CPU float64 input that the graph converts with a C++ kernel; to
+# build that kernel, or even find it in its cache, inductor first test-builds the CPU's vector
+# instructions in every process (about 40 s of a warm-cache compile of the 7B layer on the
+# H200's host, benchmarks/results/compile-load-NVIDIA-H200-2026-11-29*.json); and six to eight
+# scalar tensors are made on the host at every layer call. Dynamo guards each constant: a
+# changed value compiles again (never a stale one), and layers whose floats differ (per-layer
+# LoRA alphas, which the project's LoRA settings do not make) would each take one of its 8
+# recompiles, then run eagerly. benchmarks/gpu_throughput.py switches it off to compare.
 CONSTANT_FLOATS = True
 
 
