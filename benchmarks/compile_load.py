@@ -23,7 +23,7 @@ warm-profiled, warm: the compile workers started before the model loads, warm-th
 one run with TORCHINDUCTOR_VEC_ISA_OK=1 (benchmarks/README.md says what each was).
 
 Reported per process: the training's seconds (the compile included), torch.compile's phases
-(gpu_throughput.compile_caches) and the files in the Triton caches before and after; and the
+(watch.compile_caches) and the files in the Triton caches before and after; and the
 C++ sources in the cache (`cpp_sources`: what the CUDA layer compiled for the CPU).
 Results: <out>/compile-load-<gpu>-<date>.json.
 """
@@ -47,7 +47,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_throughput import Setup, compile_caches, train_once  # noqa: E402
+from benchmarks.watch import compile_caches  # noqa: E402
+from benchmarks.workload import Setup, train_once  # noqa: E402
 
 VARIANTS = (
     "cold",

@@ -50,7 +50,7 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
     CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -p no:cacheprovider tests/test_flat_optimizer_cuda.py ;;
   timeline-eager|timeline-compiled) # one GPU: the preset (eager) or its compiled layers with
     # inductor's C++ wrapper, each beside itself with the host's work around a step as before
-    # (gpu_throughput.host_as_before), timed runs in turn; three steps of each profiled phase
+    # (variants.host_as_before), timed runs in turn; three steps of each profiled phase
     # by phase (benchmarks/step_timeline.py)
     if [ "$1" = timeline-eager ]; then v=llama2-7b-h100
     else v=llama2-7b-h100-compiled-noliger-cppwrapper; fi

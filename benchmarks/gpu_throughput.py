@@ -30,14 +30,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -48,337 +46,36 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.host_waits import host_waits  # noqa: E402
 from benchmarks.step_timeline import profile_phases, profiled_generation  # noqa: E402
+from benchmarks.variants import (  # noqa: E402
+    EVAL_CONTEXTS,
+    EVAL_VARIANTS,
+    TRAIN_VARIANTS,
+    VARIANT_CALLBACKS,
+    VARIANT_CONTEXTS,
+    float_attributes,
+)
+from benchmarks.watch import (  # noqa: E402
+    compile_caches,
+    decode_log,
+    graph_breaks,
+    out_of_memory_watch,
+    watch_cache_bypasses,
+)
+from benchmarks.workload import (  # noqa: E402
+    ARCHS,
+    GIB,
+    Setup,
+    median,
+    peak_gib,
+    release,
+    sync,
+    train_once,
+)
 from experiments.determinism_probe import dropout_masks_agree  # noqa: E402
-from finance_qlora import flat_optimizer, generation, kernels, sync_free  # noqa: E402
-from finance_qlora.builtin_models import train_bpe_tokenizer  # noqa: E402
-from finance_qlora.config import DataConfig  # noqa: E402
-from finance_qlora.data import resolve_version, write_splits  # noqa: E402
-from finance_qlora.files import read_jsonl, write_jsonl  # noqa: E402
 from finance_qlora.generation import generate_shard  # noqa: E402
 from finance_qlora.modeling import compute_dtype, loaded  # noqa: E402
-from finance_qlora.presets import PRESETS, deep_merge, merge_assignments, resolve_config  # noqa: E402
-from finance_qlora.prompts import write_prompts  # noqa: E402
+from finance_qlora.presets import deep_merge, merge_assignments  # noqa: E402
 from finance_qlora.quantized import quantized_folder  # noqa: E402
-from finance_qlora.training import train_adapter  # noqa: E402
-
-GIB = 1024**3
-ARCHS = {
-    "llama2-7b": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-    ),
-    # the 7B layer twice: compiled layers compile one graph a layer class, as for 32
-    "llama2-7b-layers2": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=2,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-    ),
-    # a smoke-test size for checking the script itself on a CPU
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-    ),
-}
-# Training settings compared, all at the recipe's schedule: 16 rows an optimizer step, 63 steps
-# for the 1,000 rows, whatever the micro-batches. Every field a variant varies is set in each,
-# not inherited from a preset. "llama2-7b-h100" is that preset's own train section.
-STEP = {
-    "rows_per_step": 16,
-    "gradient_checkpointing": False,
-    "dequantize": "never",
-    "padding_free": False,
-    "fused_kernels": False,
-}
-PACKED = STEP | {"max_tokens_per_batch": 16384, "padding_free": True}
-TRAIN_VARIANTS = {
-    # the configuration's default micro-batches: 4 padded rows, 4 of them a step
-    "rows4-padded": STEP | {"batch_size": 4, "max_tokens_per_batch": None},
-    # the T4 preset's micro-batches: at most 4,096 padded tokens
-    "budget4096-padded": STEP | {"max_tokens_per_batch": 4096},
-    # a step's 16 rows in one padding-free micro-batch
-    "packed-liger": PACKED | {"fused_kernels": True},
-    "packed-dequantized": PACKED | {"dequantize": "always"},
-    "packed-dequantized-liger": PACKED | {"dequantize": "always", "fused_kernels": True},
-    "llama2-7b-h100": {"rows_per_step": 16, **PRESETS["llama2-7b-h100"]["train"]},
-}
-H100 = TRAIN_VARIANTS["llama2-7b-h100"]
-TRAIN_VARIANTS |= {
-    # the preset as it ran before finance_qlora.kernels.uncast_adapter_inputs (PEFT's casts)
-    "llama2-7b-h100-peft-casts": H100,
-    # its decoder layers compiled (finance_qlora.kernels.compile_layers); without Liger's
-    # kernels, which do not compile (inductor fuses the norms and activations itself)
-    "llama2-7b-h100-compiled-noliger": H100 | {"compile": True, "fused_kernels": False},
-}
-# compiled layers with inductor's C++ wrapper around their kernels instead of its Python one
-TRAIN_VARIANTS["llama2-7b-h100-compiled-noliger-cppwrapper"] = TRAIN_VARIANTS[
-    "llama2-7b-h100-compiled-noliger"
-]
-# the same with the layers' float attributes as graph inputs (see float_attributes)
-TRAIN_VARIANTS["llama2-7b-h100-compiled-noliger-cppwrapper-dynamic-floats"] = TRAIN_VARIANTS[
-    "llama2-7b-h100-compiled-noliger"
-]
-# the same settings with the libraries' own waits for the GPU (finance_qlora.sync_free off)
-TRAIN_VARIANTS |= {
-    f"{name}-waits": TRAIN_VARIANTS[name]
-    for name in ("llama2-7b-h100", "llama2-7b-h100-compiled-noliger")
-}
-# the same settings with the host's work around a step as before 2026-11-29 (see
-# host_as_before): each beside the setting as it is
-TRAIN_VARIANTS |= {
-    f"{name}-host-as-before": TRAIN_VARIANTS[name] | {"loader_workers": 0}
-    for name in ("llama2-7b-h100", "llama2-7b-h100-compiled-noliger-cppwrapper")
-}
-
-
-def peft_input_casts():
-    """A TrainerCallback that turns PEFT's input casts back on at the start of training."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from transformers import TrainerCallback
-
-    class Callback(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            for module in model.modules():
-                if isinstance(module, BaseTunerLayer):
-                    module.cast_input_dtype_enabled = True
-
-    return Callback()
-
-
-def library_waits():
-    """A TrainerCallback that turns finance_qlora.sync_free off for one training."""
-    from transformers import TrainerCallback
-
-    class Callback(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            sync_free.ENABLED = False
-
-        def on_train_end(self, args, state, control, **kwargs):
-            sync_free.ENABLED = True
-
-    return Callback()
-
-
-@contextmanager
-def host_as_before():
-    """The host's work around a step as before 2026-11-29: bitsandbytes' update weight by
-    weight (finance_qlora.flat_optimizer off), the Trainer's own FLOPs estimate (the model's
-    parameters counted each step), clipping and zeroing (over all of them); with the variant's
-    loader_workers=0, batches collated in the training process between steps."""
-    from transformers import Trainer
-
-    import finance_qlora.training as training
-
-    made, enabled = training.step_trainer_class, flat_optimizer.ENABLED
-
-    def as_before():
-        class AsBefore(made()):
-            floating_point_ops = Trainer.floating_point_ops
-            _clip_grad_norm = Trainer._clip_grad_norm
-            trainable_zeroing = False
-
-        return AsBefore
-
-    flat_optimizer.ENABLED, training.step_trainer_class = False, as_before
-    try:
-        yield
-    finally:
-        flat_optimizer.ENABLED, training.step_trainer_class = enabled, made
-
-
-def inductor_wrapper(cpp: bool):
-    """A TrainerCallback factory: the compiled layers' kernels called from inductor's C++
-    wrapper (`cpp`) or its Python one. When that changes dynamo's compiled code is dropped:
-    the layers would otherwise reuse the graph compiled with the other wrapper."""
-    from transformers import TrainerCallback
-
-    class Callback(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            import torch._inductor.config as inductor
-
-            if inductor.cpp_wrapper != cpp:
-                torch._dynamo.reset()
-                inductor.cpp_wrapper = cpp
-
-    return lambda: Callback()
-
-
-@contextmanager
-def float_attributes(constant: bool):
-    """The compiled layers' float attributes as constants (`constant`, as kernels.CONSTANT_FLOATS
-    has it) or as graph inputs (as before it), around every training run (runner). When that
-    changes, dynamo's compiled code is dropped, which the layers would otherwise reuse: so
-    -dynamic-floats variants run one after the other, not with --interleave (main refuses)."""
-    import torch._dynamo.config
-
-    if torch._dynamo.config.specialize_float != constant:
-        torch._dynamo.reset()
-    kernels.CONSTANT_FLOATS = constant
-    try:
-        yield
-    finally:
-        kernels.CONSTANT_FLOATS = True
-
-
-VARIANT_CALLBACKS = {
-    "llama2-7b-h100-compiled-noliger": [inductor_wrapper(False)],
-    "llama2-7b-h100-compiled-noliger-cppwrapper": [inductor_wrapper(True)],
-    "llama2-7b-h100-peft-casts": [peft_input_casts],
-    "llama2-7b-h100-waits": [library_waits],
-    "llama2-7b-h100-compiled-noliger-waits": [library_waits],
-    "llama2-7b-h100-compiled-noliger-cppwrapper-host-as-before": [inductor_wrapper(True)],
-    "llama2-7b-h100-compiled-noliger-cppwrapper-dynamic-floats": [inductor_wrapper(True)],
-}
-VARIANT_CONTEXTS = {
-    "llama2-7b-h100-host-as-before": host_as_before,
-    "llama2-7b-h100-compiled-noliger-cppwrapper-host-as-before": host_as_before,
-}
-
-
-EVAL_VARIANTS = {
-    "dequantized-dynamic": {"dequantize": "always", "cache": "dynamic", "batch_size": 300},
-    # decode steps replayed as CUDA graphs (generation.cuda_graphs, on by default)
-    "dequantized-static": {"dequantize": "always", "cache": "static", "batch_size": 300},
-    "dequantized-static-eager": {
-        "dequantize": "always",
-        "cache": "static",
-        "batch_size": 300,
-        "cuda_graphs": False,
-    },
-    # without torch's deterministic algorithms, so eager (the default before 2026-11-29)
-    "dequantized-static-nondeterministic": {
-        "dequantize": "always",
-        "cache": "static",
-        "batch_size": 300,
-        "deterministic": False,
-    },
-    "4bit-static": {"dequantize": "never", "cache": "static", "batch_size": 300},
-    # the preset's setting with the host waiting for the card at every decode step (before
-    # 2026-11-29's generation.stop_checks_deferred)
-    "dequantized-static-stop-each-step": {
-        "dequantize": "always",
-        "cache": "static",
-        "batch_size": 300,
-    },
-}
-
-
-@contextmanager
-def stop_each_step():
-    """generate() decides to stop at every decode step, as transformers does on a GPU."""
-    devices = generation.DEFERRED_STOP_DEVICES
-    generation.DEFERRED_STOP_DEVICES = ()
-    try:
-        yield
-    finally:
-        generation.DEFERRED_STOP_DEVICES = devices
-
-
-EVAL_CONTEXTS = {"dequantized-static-stop-each-step": stop_each_step}
-
-
-def build_model(arch: str, folder: Path, texts: list[str]) -> None:
-    """Random weights in bf16 on the GPU, saved as a local Hugging Face folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    vocab = 32000 if arch.startswith("llama2-7b") else 512
-    # no pad token, like LLaMA-2's: load_tokenizer pads with <unk>
-    tokenizer = train_bpe_tokenizer(texts, vocab, pad_token=None)
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        **ARCHS[arch],
-    )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    del model
-    release()
-
-
-def release() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gib() -> float:
-    return round(torch.cuda.max_memory_allocated() / GIB, 2) if torch.cuda.is_available() else 0.0
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def median(values: list[float]) -> float:
-    return round(statistics.median(values), 2)
-
-
-class Setup:
-    """The splits, prompts and random model every section uses, built once under --work."""
-
-    def __init__(self, args):
-        self.args = args
-        rows = DataConfig(dataset=str(args.data), train_size=1000, test_size=300, seed=0)
-        splits = write_splits(resolve_version(rows.dataset), rows, args.work / "splits")
-        self.prompts = write_prompts(splits, args.work / "prompts")
-        self.model_dir = args.work / f"{args.arch}-random"
-        if not (self.model_dir / "config.json").is_file():
-            pairs = read_jsonl(self.prompts.train_path) + read_jsonl(self.prompts.test_path)
-            build_model(args.arch, self.model_dir, [p["prompt"] + p["completion"] for p in pairs])
-        self.test_prompts = [p["prompt"] for p in read_jsonl(self.prompts.test_path)]
-
-    def config(self, preset: str = "llama2-7b-h100", train=None, generation=None, model=None):
-        overrides = {
-            "model": {"name": str(self.model_dir)} | (model or {}),
-            "train": {"epochs": 1, "checkpoint_steps": 0, "logging_steps": 10, "warmup_ratio": 0}
-            | (train or {}),
-            "generation": generation or {},
-        }
-        return resolve_config(preset, overrides)
-
-    def subset(self, rows: int) -> Path:
-        path = self.args.work / f"train-{rows}-rows.jsonl"
-        write_jsonl(path, read_jsonl(self.prompts.train_path)[:rows])
-        return path
-
-
-def train_once(setup: Setup, config, prompts: Path, name: str, callbacks=None) -> dict:
-    out = setup.args.work / "train-runs" / name
-    shutil.rmtree(out, ignore_errors=True)
-    release()
-    record = train_adapter(
-        prompts, config.model, config.lora, config.train, out, callbacks=callbacks
-    )
-    rate = record.tokens / record.seconds
-    print(f"  {name}: {record.tokens} tokens in {record.seconds:.2f} s = {rate:,.0f} tok/s")
-    return {
-        "useful_tokens": record.tokens,
-        "seconds": round(record.seconds, 2),
-        "useful_tok_s": round(rate, 1),
-        "peak_gib": peak_gib(),
-        "steps": record.steps,
-        "rows_per_step": record.rows_per_step,
-        "micro_batches_per_step": record.micro_batches_per_step,
-        "losses": [round(x, 4) for x in record.losses],
-    }
 
 
 def runner(setup: Setup, name: str, config, rows: int | None):
@@ -446,39 +143,6 @@ def interleaved_train(setup: Setup, names: list[str], runs: int) -> dict:
     for name in names:
         profiled(setup, name, runs_of[name])
     return {name: summary(configs[name], None, *warm[name], timed[name]) for name in names}
-
-
-def graph_breaks() -> dict[str, int]:
-    """torch.compile's graph breaks in this process so far, by reason."""
-    from torch._dynamo.utils import counters
-
-    return dict(counters["graph_break"])
-
-
-def compile_caches() -> dict:
-    """torch.compile's on-disk caches in this process so far: AOTAutograd's hits, misses and
-    bypasses, with the reasons it gave for a bypass (a bypass traces forward and backward
-    again however warm the cache), and inductor's FX graph cache."""
-    from torch._dynamo.utils import counters
-
-    caches = {k: v for k, v in counters["aot_autograd"].items() if k.startswith("autograd_")}
-    caches |= {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}
-    caches |= {f"dynamo_{k}": v for k, v in counters["stats"].items()}
-    return caches | {
-        "bypass_reasons": sorted(set(CACHE_BYPASSES.lines)),
-        "recompiles": dict(counters["recompiles"]),
-        "phase_seconds": compile_phase_seconds(),
-    }
-
-
-def compile_phase_seconds(at_least: float = 0.5) -> dict[str, float]:
-    """Where torch.compile's time went in this process (dynamo's `dynamo_timed` phases summed
-    over every graph; the phases nest, so they do not add up): those of `at_least` seconds."""
-    from torch._dynamo.utils import compile_times
-
-    names, seconds = compile_times(repr="csv", aggregate=True)
-    phases = zip(names, map(float, seconds), strict=True)
-    return {name: round(s, 2) for name, s in phases if s >= at_least}
 
 
 def section_loads(setup: Setup) -> dict:
@@ -609,45 +273,6 @@ def eval_in_process(setup: Setup, variant: str, runs: int) -> dict:
         "decode_log": replays.lines,
         "profiled": variant in setup.args.profile.split(","),
     }
-
-
-class LogLines(logging.Handler):
-    """The project's log messages that contain `needle`, from `level` up."""
-
-    def __init__(self, needle: str, level: int):
-        super().__init__(level)
-        self.needle, self.lines = needle, []
-
-    def emit(self, record):
-        if self.needle in record.getMessage():
-            self.lines.append(record.getMessage())
-
-
-# AOTAutograd's reasons for not using its cache (INFO lines: `main` lets them through)
-CACHE_BYPASSES = LogLines("Bypassing autograd cache", logging.INFO)
-
-
-def watch_cache_bypasses() -> None:
-    log = logging.getLogger("torch._functorch._aot_autograd.autograd_cache")
-    log.addHandler(CACHE_BYPASSES)
-    log.setLevel(logging.INFO)
-
-
-def out_of_memory_watch() -> LogLines:
-    """The out-of-memory back-offs, from now on: a profile that needed one did not fit."""
-    watch = LogLines("out of GPU memory", logging.WARNING)
-    logging.getLogger("finance_qlora").addHandler(watch)
-    return watch
-
-
-def decode_log() -> LogLines:
-    """generate_shard's line on decode steps replayed as CUDA graphs, from now on (an INFO
-    line: the generation logger lets INFO through from here)."""
-    lines = LogLines("decode steps", logging.INFO)
-    generation = logging.getLogger("finance_qlora.generation")
-    generation.addHandler(lines)
-    generation.setLevel(logging.INFO)
-    return lines
 
 
 def reference_eval_in_process(setup: Setup) -> dict:

@@ -2,7 +2,7 @@
 
     python benchmarks/multi_gpu.py --data ../shared/data/finance_alpaca_sample.jsonl --gpus 1 2 4
 
-LLaMA-2-7B architecture with random weights (built as in gpu_throughput.py), true 4-bit NF4
+LLaMA-2-7B architecture with random weights (built as in workload.py), true 4-bit NF4
 (no dequantizing), the 1,000 / 300 rows. Every GPU count runs the same code path the train and
 evaluate tasks run (`train_data_parallel`, `generate_sharded`: fresh processes, one per GPU),
 the one-GPU baseline included, in this one call on this one machine:
@@ -37,10 +37,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_throughput import ARCHS, build_model, flow_run_timing  # noqa: E402
-
+from benchmarks.gpu_throughput import flow_run_timing  # noqa: E402
+from benchmarks.workload import ARCHS, build_model  # noqa: E402
 from finance_qlora.config import DataConfig  # noqa: E402
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl  # noqa: E402

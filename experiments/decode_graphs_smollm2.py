@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.gpu_throughput import decode_log, stop_each_step  # noqa: E402
+from benchmarks.variants import stop_each_step  # noqa: E402
+from benchmarks.watch import decode_log  # noqa: E402
 from finance_qlora.config import DataConfig  # noqa: E402
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl  # noqa: E402

@@ -18,7 +18,7 @@ from finance_qlora.errors import ConfigError
 # scalar tensors are made on the host at every layer call. Dynamo guards each constant: a
 # changed value compiles again (never a stale one), and layers whose floats differ (per-layer
 # LoRA alphas, which the project's LoRA settings do not make) would each take one of its 8
-# recompiles, then run eagerly. benchmarks/gpu_throughput.py switches it off to compare.
+# recompiles, then run eagerly. benchmarks/variants.py switches it off to compare.
 CONSTANT_FLOATS = True
 
 

@@ -1,0 +1,208 @@
+"""The training and generation settings that benchmarks/gpu_throughput.py compares, and the
+switches that put a library's or the project's behaviour back as it was before a change, so a
+change is timed beside itself."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from finance_qlora import flat_optimizer, generation, kernels, sync_free
+from finance_qlora.presets import PRESETS
+
+# Training settings compared, all at the recipe's schedule: 16 rows an optimizer step, 63 steps
+# for the 1,000 rows, whatever the micro-batches. Every field a variant varies is set in each,
+# not inherited from a preset. "llama2-7b-h100" is that preset's own train section.
+STEP = {
+    "rows_per_step": 16,
+    "gradient_checkpointing": False,
+    "dequantize": "never",
+    "padding_free": False,
+    "fused_kernels": False,
+}
+PACKED = STEP | {"max_tokens_per_batch": 16384, "padding_free": True}
+TRAIN_VARIANTS = {
+    # the configuration's default micro-batches: 4 padded rows, 4 of them a step
+    "rows4-padded": STEP | {"batch_size": 4, "max_tokens_per_batch": None},
+    # the T4 preset's micro-batches: at most 4,096 padded tokens
+    "budget4096-padded": STEP | {"max_tokens_per_batch": 4096},
+    # a step's 16 rows in one padding-free micro-batch
+    "packed-liger": PACKED | {"fused_kernels": True},
+    "packed-dequantized": PACKED | {"dequantize": "always"},
+    "packed-dequantized-liger": PACKED | {"dequantize": "always", "fused_kernels": True},
+    "llama2-7b-h100": {"rows_per_step": 16, **PRESETS["llama2-7b-h100"]["train"]},
+}
+H100 = TRAIN_VARIANTS["llama2-7b-h100"]
+TRAIN_VARIANTS |= {
+    # the preset as it ran before finance_qlora.kernels.uncast_adapter_inputs (PEFT's casts)
+    "llama2-7b-h100-peft-casts": H100,
+    # its decoder layers compiled (finance_qlora.kernels.compile_layers); without Liger's
+    # kernels, which do not compile (inductor fuses the norms and activations itself)
+    "llama2-7b-h100-compiled-noliger": H100 | {"compile": True, "fused_kernels": False},
+}
+# compiled layers with inductor's C++ wrapper around their kernels instead of its Python one
+TRAIN_VARIANTS["llama2-7b-h100-compiled-noliger-cppwrapper"] = TRAIN_VARIANTS[
+    "llama2-7b-h100-compiled-noliger"
+]
+# the same with the layers' float attributes as graph inputs (see float_attributes)
+TRAIN_VARIANTS["llama2-7b-h100-compiled-noliger-cppwrapper-dynamic-floats"] = TRAIN_VARIANTS[
+    "llama2-7b-h100-compiled-noliger"
+]
+# the same settings with the libraries' own waits for the GPU (finance_qlora.sync_free off)
+TRAIN_VARIANTS |= {
+    f"{name}-waits": TRAIN_VARIANTS[name]
+    for name in ("llama2-7b-h100", "llama2-7b-h100-compiled-noliger")
+}
+# the same settings with the host's work around a step as before 2026-11-29 (see
+# host_as_before): each beside the setting as it is
+TRAIN_VARIANTS |= {
+    f"{name}-host-as-before": TRAIN_VARIANTS[name] | {"loader_workers": 0}
+    for name in ("llama2-7b-h100", "llama2-7b-h100-compiled-noliger-cppwrapper")
+}
+
+
+def peft_input_casts():
+    """A TrainerCallback that turns PEFT's input casts back on at the start of training."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import TrainerCallback
+
+    class Callback(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.cast_input_dtype_enabled = True
+
+    return Callback()
+
+
+def library_waits():
+    """A TrainerCallback that turns finance_qlora.sync_free off for one training."""
+    from transformers import TrainerCallback
+
+    class Callback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            sync_free.ENABLED = False
+
+        def on_train_end(self, args, state, control, **kwargs):
+            sync_free.ENABLED = True
+
+    return Callback()
+
+
+@contextmanager
+def host_as_before():
+    """The host's work around a step as before 2026-11-29: bitsandbytes' update weight by
+    weight (finance_qlora.flat_optimizer off), the Trainer's own FLOPs estimate (the model's
+    parameters counted each step), clipping and zeroing (over all of them); with the variant's
+    loader_workers=0, batches collated in the training process between steps."""
+    from transformers import Trainer
+
+    import finance_qlora.training as training
+
+    made, enabled = training.step_trainer_class, flat_optimizer.ENABLED
+
+    def as_before():
+        class AsBefore(made()):
+            floating_point_ops = Trainer.floating_point_ops
+            _clip_grad_norm = Trainer._clip_grad_norm
+            trainable_zeroing = False
+
+        return AsBefore
+
+    flat_optimizer.ENABLED, training.step_trainer_class = False, as_before
+    try:
+        yield
+    finally:
+        flat_optimizer.ENABLED, training.step_trainer_class = enabled, made
+
+
+def inductor_wrapper(cpp: bool):
+    """A TrainerCallback factory: the compiled layers' kernels called from inductor's C++
+    wrapper (`cpp`) or its Python one. When that changes dynamo's compiled code is dropped:
+    the layers would otherwise reuse the graph compiled with the other wrapper."""
+    from transformers import TrainerCallback
+
+    class Callback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            import torch._inductor.config as inductor
+
+            if inductor.cpp_wrapper != cpp:
+                torch._dynamo.reset()
+                inductor.cpp_wrapper = cpp
+
+    return lambda: Callback()
+
+
+@contextmanager
+def float_attributes(constant: bool):
+    """The compiled layers' float attributes as constants (`constant`, as kernels.CONSTANT_FLOATS
+    has it) or as graph inputs (as before it), around every training run (runner). When that
+    changes, dynamo's compiled code is dropped, which the layers would otherwise reuse: so
+    -dynamic-floats variants run one after the other, not with --interleave (main refuses)."""
+    import torch._dynamo.config
+
+    if torch._dynamo.config.specialize_float != constant:
+        torch._dynamo.reset()
+    kernels.CONSTANT_FLOATS = constant
+    try:
+        yield
+    finally:
+        kernels.CONSTANT_FLOATS = True
+
+
+VARIANT_CALLBACKS = {
+    "llama2-7b-h100-compiled-noliger": [inductor_wrapper(False)],
+    "llama2-7b-h100-compiled-noliger-cppwrapper": [inductor_wrapper(True)],
+    "llama2-7b-h100-peft-casts": [peft_input_casts],
+    "llama2-7b-h100-waits": [library_waits],
+    "llama2-7b-h100-compiled-noliger-waits": [library_waits],
+    "llama2-7b-h100-compiled-noliger-cppwrapper-host-as-before": [inductor_wrapper(True)],
+    "llama2-7b-h100-compiled-noliger-cppwrapper-dynamic-floats": [inductor_wrapper(True)],
+}
+VARIANT_CONTEXTS = {
+    "llama2-7b-h100-host-as-before": host_as_before,
+    "llama2-7b-h100-compiled-noliger-cppwrapper-host-as-before": host_as_before,
+}
+
+
+EVAL_VARIANTS = {
+    "dequantized-dynamic": {"dequantize": "always", "cache": "dynamic", "batch_size": 300},
+    # decode steps replayed as CUDA graphs (generation.cuda_graphs, on by default)
+    "dequantized-static": {"dequantize": "always", "cache": "static", "batch_size": 300},
+    "dequantized-static-eager": {
+        "dequantize": "always",
+        "cache": "static",
+        "batch_size": 300,
+        "cuda_graphs": False,
+    },
+    # without torch's deterministic algorithms, so eager (the default before 2026-11-29)
+    "dequantized-static-nondeterministic": {
+        "dequantize": "always",
+        "cache": "static",
+        "batch_size": 300,
+        "deterministic": False,
+    },
+    "4bit-static": {"dequantize": "never", "cache": "static", "batch_size": 300},
+    # the preset's setting with the host waiting for the card at every decode step (before
+    # 2026-11-29's generation.stop_checks_deferred)
+    "dequantized-static-stop-each-step": {
+        "dequantize": "always",
+        "cache": "static",
+        "batch_size": 300,
+    },
+}
+
+
+@contextmanager
+def stop_each_step():
+    """generate() decides to stop at every decode step, as transformers does on a GPU."""
+    devices = generation.DEFERRED_STOP_DEVICES
+    generation.DEFERRED_STOP_DEVICES = ()
+    try:
+        yield
+    finally:
+        generation.DEFERRED_STOP_DEVICES = devices
+
+
+EVAL_CONTEXTS = {"dequantized-static-stop-each-step": stop_each_step}
