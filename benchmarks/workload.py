@@ -27,14 +27,6 @@ ARCHS = {
         num_attention_heads=32,
         num_key_value_heads=32,
     ),
-    # the 7B layer twice: compiled layers compile one graph a layer class, as for 32
-    "llama2-7b-layers2": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=2,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-    ),
     # a smoke-test size for checking the script itself on a CPU
     "tiny": dict(
         hidden_size=64,
@@ -44,6 +36,8 @@ ARCHS = {
         num_key_value_heads=4,
     ),
 }
+# the 7B layer twice: compiled layers compile one graph a layer class, as for 32
+ARCHS["llama2-7b-layers2"] = ARCHS["llama2-7b"] | {"num_hidden_layers": 2}
 
 
 def build_model(arch: str, folder: Path, texts: list[str]) -> None:
