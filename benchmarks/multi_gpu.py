@@ -172,8 +172,9 @@ def eval_phase(args, test_path: Path, model_dir: Path, result: dict) -> None:
 FLOW_DATA = {
     # the default: 1,000 rows x 1 epoch, where "auto" trains on one GPU
     "default": {"train_size": 1000, "test_size": 300, "epochs": 1},
-    # the whole sample's other 1,200 rows for 9 epochs (10,800 row-epochs): "auto" trains on
-    # every GPU, and evaluates the 300 prompts on one
+    # the whole sample's other 1,200 rows for 9 epochs (10,800 row-epochs): work enough for
+    # several GPUs, but at the preset's 16 rows a step "auto" trains on one (8 rows a GPU a
+    # step did not pay on 2 H200s) and evaluates the 300 prompts on one
     "larger": {"train_size": 1200, "test_size": 300, "epochs": 9},
 }
 

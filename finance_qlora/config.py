@@ -292,22 +292,27 @@ def default_store() -> str:
     return os.environ.get("FINANCE_QLORA_STORE") or "runs"
 
 
-# devices.num_gpus "auto", step by step; both thresholds are estimates, not yet measured at 16
-# rows a step on 2 GPUs (benchmarks/README.md, "Several GPUs"). A multi-GPU step starts a
-# process per GPU and loads the model in each: on 2 H200s (issue 21's report, 2026-11-28) the
-# evaluate steps of 300 prompts took 23-26 s, against 10.5-20.5 s on one H200 the same day, so
-# fewer than AUTO_MIN_PROMPTS prompts are answered on one GPU. Training at large steps scaled
-# 1.9x on 2 GPUs and one H200 trains 1,000 rows in 12 s at the recipe's schedule, so the
-# start-up is repaid only from about AUTO_MIN_ROW_EPOCHS of work.
+# devices.num_gpus "auto", step by step (benchmarks/README.md, "Several GPUs"; 2 H200s,
+# 2026-11-29). A multi-GPU step starts a process per GPU and loads the model in each: the
+# evaluate steps of 300 prompts took 27.5 s on 2 GPUs against 9-14 s on one, so fewer than
+# AUTO_MIN_PROMPTS prompts (an estimate from that start-up) are answered on one GPU. Training
+# pays only where each GPU's share of an optimizer step is large: at 16 rows a step (8 a GPU)
+# steady training ran 0.81-1.05x as fast on 2 GPUs as on one (the kernels' launches, not the
+# GPU, bound such a step) and the whole flow on 10,800 row-epochs took 242 s against 157 s;
+# at 128 rows a step (64 a GPU) steady training ran 1.65x as fast on 2. So several GPUs
+# train only from AUTO_MIN_ROWS_PER_GPU rows a GPU a step (the smallest share measured to pay)
+# and AUTO_MIN_ROW_EPOCHS of work (the ~25 s start-up repaid at that speed-up; an estimate).
 AUTO_MIN_ROW_EPOCHS = 10_000
+AUTO_MIN_ROWS_PER_GPU = 64
 AUTO_MIN_PROMPTS = 2_000
 
 
 class DeviceSettings(_Section):
     # Data-parallel training and sharded evaluation, one process per GPU: a count (at most the
     # GPUs visible), None for every GPU this worker sees, or "auto": each step on one GPU below
-    # AUTO_MIN_ROW_EPOCHS of training work / AUTO_MIN_PROMPTS prompts, every visible one from
-    # there on. Default $FINANCE_QLORA_NUM_GPUS (the work pools' gpu_count sets it), else "auto".
+    # AUTO_MIN_ROW_EPOCHS of training work / AUTO_MIN_PROMPTS prompts, from there on on as many
+    # visible GPUs as get AUTO_MIN_ROWS_PER_GPU rows of each step / a batch of prompts each.
+    # Default $FINANCE_QLORA_NUM_GPUS (the work pools' gpu_count sets it), else "auto".
     num_gpus: Union[Annotated[int, Field(gt=0)], Literal["auto"], None] = Field(
         default_factory=_env_gpu_count
     )

@@ -28,7 +28,6 @@ import torch
 
 from finance_qlora import errors
 from finance_qlora.config import (
-    AUTO_MIN_ROW_EPOCHS,
     DeviceSettings,
     FinetuneConfig,
     GenerationSettings,
@@ -39,7 +38,7 @@ from finance_qlora.config import (
 from finance_qlora.errors import ConfigError
 from finance_qlora.files import read_jsonl, write_jsonl
 from finance_qlora.records import TrainRecord
-from finance_qlora.schedule import auto_uses_several_gpus, work_per_step
+from finance_qlora.schedule import StepWork, work_per_step
 
 ERROR_TYPES = {"FinanceQLoRAError", "ConfigError", "DataError", "TrainingError"}
 PROGRESS = "finance-qlora-progress "  # a line a process prints for the parent to parse
@@ -56,15 +55,12 @@ def visible_gpu_count() -> int:
 
 
 def choose_gpus(
-    devices: DeviceSettings,
-    work: float | None,
-    visible: int,
-    auto_from: float = AUTO_MIN_ROW_EPOCHS,
-    unit: str = "row-epochs",
+    devices: DeviceSettings, step: StepWork | None, visible: int
 ) -> tuple[int | None, str]:
-    """(GPUs to use, None without CUDA; why) for one step. "auto" uses one GPU below
-    `auto_from` of the step's `work` (in `unit`; unknown: one), every visible GPU from there on:
-    training by row-epochs, evaluation by prompts."""
+    """(GPUs to use, None without CUDA; why) for one step. "auto" uses one GPU below the
+    step's `auto_from` of work (unknown work: one), and from there on as many visible GPUs as
+    its work divides over (`StepWork.most_gpus`): training by row-epochs and rows a step,
+    evaluation by prompts and batches."""
     asked = devices.num_gpus
     if not visible:
         if asked not in (None, "auto"):
@@ -76,10 +72,17 @@ def choose_gpus(
     if asked is None:
         return visible, f"every visible GPU ({visible})"
     if asked == "auto":
-        if visible == 1 or not auto_uses_several_gpus(work, auto_from):
-            amount = "unknown work" if work is None else f"{work:g} {unit}"
-            return 1, f"auto: one GPU of {visible} ({amount}; several from {auto_from:g})"
-        return visible, f"auto: all {visible} GPUs ({work:g} {unit})"
+        if step is None:
+            return 1, f"auto: one GPU of {visible} (unknown work)"
+        amount = f"{step.work:g} {step.unit}"
+        gpus = step.auto_gpus(visible)
+        if step.work < step.auto_from:
+            return 1, f"auto: one GPU of {visible} ({amount}; several from {step.auto_from:g})"
+        if gpus == visible:
+            return gpus, f"auto: all {visible} GPU(s) ({amount})"
+        # fewer than visible: the step's work divides no further
+        chosen = "one GPU" if gpus == 1 else f"{gpus} GPUs"
+        return gpus, f"auto: {chosen} of {visible} ({amount}; {step.limit})"
     if asked > visible:
         shown = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
         raise ConfigError(
@@ -92,8 +95,8 @@ def choose_gpus(
 def gpus_per_step(config: FinetuneConfig, visible: int) -> dict[str, tuple[int | None, str]]:
     """(GPUs, why) for each multi-GPU step of a run ("auto" from `work_per_step`)."""
     return {
-        step: choose_gpus(config.devices, w.work, visible, w.auto_from, w.unit)
-        for step, w in work_per_step(config).items()
+        step: choose_gpus(config.devices, work, visible)
+        for step, work in work_per_step(config).items()
     }
 
 

@@ -11,6 +11,7 @@ from typing import NamedTuple
 from finance_qlora.config import (
     AUTO_MIN_PROMPTS,
     AUTO_MIN_ROW_EPOCHS,
+    AUTO_MIN_ROWS_PER_GPU,
     FinetuneConfig,
     TrainSettings,
 )
@@ -45,28 +46,41 @@ def schedule_line(config: FinetuneConfig) -> str:
     )
 
 
-def auto_uses_several_gpus(work: float | None, auto_from: float = AUTO_MIN_ROW_EPOCHS) -> bool:
-    """devices.num_gpus "auto": several GPUs only from `auto_from` of a step's work."""
-    return work is not None and work >= auto_from
-
-
 class StepWork(NamedTuple):
-    """A step's work, the amount from which devices.num_gpus "auto" spreads it over every GPU,
-    and the unit both are counted in."""
+    """A step's work, the amount from which devices.num_gpus "auto" spreads it over several
+    GPUs, the unit both are counted in, and the most GPUs its work divides over with each
+    GPU's share still worth a process (the limit in words)."""
 
     work: float
     auto_from: float
     unit: str
+    most_gpus: int
+    limit: str
+
+    def auto_gpus(self, visible: int) -> int:
+        """GPUs "auto" gives this step on a host with `visible` of them."""
+        if self.work < self.auto_from:
+            return 1
+        return max(1, min(visible, self.most_gpus))
 
 
 def work_per_step(config: FinetuneConfig) -> dict[str, StepWork]:
-    """What "auto" decides each multi-GPU step by: training by rows x epochs, evaluation by the
-    prompts evaluated (the test rows, or a sweep's validation rows)."""
+    """What "auto" decides each multi-GPU step by: training by rows x epochs, split no finer
+    than AUTO_MIN_ROWS_PER_GPU rows of a step a GPU; evaluation by the prompts evaluated (the
+    test rows, or a sweep's validation rows), at least one batch of them a GPU."""
+    train, prompts = config.train, config.data.evaluated_rows
+    batches = math.ceil(prompts / config.generation.batch_size)
     return {
         "training": StepWork(
-            config.data.train_size * config.train.epochs, AUTO_MIN_ROW_EPOCHS, "row-epochs"
+            config.data.train_size * train.epochs,
+            AUTO_MIN_ROW_EPOCHS,
+            "row-epochs",
+            train.rows_per_step // AUTO_MIN_ROWS_PER_GPU,
+            f"{train.rows_per_step} rows a step, at least {AUTO_MIN_ROWS_PER_GPU} a GPU",
         ),
-        "evaluation": StepWork(config.data.evaluated_rows, AUTO_MIN_PROMPTS, "prompts"),
+        "evaluation": StepWork(
+            prompts, AUTO_MIN_PROMPTS, "prompts", batches, f"{batches} batch(es) of prompts"
+        ),
     }
 
 
@@ -80,13 +94,15 @@ def devices_line(config: FinetuneConfig) -> str:
     training, evaluation = work_per_step(config).values()
 
     def gpus(step: StepWork) -> str:
-        several = auto_uses_several_gpus(step.work, step.auto_from)
-        return "every visible GPU" if several else "one GPU"
+        most = step.auto_gpus(10**6)  # as if the host had any number
+        if most == 1:
+            return "one GPU"
+        return f"up to {most} GPUs" if most < 10**6 else "every visible GPU"
 
     return (
         f"devices: auto: training on {gpus(training)} for {config.data.train_size} rows x "
         f"{config.train.epochs:g} epoch(s) = {training.work:g} row-epochs (several from "
-        f"{AUTO_MIN_ROW_EPOCHS}), evaluating on {gpus(evaluation)} for {evaluation.work} "
-        f"prompts (several from {AUTO_MIN_PROMPTS}): more GPUs only where they repay their "
-        "per-process start-up"
+        f"{AUTO_MIN_ROW_EPOCHS}; {training.limit}), evaluating on {gpus(evaluation)} for "
+        f"{evaluation.work} prompts (several from {AUTO_MIN_PROMPTS}): more GPUs only where "
+        "they repay their per-process start-up"
     )

@@ -230,7 +230,7 @@ def record_run(
 
 def devices_for(config: FinetuneConfig) -> tuple[DeviceSettings, DeviceSettings]:
     """The GPUs this run trains and evaluates on ("auto" resolved from each step's work: the
-    training rows x epochs, the prompts evaluated), logged with why."""
+    training rows x epochs and rows a step, the prompts evaluated), logged with why."""
     chosen = gpus_per_step(config, visible_gpu_count())
     for step, (_, why) in chosen.items():
         get_run_logger().info("devices for %s: %s", step, why)

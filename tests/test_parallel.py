@@ -18,13 +18,13 @@ from safetensors.torch import load_file
 
 import finance_qlora.parallel as parallel
 import finance_qlora.training as training
-from finance_qlora.config import AUTO_MIN_PROMPTS, DeviceSettings
+from finance_qlora.config import AUTO_MIN_ROW_EPOCHS, AUTO_MIN_ROWS_PER_GPU, DeviceSettings
 from finance_qlora.errors import ConfigError
 from finance_qlora.evaluation import evaluate_model
 from finance_qlora.files import write_jsonl
 from finance_qlora.generation import shard_batches
 from finance_qlora.modeling import load_model
-from finance_qlora.parallel import RankFailed, choose_gpus, process_count
+from finance_qlora.parallel import RankFailed, choose_gpus, gpus_per_step, process_count
 from finance_qlora.presets import resolve_config
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.schedule import devices_line
@@ -50,25 +50,54 @@ def test_process_count_uses_the_gpus_asked_for_or_the_cpu_processes(monkeypatch)
     assert process_count(DeviceSettings(num_gpus=1)) == 1  # one of 4: the first
 
 
+def _auto(visible: int, **overrides) -> tuple[tuple[int | None, str], ...]:
+    """What "auto" gives training and evaluation for the h100 preset with `overrides`."""
+    config = resolve_config("llama2-7b-h100", overrides)
+    return tuple(gpus_per_step(config, visible).values())
+
+
 @pytest.mark.parametrize(
-    ("row_epochs", "visible", "expected"),
-    [(1000, 2, 1), (9999, 8, 1), (10_000, 2, 2), (30_000, 4, 4), (50_000, 1, 1)],
+    ("rows", "epochs", "rows_per_step", "visible", "expected"),
+    [
+        (1000, 1, 128, 2, 1),  # too little work to repay the start-up
+        (1200, 9, 16, 2, 1),  # enough work, but 8 rows a GPU a step: slower on 2 (measured)
+        (1200, 9, 128, 2, 2),
+        (1200, 9, 128, 4, 2),  # 64 rows a GPU at most: two of the four
+        (1200, 9, 256, 4, 4),
+        (5000, 10, 256, 1, 1),
+    ],
 )
-def test_auto_trains_on_several_gpus_only_where_the_work_repays_their_start_up(
-    row_epochs, visible, expected
+def test_auto_trains_on_several_gpus_only_where_the_work_and_each_gpus_share_pay(
+    rows, epochs, rows_per_step, visible, expected
 ):
-    gpus, why = choose_gpus(DeviceSettings(num_gpus="auto"), row_epochs, visible)
-    assert gpus == expected
-    assert why.startswith("auto: ") and f"{row_epochs:g} row-epochs" in why
-
-
-@pytest.mark.parametrize(("prompts", "expected"), [(300, 1), (1999, 1), (2000, 4), (10_000, 4)])
-def test_auto_evaluates_on_several_gpus_only_for_many_prompts(prompts, expected):
-    gpus, why = choose_gpus(
-        DeviceSettings(num_gpus="auto"), prompts, 4, AUTO_MIN_PROMPTS, "test prompts"
+    (gpus, why), _ = _auto(
+        visible,
+        data={"train_size": rows},
+        train={"epochs": epochs, "rows_per_step": rows_per_step},
     )
     assert gpus == expected
-    assert f"{prompts} test prompts" in why
+    assert why.startswith("auto: ") and f"{rows * epochs:g} row-epochs" in why
+    if 1 < visible and gpus < visible and rows * epochs >= AUTO_MIN_ROW_EPOCHS:
+        assert f"{rows_per_step} rows a step, at least {AUTO_MIN_ROWS_PER_GPU} a GPU" in why
+
+
+@pytest.mark.parametrize(
+    ("prompts", "batch", "expected"),
+    [(300, 300, 1), (1999, 300, 1), (2000, 300, 4), (10_000, 300, 4), (2000, 1000, 2)],
+)
+def test_auto_evaluates_on_several_gpus_only_for_many_prompts_a_batch_a_gpu_at_least(
+    prompts, batch, expected
+):
+    _, (gpus, why) = _auto(4, data={"test_size": prompts}, generation={"batch_size": batch})
+    assert gpus == expected
+    assert f"{prompts} prompts" in why
+
+
+def test_auto_with_unknown_work_uses_one_gpu():
+    assert choose_gpus(DeviceSettings(num_gpus="auto"), None, 8) == (
+        1,
+        "auto: one GPU of 8 (unknown work)",
+    )
 
 
 def test_show_config_says_what_auto_chooses_for_each_step_and_why():
@@ -77,15 +106,17 @@ def test_show_config_says_what_auto_chooses_for_each_step_and_why():
     assert line.startswith("devices: auto: training on one GPU for 1000 rows x 1 epoch(s)")
     assert "evaluating on one GPU for 300 prompts" in line
     large = resolve_config("llama2-7b-h100", {"train": {"epochs": 10}})
-    line = devices_line(large)
-    assert line.startswith("devices: auto: training on every visible GPU for 1000 rows x 10")
-    assert "evaluating on one GPU for 300 prompts" in line
+    line = devices_line(large)  # enough work, but the recipe's 16 rows a step
+    assert line.startswith("devices: auto: training on one GPU for 1000 rows x 10")
+    assert "16 rows a step, at least 64 a GPU" in line
+    wide = resolve_config("llama2-7b-h100", {"train": {"epochs": 10, "rows_per_step": 256}})
+    assert devices_line(wide).startswith("devices: auto: training on up to 4 GPUs")
     many = resolve_config("llama2-7b-h100", {"data": {"test_size": 5000}})
-    assert "evaluating on every visible GPU for 5000 prompts" in devices_line(many)
+    assert "evaluating on up to 17 GPUs for 5000 prompts" in devices_line(many)
     sweep = resolve_config(
         "llama2-7b-h100", {"data": {"validation_size": 2500, "evaluate_on": "validation"}}
     )  # a sweep's evaluations score its validation rows
-    assert "evaluating on every visible GPU for 2500 prompts" in devices_line(sweep)
+    assert "evaluating on up to 9 GPUs for 2500 prompts" in devices_line(sweep)
 
 
 def test_one_process_on_a_host_with_several_gpus_trains_on_one(tmp_path):
@@ -352,11 +383,12 @@ def test_the_flow_resolves_auto_for_training_and_evaluation_separately(monkeypat
     monkeypatch.setattr(finetune, "get_run_logger", lambda: logging.getLogger("flow"))
     caplog.set_level(logging.INFO, "flow")
     config = resolve_config(
-        "llama2-7b-h100", {"data": {"train_size": 1200}, "train": {"epochs": 9}}
+        "llama2-7b-h100",
+        {"data": {"train_size": 1200}, "train": {"epochs": 9, "rows_per_step": 128}},
     )
     train_gpus, eval_gpus = finetune.devices_for(config)
     assert (train_gpus.num_gpus, eval_gpus.num_gpus) == (2, 1)
-    assert "devices for training: auto: all 2 GPUs (10800 row-epochs)" in caplog.text
+    assert "devices for training: auto: all 2 GPU(s) (10800 row-epochs)" in caplog.text
     assert "devices for evaluation: auto: one GPU of 2 (300 prompts" in caplog.text
     train_gpus, eval_gpus = finetune.devices_for(resolve_config("llama2-7b-h100"))
     assert (train_gpus.num_gpus, eval_gpus.num_gpus) == (1, 1)
