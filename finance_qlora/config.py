@@ -294,7 +294,7 @@ def default_store() -> str:
 
 # devices.num_gpus "auto", step by step (benchmarks/README.md, "Several GPUs"; 2 H200s,
 # 2026-11-29). A multi-GPU step starts a process per GPU and loads the model in each: the
-# evaluate steps of 300 prompts took 27.5 s on 2 GPUs against 9-14 s on one, so fewer than
+# evaluate steps of 300 prompts took 25-28 s on 2 GPUs against 9-18 s on one, so fewer than
 # AUTO_MIN_PROMPTS prompts (an estimate from that start-up) are answered on one GPU. Training
 # pays only where each GPU's share of an optimizer step is large: at 16 rows a step (8 a GPU)
 # steady training ran 0.81-1.05x as fast on 2 GPUs as on one (the kernels' launches, not the

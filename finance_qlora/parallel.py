@@ -78,8 +78,10 @@ def choose_gpus(
         gpus = step.auto_gpus(visible)
         if step.work < step.auto_from:
             return 1, f"auto: one GPU of {visible} ({amount}; several from {step.auto_from:g})"
+        if visible == 1:
+            return 1, f"auto: the one visible GPU ({amount})"
         if gpus == visible:
-            return gpus, f"auto: all {visible} GPU(s) ({amount})"
+            return gpus, f"auto: all {visible} GPUs ({amount})"
         # fewer than visible: the step's work divides no further
         chosen = "one GPU" if gpus == 1 else f"{gpus} GPUs"
         return gpus, f"auto: {chosen} of {visible} ({amount}; {step.limit})"

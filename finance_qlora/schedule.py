@@ -68,15 +68,16 @@ def work_per_step(config: FinetuneConfig) -> dict[str, StepWork]:
     """What "auto" decides each multi-GPU step by: training by rows x epochs, split no finer
     than AUTO_MIN_ROWS_PER_GPU rows of a step a GPU; evaluation by the prompts evaluated (the
     test rows, or a sweep's validation rows), at least one batch of them a GPU."""
-    train, prompts = config.train, config.data.evaluated_rows
+    train, rows, prompts = config.train, config.data.train_size, config.data.evaluated_rows
+    step_rows = min(train.rows_per_step, rows)  # a step never holds more than the split
     batches = math.ceil(prompts / config.generation.batch_size)
     return {
         "training": StepWork(
-            config.data.train_size * train.epochs,
+            rows * train.epochs,
             AUTO_MIN_ROW_EPOCHS,
             "row-epochs",
-            train.rows_per_step // AUTO_MIN_ROWS_PER_GPU,
-            f"{train.rows_per_step} rows a step, at least {AUTO_MIN_ROWS_PER_GPU} a GPU",
+            step_rows // AUTO_MIN_ROWS_PER_GPU,
+            f"{step_rows} rows a step, at least {AUTO_MIN_ROWS_PER_GPU} a GPU",
         ),
         "evaluation": StepWork(
             prompts, AUTO_MIN_PROMPTS, "prompts", batches, f"{batches} batch(es) of prompts"
@@ -94,15 +95,13 @@ def devices_line(config: FinetuneConfig) -> str:
     training, evaluation = work_per_step(config).values()
 
     def gpus(step: StepWork) -> str:
-        most = step.auto_gpus(10**6)  # as if the host had any number
-        if most == 1:
-            return "one GPU"
-        return f"up to {most} GPUs" if most < 10**6 else "every visible GPU"
+        most = step.auto_gpus(step.most_gpus)  # on a host with GPUs enough
+        return "one GPU" if most == 1 else f"up to {most} GPUs"
 
     return (
         f"devices: auto: training on {gpus(training)} for {config.data.train_size} rows x "
         f"{config.train.epochs:g} epoch(s) = {training.work:g} row-epochs (several from "
         f"{AUTO_MIN_ROW_EPOCHS}; {training.limit}), evaluating on {gpus(evaluation)} for "
-        f"{evaluation.work} prompts (several from {AUTO_MIN_PROMPTS}): more GPUs only where "
-        "they repay their per-process start-up"
+        f"{evaluation.work} prompts (several from {AUTO_MIN_PROMPTS}; {evaluation.limit}): "
+        "more GPUs only where they repay their per-process start-up"
     )

@@ -60,6 +60,9 @@ def _auto(visible: int, **overrides) -> tuple[tuple[int | None, str], ...]:
     ("rows", "epochs", "rows_per_step", "visible", "expected"),
     [
         (1000, 1, 128, 2, 1),  # too little work to repay the start-up
+        (1111, 9, 128, 2, 1),  # 9,999 row-epochs
+        (1000, 10, 128, 2, 2),  # 10,000
+        (100, 100, 256, 4, 1),  # a step holds at most the 100 rows there are
         (1200, 9, 16, 2, 1),  # enough work, but 8 rows a GPU a step: slower on 2 (measured)
         (1200, 9, 128, 2, 2),
         (1200, 9, 128, 4, 2),  # 64 rows a GPU at most: two of the four
@@ -77,8 +80,11 @@ def test_auto_trains_on_several_gpus_only_where_the_work_and_each_gpus_share_pay
     )
     assert gpus == expected
     assert why.startswith("auto: ") and f"{rows * epochs:g} row-epochs" in why
-    if 1 < visible and gpus < visible and rows * epochs >= AUTO_MIN_ROW_EPOCHS:
-        assert f"{rows_per_step} rows a step, at least {AUTO_MIN_ROWS_PER_GPU} a GPU" in why
+    if visible == 1:
+        assert why.startswith(("auto: the one visible GPU", "auto: one GPU of 1"))
+    elif gpus < visible and rows * epochs >= AUTO_MIN_ROW_EPOCHS:  # the share decided
+        step_rows = min(rows, rows_per_step)
+        assert f"{step_rows} rows a step, at least {AUTO_MIN_ROWS_PER_GPU} a GPU" in why
 
 
 @pytest.mark.parametrize(
@@ -113,6 +119,12 @@ def test_show_config_says_what_auto_chooses_for_each_step_and_why():
     assert devices_line(wide).startswith("devices: auto: training on up to 4 GPUs")
     many = resolve_config("llama2-7b-h100", {"data": {"test_size": 5000}})
     assert "evaluating on up to 17 GPUs for 5000 prompts" in devices_line(many)
+    one_batch = resolve_config(
+        "llama2-7b-h100", {"data": {"test_size": 2000}, "generation": {"batch_size": 2000}}
+    )
+    assert "evaluating on one GPU for 2000 prompts (several from 2000; 1 batch(es) of prompts)" in (
+        devices_line(one_batch)
+    )
     sweep = resolve_config(
         "llama2-7b-h100", {"data": {"validation_size": 2500, "evaluate_on": "validation"}}
     )  # a sweep's evaluations score its validation rows
@@ -388,7 +400,7 @@ def test_the_flow_resolves_auto_for_training_and_evaluation_separately(monkeypat
     )
     train_gpus, eval_gpus = finetune.devices_for(config)
     assert (train_gpus.num_gpus, eval_gpus.num_gpus) == (2, 1)
-    assert "devices for training: auto: all 2 GPU(s) (10800 row-epochs)" in caplog.text
+    assert "devices for training: auto: all 2 GPUs (10800 row-epochs)" in caplog.text
     assert "devices for evaluation: auto: one GPU of 2 (300 prompts" in caplog.text
     train_gpus, eval_gpus = finetune.devices_for(resolve_config("llama2-7b-h100"))
     assert (train_gpus.num_gpus, eval_gpus.num_gpus) == (1, 1)
