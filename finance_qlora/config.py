@@ -310,8 +310,8 @@ AUTO_MIN_PROMPTS = 2_000
 class DeviceSettings(_Section):
     # Data-parallel training and sharded evaluation, one process per GPU: a count (at most the
     # GPUs visible), None for every GPU this worker sees, or "auto": each step on one GPU below
-    # AUTO_MIN_ROW_EPOCHS of training work / AUTO_MIN_PROMPTS prompts, from there on on as many
-    # visible GPUs as get AUTO_MIN_ROWS_PER_GPU rows of each step / a batch of prompts each.
+    # AUTO_MIN_ROW_EPOCHS of training work / AUTO_MIN_PROMPTS prompts; above, on as many
+    # visible GPUs as each get AUTO_MIN_ROWS_PER_GPU rows of every step / a batch of prompts.
     # Default $FINANCE_QLORA_NUM_GPUS (the work pools' gpu_count sets it), else "auto".
     num_gpus: Union[Annotated[int, Field(gt=0)], Literal["auto"], None] = Field(
         default_factory=_env_gpu_count

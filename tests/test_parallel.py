@@ -240,6 +240,20 @@ def test_sharded_evaluation_gives_the_answers_of_one_process(tmp_path):
     assert shards == [4, 3]  # batches of 2 in turn: rows 1-2, 5-6 and 3-4, 7
 
 
+def test_evaluation_starts_no_process_past_the_last_batch(tmp_path):
+    """Batch k goes to process k mod N: with every prompt in one batch, two processes would
+    leave the second only starting and loading. One batch is answered here, as by one."""
+    config = resolve_config("tiny-cpu", {"generation": {"max_new_tokens": 6, "batch_size": 8}})
+    test = tmp_path / "test.jsonl"
+    write_jsonl(test, [to_prompt_completion(r) for r in make_rows(5)])
+    args = (test, config.model, config.generation)
+    one = evaluate_model(*args, tmp_path / "one", "x")
+    two = evaluate_model(*args, tmp_path / "two", "x", processes=2)
+    assert not (tmp_path / "two.shards").exists()  # no process was launched
+    first, second = (pd.read_parquet(r.predictions_parquet) for r in (one, two))
+    assert second["raw_prediction"].tolist() == first["raw_prediction"].tolist()
+
+
 @pytest.mark.slow
 def test_the_flow_on_two_processes_writes_one_loadable_adapter(prefect_api, tmp_path):
     from tests.test_flow import run_flow, sent_logs, task_states
