@@ -26,6 +26,7 @@ from finance_qlora.parallel import generate_sharded
 from finance_qlora.prompts import cut_answer, fit_prompts, prompt_length
 from finance_qlora.records import EvalRecord
 from finance_qlora.rouge import mean_scores, score_pairs
+from finance_qlora.schedule import generation_batches
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +108,14 @@ def generate_all(
     """Every prompt's answer, uncut, in order: in this process, or with `processes` > 1 dealt
     out over that many GPUs (`parallel.generate_sharded`; `work_dir` holds their files). Also
     whether the base ran on dequantized weights (None: not known from a sharded run)."""
-    batches = -(-len(prompts) // generation.batch_size)
-    if processes > max(batches, 1):
+    useful = max(generation_batches(len(prompts), generation), 1)
+    if processes > useful:
         # batch k goes to process k mod N: a process past the last batch would only start and
         # load the model (on 2 H200s, 300 prompts in one batch took 25-28 s against 9-18 s)
         log.info(
-            "%d batch(es) of prompts: generating on %d of %d processes",
-            batches,
-            max(batches, 1),
-            processes,
+            "%d batch(es) of prompts: generating on as many of %d processes", useful, processes
         )
-        processes = max(batches, 1)
+        processes = useful
     if processes > 1:
         generated = generate_sharded(
             prompts, model_cfg, generation, work_dir, processes, adapter_dir, token, on_progress

@@ -13,12 +13,18 @@ from finance_qlora.config import (
     AUTO_MIN_ROW_EPOCHS,
     AUTO_MIN_ROWS_PER_GPU,
     FinetuneConfig,
+    GenerationSettings,
     TrainSettings,
 )
 
 
 def steps_per_epoch(rows: int, rows_per_step: int) -> int:
     return math.ceil(rows / rows_per_step)
+
+
+def generation_batches(prompts: int, generation: GenerationSettings) -> int:
+    """How many batches `prompts` prompts make (`generation.shard_batches` forms them)."""
+    return math.ceil(prompts / generation.batch_size)
 
 
 def optimizer_steps(rows: int, rows_per_step: int, epochs: float) -> int:
@@ -70,7 +76,7 @@ def work_per_step(config: FinetuneConfig) -> dict[str, StepWork]:
     test rows, or a sweep's validation rows), at least one batch of them a GPU."""
     train, rows, prompts = config.train, config.data.train_size, config.data.evaluated_rows
     step_rows = min(train.rows_per_step, rows)  # a step never holds more than the split
-    batches = math.ceil(prompts / config.generation.batch_size)
+    batches = generation_batches(prompts, config.generation)
     return {
         "training": StepWork(
             rows * train.epochs,
