@@ -48,11 +48,11 @@ print(torch.__version__, triton.__version__, prefect.__version__, torch.cuda.dev
 print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes.__version__)" ;;
   flat) # one 8-bit update for all adapters against one per adapter, bit for bit (pytest)
     CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -p no:cacheprovider tests/test_flat_optimizer_cuda.py ;;
-  timeline-eager|timeline-compiled) # one GPU: the preset (eager) or its compiled layers with
+  timeline-eager|timeline-compiled) # one GPU: eager layers (Liger) or compiled layers with
     # inductor's C++ wrapper, each beside itself with the host's work around a step as before
     # (variants.host_as_before), timed runs in turn; three steps of each profiled phase
     # by phase (benchmarks/step_timeline.py)
-    if [ "$1" = timeline-eager ]; then v=llama2-7b-h100
+    if [ "$1" = timeline-eager ]; then v=llama2-7b-h100-eager
     else v=llama2-7b-h100-compiled-noliger-cppwrapper; fi
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
       --out "$OUT" --sections train --runs 3 --interleave --reference-rows 4 \
@@ -63,20 +63,25 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
       --out "$OUT" --sections train --runs 3 --reference-rows 4 --variants \
       llama2-7b-h100-compiled-noliger-cppwrapper-dynamic-floats,llama2-7b-h100-compiled-noliger-cppwrapper ;;
-  speed) # one GPU: the preset, PEFT's casts back on, compiled layers; beside the reference
+  compiled-preset) # one GPU: eager layers with Liger's kernels beside compiled layers (inductor's
+    # Python wrapper, as train.compile runs them), warmed up, then timed runs in turn
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+      --out "$OUT" --sections train --runs 3 --interleave --reference-rows 4 \
+      --variants llama2-7b-h100-eager,llama2-7b-h100-compiled-noliger ;;
+  speed) # one GPU: eager layers, PEFT's casts back on, the preset (compiled); beside the reference
     CUDA_VISIBLE_DEVICES=0 pin 0-15 python3 benchmarks/gpu_throughput.py --data $DATA \
       --work /tmp/bench --out "$OUT" --sections train --runs 2 --variants \
-      llama2-7b-h100,llama2-7b-h100-peft-casts,llama2-7b-h100-compiled-noliger ;;
-  waits) # one GPU: the preset and compiled layers, each beside itself with the libraries' own
+      llama2-7b-h100-eager,llama2-7b-h100-peft-casts,llama2-7b-h100 ;;
+  waits) # one GPU: eager and compiled layers, each beside itself with the libraries' own
     # waits for the GPU (finance_qlora.sync_free off), where the host waits counted per step
     CUDA_VISIBLE_DEVICES=0 pin 0-15 python3 benchmarks/gpu_throughput.py --data $DATA \
       --work /tmp/bench --out "$OUT" --sections train --runs 2 --reference-rows 16 --variants \
-      llama2-7b-h100-waits,llama2-7b-h100,llama2-7b-h100-compiled-noliger,llama2-7b-h100-compiled-noliger-waits \
+      llama2-7b-h100-eager-waits,llama2-7b-h100-eager,llama2-7b-h100-compiled-noliger,llama2-7b-h100-compiled-noliger-waits \
       --profile llama2-7b-h100-compiled-noliger ;;
   quality) # SmolLM2 with the h100 preset's training and compiled layers; then the answer flow
     CUDA_VISIBLE_DEVICES=${QUALITY_GPU:-0} pin 16-31 python3 experiments/recipe_quality.py \
       --data $DATA --store /tmp/rq/store --out "$OUT" --only llama2-7b-h100 \
-      --train-set compile=true --train-set fused_kernels=false --tag compiled \
+      --train-set compile=true --train-set fused_kernels=false --tag ${QUALITY_TAG:-compiled} \
       --reference-from benchmarks/results/recipe-quality-NVIDIA-H200-2026-11-28.json
     CUDA_VISIBLE_DEVICES=${QUALITY_GPU:-0} pin 16-31 python3 experiments/answer_smollm2.py \
       --store /tmp/rq/store --out "$OUT/answer-smollm2-h200.json" || true
@@ -145,7 +150,7 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
   cppwrapper) # training: compiled layers with inductor's Python wrapper and its C++ one
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
       --out "$OUT" --sections train --runs 2 --reference-rows 16 --variants \
-      llama2-7b-h100,llama2-7b-h100-compiled-noliger,llama2-7b-h100-compiled-noliger-cppwrapper ;;
+      llama2-7b-h100-eager,llama2-7b-h100-compiled-noliger,llama2-7b-h100-compiled-noliger-cppwrapper ;;
   multi-train) # data-parallel training on 1 and 2 GPUs at the recipe's schedule; e.g.
     # MULTI_SET="train.compile=true train.fused_kernels=false" for compiled layers
     python3 benchmarks/multi_gpu.py --data $DATA --work /tmp/bench --out "$OUT" --arch llama2-7b \

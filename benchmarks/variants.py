@@ -31,15 +31,19 @@ TRAIN_VARIANTS = {
     "packed-liger": PACKED | {"fused_kernels": True},
     "packed-dequantized": PACKED | {"dequantize": "always"},
     "packed-dequantized-liger": PACKED | {"dequantize": "always", "fused_kernels": True},
+    # the preset as shipped: its layers compiled (inductor's Python wrapper)
     "llama2-7b-h100": {"rows_per_step": 16, **PRESETS["llama2-7b-h100"]["train"]},
 }
-H100 = TRAIN_VARIANTS["llama2-7b-h100"]
+# the preset's layers run eagerly with Liger's kernels: its training until it compiled them
+# (2026-11-29), and the base of the comparisons made before
+H100_EAGER = TRAIN_VARIANTS["llama2-7b-h100"] | {"compile": False, "fused_kernels": True}
 TRAIN_VARIANTS |= {
-    # the preset as it ran before finance_qlora.kernels.uncast_adapter_inputs (PEFT's casts)
-    "llama2-7b-h100-peft-casts": H100,
-    # its decoder layers compiled (finance_qlora.kernels.compile_layers); without Liger's
-    # kernels, which do not compile (inductor fuses the norms and activations itself)
-    "llama2-7b-h100-compiled-noliger": H100 | {"compile": True, "fused_kernels": False},
+    "llama2-7b-h100-eager": H100_EAGER,
+    # the eager preset as it ran before finance_qlora.kernels.uncast_adapter_inputs (PEFT's casts)
+    "llama2-7b-h100-peft-casts": H100_EAGER,
+    # compiled layers without Liger's kernels, which do not compile (inductor fuses the norms
+    # and activations itself): the preset's settings, under the name the results before used
+    "llama2-7b-h100-compiled-noliger": H100_EAGER | {"compile": True, "fused_kernels": False},
 }
 # compiled layers with inductor's C++ wrapper around their kernels instead of its Python one
 TRAIN_VARIANTS["llama2-7b-h100-compiled-noliger-cppwrapper"] = TRAIN_VARIANTS[
@@ -52,13 +56,13 @@ TRAIN_VARIANTS["llama2-7b-h100-compiled-noliger-cppwrapper-dynamic-floats"] = TR
 # the same settings with the libraries' own waits for the GPU (finance_qlora.sync_free off)
 TRAIN_VARIANTS |= {
     f"{name}-waits": TRAIN_VARIANTS[name]
-    for name in ("llama2-7b-h100", "llama2-7b-h100-compiled-noliger")
+    for name in ("llama2-7b-h100-eager", "llama2-7b-h100-compiled-noliger")
 }
 # the same settings with the host's work around a step as before 2026-11-29 (see
 # host_as_before): each beside the setting as it is
 TRAIN_VARIANTS |= {
     f"{name}-host-as-before": TRAIN_VARIANTS[name] | {"loader_workers": 0}
-    for name in ("llama2-7b-h100", "llama2-7b-h100-compiled-noliger-cppwrapper")
+    for name in ("llama2-7b-h100-eager", "llama2-7b-h100-compiled-noliger-cppwrapper")
 }
 
 
@@ -152,16 +156,17 @@ def float_attributes(constant: bool):
 
 
 VARIANT_CALLBACKS = {
+    "llama2-7b-h100": [inductor_wrapper(False)],
     "llama2-7b-h100-compiled-noliger": [inductor_wrapper(False)],
     "llama2-7b-h100-compiled-noliger-cppwrapper": [inductor_wrapper(True)],
     "llama2-7b-h100-peft-casts": [peft_input_casts],
-    "llama2-7b-h100-waits": [library_waits],
+    "llama2-7b-h100-eager-waits": [library_waits],
     "llama2-7b-h100-compiled-noliger-waits": [library_waits],
     "llama2-7b-h100-compiled-noliger-cppwrapper-host-as-before": [inductor_wrapper(True)],
     "llama2-7b-h100-compiled-noliger-cppwrapper-dynamic-floats": [inductor_wrapper(True)],
 }
 VARIANT_CONTEXTS = {
-    "llama2-7b-h100-host-as-before": host_as_before,
+    "llama2-7b-h100-eager-host-as-before": host_as_before,
     "llama2-7b-h100-compiled-noliger-cppwrapper-host-as-before": host_as_before,
 }
 

@@ -30,7 +30,8 @@ Results: benchmarks/results/recipe-quality-<gpu>-<date>.json.
 A speed setting that may change the arithmetic is proven the same way, beside an earlier
 reference run: `--only llama2-7b-h100 --train-set compile=true --reference-from
 benchmarks/results/recipe-quality-<gpu>-<date>.json --tag compiled` runs that preset with the
-setting, and writes recipe-quality-<gpu>-<date>-compiled.json, judged against the file's
+setting (how compiled layers were proven before the preset turned them on), and writes
+recipe-quality-<gpu>-<date>-compiled.json, judged against the file's
 reference schedule (its pretrained scores should be the same, the same split and decoding:
 `pretrained_as_reference` says whether they are to the digit). Training on a GPU is not
 bit-reproducible: judge with the same `--seeds` as the reference file's.
