@@ -6,7 +6,7 @@ FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     HF_HOME=/cache/huggingface PREFECT_SERVER_ANALYTICS_ENABLED=false
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv git \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev gcc git \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -19,5 +19,6 @@ COPY pyproject.toml README.md prefect.yaml ./
 COPY finance_qlora ./finance_qlora
 COPY flows ./flows
 COPY tasks ./tasks
-# gpu: Liger's fused kernels, which the llama2-7b-h100 preset turns on
+# gpu: Liger's fused kernels (train.fused_kernels, opt-in). Triton's kernels (compiled layers,
+# on in llama2-7b-h100, and Liger's) need gcc and Python's headers: installed above.
 RUN pip install -e ".[s3,gpu]"

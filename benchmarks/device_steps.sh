@@ -78,7 +78,8 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
       --work /tmp/bench --out "$OUT" --sections train --runs 2 --reference-rows 16 --variants \
       llama2-7b-h100-eager-waits,llama2-7b-h100-eager,llama2-7b-h100-compiled-noliger,llama2-7b-h100-compiled-noliger-waits \
       --profile llama2-7b-h100-compiled-noliger ;;
-  quality) # SmolLM2 with the h100 preset's training and compiled layers; then the answer flow
+  quality) # SmolLM2 with the h100 preset's training and compiled layers (its own since
+    # 2026-11-29: the two --train-set are the preset's); then the answer flow
     CUDA_VISIBLE_DEVICES=${QUALITY_GPU:-0} pin 16-31 python3 experiments/recipe_quality.py \
       --data $DATA --store /tmp/rq/store --out "$OUT" --only llama2-7b-h100 \
       --train-set compile=true --train-set fused_kernels=false --tag ${QUALITY_TAG:-compiled} \
@@ -120,7 +121,8 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
       --out "$OUT" --sections eval --runs 1 --eval-repeats 3 --reference-prompts 0 \
       --eval-variants dequantized-static-stop-each-step,dequantized-static ;;
   flow) # the whole flow as shipped (llama2-7b-h100) in two fresh processes, the first without
-    # a kept 4-bit copy; $FLOW_SET: section.field=value for both
+    # a kept 4-bit copy; $FLOW_SET: section.field=value for both (eager layers, as the preset
+    # before 2026-11-29: FLOW_SET="train.compile=false train.fused_kernels=true")
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
       --out "$OUT" --sections flow --flow-runs 2 \
       $(for a in ${FLOW_SET:-}; do echo "--flow-set=$a"; done) ;;
@@ -151,11 +153,13 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
       --out "$OUT" --sections train --runs 2 --reference-rows 16 --variants \
       llama2-7b-h100-eager,llama2-7b-h100-compiled-noliger,llama2-7b-h100-compiled-noliger-cppwrapper ;;
-  multi-train) # data-parallel training on 1 and 2 GPUs at the recipe's schedule; e.g.
-    # MULTI_SET="train.compile=true train.fused_kernels=false" for compiled layers
+  multi-train) # data-parallel training on 1 and 2 GPUs at the recipe's schedule (the preset's
+    # compiled layers; MULTI_SET="train.compile=false train.fused_kernels=true": eager, as the
+    # runs of 2026-11-29)
     python3 benchmarks/multi_gpu.py --data $DATA --work /tmp/bench --out "$OUT" --arch llama2-7b \
       --phase train --gpus 1 2 --epochs 2 $(for a in ${MULTI_SET:-}; do echo --set "$a"; done) ;;
-  flows) # the whole flow through the command line on 1 and 2 GPUs ($FLOW_DATA, $FLOW_GPUS)
+  flows) # the whole flow through the command line on 1 and 2 GPUs ($FLOW_DATA, $FLOW_GPUS; the
+    # preset's compiled layers since 2026-11-29, eager Liger layers before)
     python3 benchmarks/multi_gpu.py --data $DATA --work /tmp/bench --out "$OUT" --arch llama2-7b \
       --phase flow --flow-data ${FLOW_DATA:-default} --flow-gpus ${FLOW_GPUS:-1 2} ;;
   *) echo "unknown step $1"; exit 2 ;;

@@ -199,9 +199,9 @@ def section_train(setup: Setup, variants: list[str], runs: int) -> dict:
         result["interleaved"] = True
     for name in [] if setup.args.interleave else variants:
         print(f"train.{name}:")
-        config = setup.config(train=TRAIN_VARIANTS[name])
         watch.lines.clear()
         try:
+            config = setup.config(train=TRAIN_VARIANTS[name])
             result["variants"][name] = timed_train(setup, name, config, None, runs)
             result["variants"][name]["oom_backoffs"] = list(watch.lines)
         except Exception as exc:  # a variant that fails is reported, the rest still run

@@ -20,6 +20,7 @@ STEP = {
     "dequantize": "never",
     "padding_free": False,
     "fused_kernels": False,
+    "compile": False,
 }
 PACKED = STEP | {"max_tokens_per_batch": 16384, "padding_free": True}
 TRAIN_VARIANTS = {

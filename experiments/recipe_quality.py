@@ -76,7 +76,7 @@ def recipes() -> dict[str, dict[str, Any]]:
 def overrides(args, train: dict[str, Any]) -> dict[str, Any]:
     generation = PRESETS["smollm2-135m"]["generation"]
     if args.smoke:  # a CPU check of this script: tiny model, few rows, no CUDA kernels
-        train = {**train, "fused_kernels": False, "optimizer": "adamw_torch"}
+        train = {**train, "fused_kernels": False, "compile": False, "optimizer": "adamw_torch"}
         generation = {**generation, "max_new_tokens": 8}
     train_size, test_size = (40, 8) if args.smoke else (1000, 300)
     return {

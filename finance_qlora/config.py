@@ -170,7 +170,8 @@ class TrainSettings(_Section):
             raise PydanticCustomError(
                 "compile_with_liger",
                 "compile and fused_kernels exclude each other (Liger's kernels do not compile); "
-                "set train.compile=false to use them, or train.fused_kernels=false to compile",
+                "set train.compile=false to use Liger's kernels, or train.fused_kernels=false to "
+                "keep the compiled layers",
             )
         return self
 

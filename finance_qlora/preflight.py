@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,8 +62,21 @@ def check_quantization(config: FinetuneConfig) -> None:
         )
 
 
+def triton_missing() -> str | None:
+    """What Triton's GPU kernels lack here, or None: Triton itself, then a C compiler and
+    Python's headers, with which Triton builds its kernel launcher at first use (the compiler
+    found as Triton finds it: $CC, gcc, clang)."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (it comes with torch's CUDA wheels)"
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        return "Triton needs a C compiler (gcc or clang, or $CC) and finds none"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        return "Triton needs Python's headers (Python.h; e.g. apt install python3-dev)"
+    return None
+
+
 def check_fused_kernels(config: FinetuneConfig) -> None:
-    """Liger's kernels are Triton GPU kernels: CUDA and the liger-kernel package."""
+    """Liger's kernels are Triton GPU kernels: CUDA, Triton and the liger-kernel package."""
     if not config.train.fused_kernels:
         return
     import torch
@@ -70,9 +86,35 @@ def check_fused_kernels(config: FinetuneConfig) -> None:
         missing = "this machine has no CUDA GPU"
     elif importlib.util.find_spec("liger_kernel") is None:
         missing = "liger-kernel is not installed (pip install 'finance-qlora[gpu]')"
+    else:
+        missing = triton_missing()
     if missing:
         raise ConfigError(
             f"train.fused_kernels: {missing}; set train.fused_kernels=false to train without them"
+        )
+
+
+def check_compile(config: FinetuneConfig) -> None:
+    """Compiled layers need a compiler for the device: Triton on a CUDA GPU, a C++ compiler
+    on the CPU (inductor builds its CPU kernels with it)."""
+    if not config.train.compile:
+        return
+    import torch
+
+    missing = None
+    if torch.cuda.is_available():
+        missing = triton_missing()
+    else:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+
+        try:
+            get_cpp_compiler()
+        except InvalidCxxCompiler:
+            missing = "no CUDA GPU here, and inductor finds no C++ compiler (g++) for the CPU"
+    if missing:
+        raise ConfigError(
+            f"train.compile: {missing}; install it, or set train.compile=false to train eagerly"
         )
 
 
@@ -312,6 +354,7 @@ def preflight(
     store = Store(config.output_dir, store_options or {})  # a malformed URL fails here
     check_quantization(config)
     check_fused_kernels(config)
+    check_compile(config)
     check_devices(config)
     check_model_name(config)
     hub_data = local_path(config.data.dataset) is None and not is_store_url(config.data.dataset)

@@ -289,6 +289,13 @@ CASES = [
         "train.fused_kernels: this machine has no CUDA GPU; set train.fused_kernels=false to "
         "train without them",
     ),
+    (
+        "Liger's kernels asked of the preset that compiles its layers",
+        lambda t: ["--preset", "llama2-7b-h100", "--set", "train.fused_kernels=true"],
+        "train: compile and fused_kernels exclude each other (Liger's kernels do not compile); "
+        "set train.compile=false to use Liger's kernels, or train.fused_kernels=false to keep "
+        "the compiled layers",
+    ),
 ]
 
 

@@ -176,7 +176,7 @@ def test_names_patched_into_the_modeling_module_for_training_are_set_back(tmp_pa
 
 def test_compile_with_liger_is_one_config_error():
     # the preset compiles: asking it for Liger's kernels names both ways out
-    with pytest.raises(ConfigError, match="set train.compile=false to use them, or train.fused"):
+    with pytest.raises(ConfigError, match="set train.compile=false to use Liger's kernels, or"):
         resolve_config("llama2-7b-h100", {"train": {"fused_kernels": True}})
     assert resolve_config("llama2-7b-h100", {"train": {"compile": False, "fused_kernels": True}})
 

@@ -4,6 +4,7 @@ two gloo processes on the CPU and the tiny 4-bit model (the code path a multi-GP
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -212,6 +213,24 @@ def test_two_processes_write_one_adapter_and_follow_one_process(prompts, tmp_pat
     assert weights.keys() == reference.keys()  # not the values: LoRA dropout draws per rank
     model = PeftModel.from_pretrained(load_model(config.model), two.path)
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_compiled_layers_on_two_processes_train_like_eager_ones(prompts, tmp_path, monkeypatch):
+    """llama2-7b-h100 compiles its layers; on several GPUs each rank compiles its own model's
+    inside DDP: the same losses as eager layers on two processes, compiled in the ranks."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("inductor needs a C compiler on the CPU")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # the ranks'
+    losses = {}
+    for compiled in (False, True):
+        config = _config(epochs=2, compile=compiled)
+        run = train_adapter(
+            prompts, config.model, config.lora, config.train, tmp_path / str(compiled), processes=2
+        )
+        losses[compiled] = run.losses
+    assert any((tmp_path / "inductor").rglob("*.py"))  # the ranks compiled (inductor's code)
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
 
 
 @pytest.mark.slow

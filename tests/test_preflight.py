@@ -211,3 +211,35 @@ def test_padding_free_is_refused_for_a_model_with_its_own_attention():
         check_padding_free(config, BloomConfig())
     unpacked = resolve_config("tiny-cpu")
     check_padding_free(unpacked, BloomConfig())  # not asked for: not checked
+
+
+def test_compiled_layers_need_a_cpu_compiler_without_cuda(monkeypatch):
+    import torch._inductor.config as inductor
+    from torch._inductor.cpp_builder import cpp_compiler_search
+
+    config = resolve_config("tiny-cpu", {"train": {"compile": True}})
+    preflight.check_compile(config)  # this machine's g++: fine
+    monkeypatch.setattr(inductor.cpp, "cxx", ("no-such-compiler++",))
+    cpp_compiler_search.cache_clear()  # inductor keeps the compiler it found
+    try:
+        with pytest.raises(ConfigError, match=r"train.compile: no CUDA GPU here, and inductor"):
+            preflight.check_compile(config)
+        preflight.check_compile(resolve_config("tiny-cpu"))  # not asked for: not checked
+    finally:
+        cpp_compiler_search.cache_clear()
+
+
+def test_triton_kernels_need_a_c_compiler_and_pythons_headers(monkeypatch, tmp_path):
+    import sysconfig
+
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(preflight.shutil, "which", lambda name: None)
+    monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: object())
+    assert "needs a C compiler (gcc or clang, or $CC)" in preflight.triton_missing()
+    monkeypatch.setenv("CC", "/opt/cc")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    assert "needs Python's headers (Python.h" in preflight.triton_missing()
+    (tmp_path / "Python.h").write_text("")
+    assert preflight.triton_missing() is None
+    monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: None)
+    assert preflight.triton_missing().startswith("Triton is not installed")

@@ -219,3 +219,18 @@ def test_fields_that_size_memory_or_time_have_upper_bounds(field, value, message
     )
     with pytest.raises(ConfigError, match=message):
         resolve_config("llama2-7b-t4", {"train": {field: value}})
+
+
+def test_every_benchmark_variant_is_a_configuration_at_the_recipes_schedule():
+    """benchmarks/gpu_throughput.py resolves each variant against llama2-7b-h100, so a variant
+    inherits what it does not set: each sets what it compares (the preset's compiled layers
+    would otherwise reach the padded variants, and refuse the Liger ones)."""
+    from benchmarks.variants import TRAIN_VARIANTS
+
+    compiled = set()
+    for name, train in TRAIN_VARIANTS.items():
+        config = resolve_config("llama2-7b-h100", {"train": train}).train
+        assert config.rows_per_step == 16, name
+        if config.compile:
+            compiled.add(name)
+    assert compiled == {n for n in TRAIN_VARIANTS if "compiled" in n or n == "llama2-7b-h100"}
