@@ -70,7 +70,10 @@ def triton_missing() -> str | None:
         return "Triton is not installed (it comes with torch's CUDA wheels)"
     if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
         return "Triton needs a C compiler (gcc or clang, or $CC) and finds none"
-    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+    scheme = sysconfig.get_default_scheme()
+    # Debian's own scheme puts headers under /usr/local; Triton reads them where Python's are
+    include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)
+    if not (Path(include["include"]) / "Python.h").is_file():
         return "Triton needs Python's headers (Python.h; e.g. apt install python3-dev)"
     return None
 

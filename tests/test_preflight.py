@@ -237,7 +237,7 @@ def test_triton_kernels_need_a_c_compiler_and_pythons_headers(monkeypatch, tmp_p
     monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: object())
     assert "needs a C compiler (gcc or clang, or $CC)" in preflight.triton_missing()
     monkeypatch.setenv("CC", "/opt/cc")
-    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    monkeypatch.setattr(sysconfig, "get_paths", lambda scheme: {"include": str(tmp_path)})
     assert "needs Python's headers (Python.h" in preflight.triton_missing()
     (tmp_path / "Python.h").write_text("")
     assert preflight.triton_missing() is None
