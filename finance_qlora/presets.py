@@ -27,8 +27,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The same recipe on an 80 GB card (benchmarks/README.md): a step's 16 rows in one
     # padding-free micro-batch (at most 16,384 real tokens), compiled decoder layers (1.44x
-    # eager Liger kernels at this step on an H200; a cold compile adds about 10 s to the first
-    # flow on a worker), no activation checkpointing, base weights dequantized once from NF4
+    # eager Liger kernels at this step on an H200; a cold compile adds 10 s or more to a
+    # worker's first flow), no activation checkpointing, base weights dequantized once from NF4
     # where there is room. Generation: all 300 prompts in one batch, dequantized, static cache.
     "llama2-7b-h100": {
         "train": {

@@ -218,7 +218,7 @@ def test_two_processes_write_one_adapter_and_follow_one_process(prompts, tmp_pat
 @pytest.mark.slow
 def test_compiled_layers_on_two_processes_train_like_eager_ones(prompts, tmp_path, monkeypatch):
     """llama2-7b-h100 compiles its layers; on several GPUs each rank compiles its own model's
-    inside DDP: the same losses as eager layers on two processes, compiled in the ranks."""
+    layers inside DDP: the same losses as eager layers on two processes, compiled in the ranks."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("inductor needs a C compiler on the CPU")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # the ranks'
