@@ -75,11 +75,11 @@ def choose_gpus(
         if step is None:
             return 1, f"auto: one GPU of {visible} (unknown work)"
         amount = f"{step.work:g} {step.unit}"
-        gpus = step.auto_gpus(visible)
         if step.work < step.auto_from:
             return 1, f"auto: one GPU of {visible} ({amount}; several from {step.auto_from:g})"
         if visible == 1:
             return 1, f"auto: the one visible GPU ({amount})"
+        gpus = step.auto_gpus(visible)
         if gpus == visible:
             return gpus, f"auto: all {visible} GPUs ({amount})"
         # fewer than visible: the step's work divides no further
