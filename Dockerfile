@@ -3,8 +3,11 @@
 # CUDA 12.4 runtime: T4 (sm_75) and newer; bitsandbytes ships its CUDA kernels in the wheel.
 FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 
+# /cache: mount a volume there to keep downloads and compiled kernels (Triton's: the decode
+# steps' attention, the compiled layers) from one flow run to the next
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    HF_HOME=/cache/huggingface PREFECT_SERVER_ANALYTICS_ENABLED=false
+    HF_HOME=/cache/huggingface TRITON_CACHE_DIR=/cache/triton \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev gcc git \
     && rm -rf /var/lib/apt/lists/* \

@@ -34,6 +34,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from datetime import UTC, datetime
@@ -303,7 +304,10 @@ def child(args, flag: str, value: str) -> dict:
     command += ["--profile", args.profile]
     command += ["--reference-prompts", str(args.reference_prompts)]
     command += [f"--flow-set={assignment}" for assignment in args.flow_set]
-    done = subprocess.run(command, capture_output=True, text=True)
+    env = None
+    if args.cold_triton:  # the process compiles Triton's kernels itself, as a bare worker would
+        env = {**os.environ, "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-cache-")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     sys.stdout.write(done.stdout[-3000:])
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1][:400] if done.stderr else "failed"}
@@ -485,6 +489,11 @@ def main() -> None:
         choices=range(1, 11),
         metavar="1..10",
         help="eval: fresh processes per variant",
+    )
+    parser.add_argument(
+        "--cold-triton",
+        action="store_true",
+        help="each fresh process with an empty Triton cache (compiles its kernels)",
     )
     parser.add_argument("--flow-runs", type=int, default=3)
     parser.add_argument(

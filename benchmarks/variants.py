@@ -174,8 +174,16 @@ VARIANT_CONTEXTS = {
 
 EVAL_VARIANTS = {
     "dequantized-dynamic": {"dequantize": "always", "cache": "dynamic", "batch_size": 300},
-    # decode steps replayed as CUDA graphs (generation.cuda_graphs, on by default)
+    # the preset: decode steps replayed as CUDA graphs (generation.cuda_graphs, on by default),
+    # their attention through the project's Triton kernel (generation.decode_kernel)
     "dequantized-static": {"dequantize": "always", "cache": "static", "batch_size": 300},
+    # the same with the decode steps' attention through SDPA (the preset until 2026-11-29)
+    "dequantized-static-sdpa": {
+        "dequantize": "always",
+        "cache": "static",
+        "batch_size": 300,
+        "decode_kernel": "sdpa",
+    },
     "dequantized-static-eager": {
         "dequantize": "always",
         "cache": "static",

@@ -13,12 +13,20 @@ evaluation's path through PEFT). Counts answers alike and times each; one JSON f
 `--compare stop`: decode steps as graphs in both, generate() deciding to stop a step late
 (generation.stop_checks_deferred, as shipped) and at every step; answers that end before 128
 tokens counted (a batch whose rows all end early runs the late stop's extra step and undoes
-it: smaller --batch-size makes that likelier).
+it: smaller --batch-size makes that likelier). `--compare kernel`: decode steps as graphs in
+both, their attention through the project's Triton kernel (generation.decode_kernel=triton),
+through SDPA as shipped (torch picks its memory-efficient kernel) and through SDPA's math
+kernel, so that two of torch's own kernels show how far rounding alone moves greedy answers;
+`--compute-dtype float32` runs all three in fp32. Every mode's answers (cut as evaluation cuts
+them) are scored with ROUGE-L against the test rows' references, with a paired bootstrap
+interval of each pair's difference of means, so that answers that differ can be weighed.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import sys
 import time
@@ -30,16 +38,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from benchmarks.variants import stop_each_step  # noqa: E402
 from benchmarks.watch import decode_log  # noqa: E402
+from finance_qlora.bootstrap import paired_bootstrap  # noqa: E402
 from finance_qlora.config import DataConfig  # noqa: E402
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl  # noqa: E402
 from finance_qlora.generation import generate_shard  # noqa: E402
 from finance_qlora.modeling import loaded  # noqa: E402
 from finance_qlora.presets import resolve_config  # noqa: E402
-from finance_qlora.prompts import write_prompts  # noqa: E402
+from finance_qlora.prompts import cut_answer, write_prompts  # noqa: E402
+from finance_qlora.rouge import mean_scores, score_pairs  # noqa: E402
 
 
 def timed(model, tokenizer, prompts, generation) -> tuple[list[str], float, int]:
@@ -58,23 +69,32 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/decode-graphs"))
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
-    parser.add_argument("--compare", choices=["graphs", "stop"], default="graphs")
+    parser.add_argument("--compare", choices=["graphs", "stop", "kernel"], default="graphs")
     parser.add_argument("--models", default="pretrained,random-lora")
     parser.add_argument("--batch-size", type=int, default=300, help="prompts a generate() call")
+    parser.add_argument("--compute-dtype", default="auto", help="model.compute_dtype")
     args = parser.parse_args()
     rows = DataConfig(dataset=str(args.data.resolve()), train_size=1000, test_size=300, seed=0)
     splits = write_splits(resolve_version(rows.dataset), rows, args.work / "splits")
-    prompts = [
-        p["prompt"] for p in read_jsonl(write_prompts(splits, args.work / "prompts").test_path)
-    ]
+    test = list(read_jsonl(write_prompts(splits, args.work / "prompts").test_path))
+    prompts, references = [p["prompt"] for p in test], [p["completion"] for p in test]
     batching = {"cache": "static", "batch_size": args.batch_size}
-    config = resolve_config("smollm2-135m", {"generation": batching})
+    config = resolve_config(
+        "smollm2-135m",
+        {"generation": batching, "model": {"compute_dtype": args.compute_dtype}},
+    )
     eager = config.generation.model_copy(update={"cuda_graphs": False})
+    triton = {"decode_kernel": "triton"}
     modes = {  # name: generation settings, what the generation runs under
         "graphs": [("graphs", config.generation, nullcontext), ("eager", eager, nullcontext)],
         "stop": [
             ("late", config.generation, nullcontext),
             ("each-step", config.generation, stop_each_step),
+        ],
+        "kernel": [
+            ("triton", config.generation.model_copy(update=triton), nullcontext),
+            ("sdpa", config.generation, nullcontext),
+            ("sdpa-math", config.generation, functools.partial(sdpa_kernel, [SDPBackend.MATH])),
         ],
     }[args.compare]
     handler = decode_log()
@@ -103,27 +123,41 @@ def main() -> None:
                 with context():
                     first, first_s, ended = timed(model, tokenizer, prompts, settings)
                     warm, warm_s, _ = timed(model, tokenizer, prompts, settings)
+                scores = score_pairs([cut_answer(a) for a in first], references)["rougeL"]
                 runs[mode] = {
                     "answers": first,
+                    "scores": scores,
+                    "rougeL": round(mean_scores({"rougeL": scores})["rougeL"], 4),
                     "first_seconds": first_s,
                     "warm_seconds": warm_s,
                     "ended_before_limit": ended,
                     "repeat_alike": sum(a == b for a, b in zip(first, warm, strict=True)),
                     "log": list(handler.lines),
                 }
-            (new, *_), (old, *_) = modes
-            alike = sum(
-                a == b for a, b in zip(runs[new]["answers"], runs[old]["answers"], strict=True)
-            )
+            (new, *_), (old, *_) = modes[:2]
+            pairs = {}
+            for (a, *_), (b, *_) in itertools.combinations(modes, 2):
+                answers = zip(runs[a]["answers"], runs[b]["answers"], strict=True)
+                delta = paired_bootstrap(runs[b]["scores"], runs[a]["scores"]).delta
+                pairs[f"{a}_vs_{b}_alike"] = sum(x == y for x, y in answers)
+                # a's mean ROUGE-L minus b's, with its 95% interval
+                pairs[f"{a}_minus_{b}_rougeL"] = [
+                    round(x, 4) for x in (delta.mean, delta.low, delta.high)
+                ]
+            drop = ("answers", "scores")
             result["models"][name] = {
-                f"{new}_vs_{old}_alike": alike,
-                **{m: {k: v for k, v in r.items() if k != "answers"} for m, r in runs.items()},
+                **pairs,
+                **{m: {k: v for k, v in r.items() if k not in drop} for m, r in runs.items()},
                 "warm_speedup": round(runs[old]["warm_seconds"] / runs[new]["warm_seconds"], 2),
             }
             print(json.dumps({name: result["models"][name]}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = result["machine"].replace(" ", "-")
-    name = "decode-graphs" if args.compare == "graphs" else f"stop-late-batch{args.batch_size}"
+    name = {
+        "graphs": "decode-graphs",
+        "stop": f"stop-late-batch{args.batch_size}",
+        "kernel": f"decode-kernel-{args.compute_dtype}",
+    }[args.compare]
     out = args.out / f"{name}-smollm2-{gpu}-{result['date']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(out)

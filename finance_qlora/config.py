@@ -261,6 +261,11 @@ class GenerationSettings(_Section):
     # graph: the same kernels with one launch, so the same answers (checked where each graph is
     # recorded), without the host issuing every kernel of every token (decode_graphs.py).
     cuda_graphs: bool = True
+    # The attention of decode steps on a GPU: "sdpa", torch's kernels, which read every
+    # position of the cache and discard the masked ones; "triton", the project's kernel
+    # (decode_kernel.py), which reads only the positions each row attends to: the prompt, not
+    # its left padding, and the tokens generated so far, not the empty slots after them.
+    decode_kernel: Literal["sdpa", "triton"] = "sdpa"
     # Sampling instead of greedy decoding (the answer flow; the evaluation and the gate are
     # meant greedy). Each batch is seeded from `seed` and its first prompt, so one process or
     # several give the same answers.

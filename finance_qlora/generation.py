@@ -15,6 +15,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from finance_qlora.config import GenerationSettings
+from finance_qlora.decode_attention import decode_kernel
 from finance_qlora.decode_graphs import decode_graphs
 from finance_qlora.errors import FinanceQLoRAError
 from finance_qlora.modeling import release_memory, stop_token_ids
@@ -220,6 +221,7 @@ def generate_shard(
         "disable_compile": True,
     }
     with (
+        decode_kernel(model, generation.decode_kernel == "triton", device),
         decode_graphs(model, graphs_wanted(generation, device)) as graphs,
         stop_checks_deferred(device),
     ):

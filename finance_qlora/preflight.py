@@ -121,6 +121,21 @@ def check_compile(config: FinetuneConfig) -> None:
         )
 
 
+def check_decode_kernel(config: FinetuneConfig) -> None:
+    """The decode steps' Triton kernel, where a GPU will run it (on the CPU generation attends
+    with SDPA, as `decode_attention.decode_kernel` logs)."""
+    if config.generation.decode_kernel != "triton":
+        return
+    import torch
+
+    missing = triton_missing() if torch.cuda.is_available() else None
+    if missing:
+        raise ConfigError(
+            f"generation.decode_kernel: {missing}; install it, or set "
+            "generation.decode_kernel=sdpa to attend with torch's kernels"
+        )
+
+
 def check_devices(config: FinetuneConfig) -> None:
     """The GPUs asked for are there (a step's rows split over any number of processes)."""
     from finance_qlora.parallel import process_count
@@ -358,6 +373,7 @@ def preflight(
     check_quantization(config)
     check_fused_kernels(config)
     check_compile(config)
+    check_decode_kernel(config)
     check_devices(config)
     check_model_name(config)
     hub_data = local_path(config.data.dataset) is None and not is_store_url(config.data.dataset)

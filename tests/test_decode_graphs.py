@@ -300,3 +300,11 @@ def test_whether_decode_steps_replay_graphs_is_not_part_of_a_result_key():
     on, off = GenerationSettings(), GenerationSettings(cuda_graphs=False)
     assert identity(on) == identity(off)
     assert identity(on) != identity(GenerationSettings(cache="static"))
+
+
+def test_the_decode_steps_attention_kernel_is_part_of_a_result_key():
+    """Another kernel rounds differently, and greedy answers follow rounding at near-ties
+    (benchmarks/README.md, "The decode steps' attention kernel"): not the same evaluation."""
+    from tasks.identity import identity
+
+    assert identity(GenerationSettings()) != identity(GenerationSettings(decode_kernel="triton"))

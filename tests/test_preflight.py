@@ -243,3 +243,19 @@ def test_triton_kernels_need_a_c_compiler_and_pythons_headers(monkeypatch, tmp_p
     assert preflight.triton_missing() is None
     monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: None)
     assert preflight.triton_missing().startswith("Triton is not installed")
+
+
+def test_the_decode_kernel_needs_triton_where_a_gpu_will_run_it(monkeypatch):
+    import torch
+
+    config = resolve_config("llama2-7b-h100")
+    assert config.generation.decode_kernel == "triton"
+    missing = "Triton is not installed (it comes with torch's CUDA wheels)"
+    monkeypatch.setattr(preflight, "triton_missing", lambda: missing)
+    preflight.check_decode_kernel(config)  # no GPU here: generation attends with SDPA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match=r"^generation.decode_kernel: Triton is not installed"):
+        preflight.check_decode_kernel(config)
+    preflight.check_decode_kernel(
+        resolve_config("llama2-7b-h100", {"generation": {"decode_kernel": "sdpa"}})
+    )

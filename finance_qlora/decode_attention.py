@@ -1,0 +1,126 @@
+"""Decode steps' attention through `decode_kernel` while generating (`generation.decode_kernel`).
+
+Half the GPU time of the preset's 300 x 128 generation of LLaMA-2-7B went to one kernel: torch's
+memory-efficient attention over the whole static cache at each decode step, masked positions
+read and discarded (benchmarks/README.md, "The first generation"). `decode_kernel` reads only
+the positions a row attends to. It is registered with transformers' attention interface under
+`ATTENTION` and takes the decode steps it can (one query position on a GPU, a boolean mask or
+none); every other call (the prefill, an additive mask, a model with attention extras) goes to
+transformers' SDPA attention unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ATTENTION = "finance_qlora_decode"
+# arguments of transformers' attention calls that change what is computed; with any of them
+# set the call goes to SDPA's path (which refuses or handles them as it does)
+EXTRAS = ("softcap", "s_aux", "position_bias", "sinks")
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreted() -> bool:
+    """Triton's interpreter runs kernels on CPU tensors (the tests); it is chosen when
+    `decode_kernel` is first imported."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_applies(module, query, key, value, attention_mask, dropout, kwargs) -> bool:
+    """Whether `decode_kernel.masked_decode` computes this call as SDPA would."""
+    heads, dim = query.shape[1], query.shape[-1]
+    return (
+        (query.is_cuda or interpreted())
+        and query.shape[2] == 1
+        and not dropout
+        and not module.training
+        and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and key.dtype == value.dtype == query.dtype
+        and heads % key.shape[1] == 0
+        and 16 <= dim <= 256
+        and dim & (dim - 1) == 0  # a power of two: the kernel's vectors
+        and all(x.stride(-1) == 1 for x in (query, key, value))
+        and all(kwargs.get(name) is None for name in EXTRAS)
+        and (
+            attention_mask is None
+            or (
+                attention_mask.dtype == torch.bool
+                and attention_mask.dim() == 4
+                and attention_mask.shape[-2] == 1
+                and attention_mask.shape[-1] == key.shape[2]
+            )
+        )
+    )
+
+
+def decode_attention_forward(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: query (rows, heads, positions, dim), key and value
+    (rows, kv_heads, cache positions, dim); returns (rows, positions, heads, dim)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not kernel_applies(module, query, key, value, attention_mask, dropout, kwargs):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    from finance_qlora.decode_kernel import masked_decode
+
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = masked_decode(query, key, value, attention_mask, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make `ATTENTION` known to transformers: the attention above, SDPA's boolean masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, decode_attention_forward)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+@contextmanager
+def decode_kernel(model, wanted: bool, device: torch.device) -> Iterator[bool]:
+    """While it lasts, `model`'s attention is `ATTENTION` (yields True), where it is wanted, the
+    model is on a GPU with Triton installed and attends with SDPA (the kernel's fallback, so
+    every call it does not take is computed as before); otherwise as it was (yields False)."""
+    before = getattr(model.config, "_attn_implementation", None)
+    reason = None
+    if not wanted:
+        pass
+    elif device.type != "cuda" and not interpreted():
+        reason = f"the model is on {device.type}, the kernel needs a GPU"
+    elif not triton_installed():
+        reason = "Triton is not installed (pip install triton)"
+    elif before != "sdpa":
+        reason = f"the model attends with {before!r}, not 'sdpa'"
+    if not wanted or reason:
+        if reason:
+            log.warning("generation: decode steps attend with SDPA (%s)", reason)
+        yield False
+        return
+    register()
+    model.set_attn_implementation(ATTENTION)
+    try:
+        yield True
+    finally:
+        model.set_attn_implementation(before)

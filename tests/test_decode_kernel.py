@@ -1,0 +1,156 @@
+"""The decode steps' attention kernel (finance_qlora.decode_kernel) under Triton's interpreter,
+on the CPU: what it computes against SDPA (masks, grouped heads, rows that attend to nothing,
+strided queries), and its use by generation through transformers' attention interface: the
+same answers as SDPA, taken only for decode steps, the model's own attention put back.
+tests/test_decode_kernel_cuda.py runs the compiled kernel on a GPU."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from finance_qlora import decode_attention  # noqa: E402
+from finance_qlora.config import GenerationSettings  # noqa: E402
+from finance_qlora.generation import generate_shard  # noqa: E402
+from finance_qlora.prompts import to_prompt_completion  # noqa: E402
+from tests.conftest import make_rows  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """decode_kernel under Triton's interpreter (conftest chooses it where there is no GPU)."""
+    if not decode_attention.interpreted():
+        pytest.skip("Triton's interpreter is off (a GPU is here: test_decode_kernel_cuda.py)")
+    return importlib.import_module("finance_qlora.decode_kernel")
+
+
+def sdpa_reference(query, key, value, mask):
+    groups = query.shape[1] // key.shape[1]
+    key, value = (x.float().repeat_interleave(groups, dim=1) for x in (key, value))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), key, value, attn_mask=mask
+    )
+    return torch.nan_to_num(out)  # SDPA's rows with nothing to attend to: NaN; the kernel's: 0
+
+
+def left_padded(rows: int, positions: int, filled: int) -> torch.Tensor:
+    """A static cache's mask for one decode step: row r padded by r positions on the left,
+    `filled` positions written so far."""
+    position = torch.arange(positions)
+    pads = torch.arange(rows)[:, None]
+    return ((position >= pads) & (position < filled))[:, None, None, :]
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,positions",
+    [(4, 4, 16, 37), (9, 3, 64, 130), (8, 2, 32, 64)],
+    ids=["heads", "grouped-heads", "whole-blocks"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_kernel_attends_as_sdpa_with_a_mask(kernel, heads, kv_heads, dim, positions, dtype):
+    torch.manual_seed(0)
+    rows = 5
+    # a query as transformers hands it over: (rows, heads, 1, dim) transposed, not contiguous
+    query = torch.randn(rows, 1, heads, dim, dtype=dtype).transpose(1, 2)
+    key, value = (torch.randn(rows, kv_heads, positions, dim, dtype=dtype) for _ in range(2))
+    mask = left_padded(rows, positions, filled=positions - 3)
+    mask[3] = False  # a row that attends to nothing
+    out = kernel.masked_decode(query, key, value, mask, dim**-0.5)
+    assert out.shape == query.shape and out.dtype == dtype
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(
+        out.float(), sdpa_reference(query, key, value, mask), atol=tolerance, rtol=0
+    )
+    assert not out[3].any()
+
+
+def test_without_a_mask_every_position_is_attended(kernel):
+    torch.manual_seed(1)
+    query = torch.randn(3, 4, 1, 16)
+    key, value = torch.randn(3, 2, 70, 16), torch.randn(3, 2, 70, 16)
+    out = kernel.masked_decode(query, key, value, None, 0.25)
+    expected = sdpa_reference(query * 0.25 / 16**-0.5, key, value, None)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_masked_positions_are_never_read(kernel):
+    """What the kernel is for: a masked position's key and value do not reach the answer,
+    however large (NaN there would poison a kernel that reads and then discards them)."""
+    torch.manual_seed(2)
+    query = torch.randn(2, 4, 1, 16)
+    key, value = torch.randn(2, 4, 40, 16), torch.randn(2, 4, 40, 16)
+    mask = left_padded(2, 40, filled=30)
+    kept = mask.transpose(2, 3)  # (rows, 1, positions, 1): against (rows, heads, positions, dim)
+    poisoned_key, poisoned_value = (torch.where(kept, x, float("nan")) for x in (key, value))
+    clean = kernel.masked_decode(query, key, value, mask, 0.25)
+    assert torch.equal(kernel.masked_decode(query, poisoned_key, poisoned_value, mask, 0.25), clean)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return [to_prompt_completion(r)["prompt"] for r in make_rows(7)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_generation_through_the_kernel_gives_sdpas_answers(
+    kernel, tiny, prompts, cache, monkeypatch
+):
+    model, tokenizer = tiny
+    settings = GenerationSettings(max_new_tokens=10, batch_size=3, cache=cache)
+    expected = generate_shard(model, tokenizer, prompts, settings)
+    calls, masked_decode = [], kernel.masked_decode
+
+    def counted(query, *args):
+        calls.append(query.shape)
+        return masked_decode(query, *args)
+
+    monkeypatch.setattr(kernel, "masked_decode", counted)
+    triton = settings.model_copy(update={"decode_kernel": "triton"})
+    assert generate_shard(model, tokenizer, prompts, triton) == expected
+    # every decode step of every layer, none of the prefills: batches of 3, 3 and 1, 9 decode
+    # steps each (the first new token comes from the prefill), 2 layers
+    assert len(calls) == 3 * 9 * 2
+    assert all(shape[2] == 1 for shape in calls)
+    assert model.config._attn_implementation == "sdpa"  # put back
+
+
+def test_the_models_own_attention_is_kept_where_the_kernel_cannot_run(
+    kernel, tiny, monkeypatch, caplog
+):
+    model, _ = tiny
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu = torch.device("cpu")
+    with decode_attention.decode_kernel(model, True, cpu) as used:
+        assert not used and model.config._attn_implementation == "sdpa"
+    assert "the kernel needs a GPU" in caplog.text
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with decode_attention.decode_kernel(model, False, cpu) as used:  # not asked for
+        assert not used
+    with pytest.raises(RuntimeError), decode_attention.decode_kernel(model, True, cpu) as used:
+        assert used and model.config._attn_implementation == decode_attention.ATTENTION
+        raise RuntimeError("a generation that fails")
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_only_decode_steps_that_the_kernel_computes_as_sdpa_are_taken(kernel):
+    module = torch.nn.Module().eval()
+    query, key = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 9, 16)
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+
+    def applies(query=query, key=key, mask=mask, dropout=0.0, **kwargs):
+        return decode_attention.kernel_applies(module, query, key, key, mask, dropout, kwargs)
+
+    assert applies() and applies(mask=None)
+    assert not applies(query=torch.randn(2, 4, 3, 16))  # a prefill
+    assert not applies(mask=torch.zeros(2, 1, 1, 9))  # an additive float mask
+    assert not applies(dropout=0.1)
+    assert not applies(softcap=30.0)
+    assert not applies(query=torch.randn(2, 3, 1, 16))  # heads not a multiple of kv heads
+    assert not applies(query=torch.randn(2, 4, 1, 24), key=torch.randn(2, 2, 9, 24))
+    module.train()
+    assert not applies()
