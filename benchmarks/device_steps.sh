@@ -59,13 +59,20 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
       --variants $v-host-as-before,$v --profile $v-host-as-before,$v ;;
   decode-kernel) # the decode steps' Triton kernel: its CUDA tests, one decode step's attention
     # kernel by kernel, then the first and a warm 300 x 128 generation (7B architecture) through
-    # it and through SDPA, three fresh processes each, in turn, each with an empty Triton cache
+    # it and through SDPA, three fresh processes each, in turn: each process compiling the
+    # kernel (an empty Triton cache each; $OUT/compiling), then with it compiled and kept
     CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -p no:cacheprovider tests/test_decode_kernel_cuda.py
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/attention_decode.py --out "$OUT/attention-decode.json" \
       | tail -4
-    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
-      --out "$OUT" --sections eval --runs 1 --eval-repeats 3 --reference-prompts 0 --cold-triton \
-      --eval-variants dequantized-static,dequantized-static-sdpa ;;
+    generations() {
+      CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+        --sections eval --runs 1 --reference-prompts 0 --eval-variants "$@"
+    }
+    mkdir -p "$OUT/compiling" /tmp/warm-up
+    generations dequantized-static,dequantized-static-sdpa --eval-repeats 3 --cold-triton \
+      --out "$OUT/compiling"
+    generations dequantized-static --out /tmp/warm-up >/dev/null  # compiles it into the cache
+    generations dequantized-static,dequantized-static-sdpa --eval-repeats 3 --out "$OUT" ;;
   kernel-smol) # SmolLM2's real weights: the 300 answers through the kernel and through SDPA
     CUDA_VISIBLE_DEVICES=0 python3 experiments/decode_graphs_smollm2.py --data $DATA --out "$OUT" \
       --compare kernel ;;

@@ -31,10 +31,14 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# The tests' switch: with it on and Triton's interpreter chosen (TRITON_INTERPRET=1 before
+# Triton is imported), the kernel runs on CPU tensors. Off, a CPU always attends with SDPA,
+# whatever a user's environment says.
+INTERPRETER_ON_CPU = False
+
+
 def interpreted() -> bool:
-    """Triton's interpreter runs kernels on CPU tensors (the tests); it is chosen when
-    `decode_kernel` is first imported."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return INTERPRETER_ON_CPU and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def kernel_applies(module, query, key, value, attention_mask, dropout, kwargs) -> bool:
@@ -48,6 +52,10 @@ def kernel_applies(module, query, key, value, attention_mask, dropout, kwargs) -
         and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and key.dtype == value.dtype == query.dtype
         and heads % key.shape[1] == 0
+        # one key/value per query row and head size (SDPA would broadcast a batch of one)
+        and key.shape == value.shape
+        and key.shape[0] == query.shape[0]
+        and key.shape[-1] == dim
         and 16 <= dim <= 256
         and dim & (dim - 1) == 0  # a power of two: the kernel's vectors
         and all(x.stride(-1) == 1 for x in (query, key, value))
@@ -103,23 +111,27 @@ def decode_kernel(model, wanted: bool, device: torch.device) -> Iterator[bool]:
     """While it lasts, `model`'s attention is `ATTENTION` (yields True), where it is wanted, the
     model is on a GPU with Triton installed and attends with SDPA (the kernel's fallback, so
     every call it does not take is computed as before); otherwise as it was (yields False)."""
+    if not wanted:
+        yield False
+        return
     before = getattr(model.config, "_attn_implementation", None)
     reason = None
-    if not wanted:
-        pass
-    elif device.type != "cuda" and not interpreted():
+    if device.type != "cuda" and not interpreted():
         reason = f"the model is on {device.type}, the kernel needs a GPU"
     elif not triton_installed():
         reason = "Triton is not installed (pip install triton)"
     elif before != "sdpa":
         reason = f"the model attends with {before!r}, not 'sdpa'"
-    if not wanted or reason:
-        if reason:
-            log.warning("generation: decode steps attend with SDPA (%s)", reason)
+    else:
+        register()
+        model.set_attn_implementation(ATTENTION)
+        # transformers only warns where a model's attention cannot be swapped
+        if model.config._attn_implementation != ATTENTION:
+            reason = f"{type(model).__name__}'s attention cannot be swapped"
+    if reason:
+        log.warning("generation: decode steps attend with SDPA (%s)", reason)
         yield False
         return
-    register()
-    model.set_attn_implementation(ATTENTION)
     try:
         yield True
     finally:

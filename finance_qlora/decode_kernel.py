@@ -19,9 +19,9 @@ import triton.language as tl
 BLOCK = 64  # positions a program reads at a time
 
 
-# `positions` (the cache's length) is not specialised on: it changes batch by batch and a
-# kernel compiled for one length serves every length
-@triton.jit(do_not_specialize=["positions"])
+# The cache's length and the mask's strides that follow it are not specialised on: they change
+# batch by batch, and one compiled kernel serves every length
+@triton.jit(do_not_specialize=["positions", "stride_mb", "stride_mh"])
 def _masked_decode(
     q_ptr,
     k_ptr,
@@ -48,8 +48,8 @@ def _masked_decode(
     BLOCK: tl.constexpr,
     HAS_MASK: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    head = tl.program_id(1)
+    row = tl.program_id(0).to(tl.int64)  # row x stride passes 2**31 in a large cache
+    head = tl.program_id(1).to(tl.int64)
     kv_head = head // group
     dims = tl.arange(0, HEAD_DIM)
     query = tl.load(q_ptr + row * stride_qb + head * stride_qh + dims).to(tl.float32) * scale
@@ -65,7 +65,11 @@ def _masked_decode(
         if HAS_MASK:
             masked = mask_ptr + row * stride_mb + head * stride_mh + offsets * stride_ms
             keep = keep & (tl.load(masked, mask=keep, other=0) != 0)
-        key = tl.load(keys + offsets[:, None] * stride_ks + dims[None, :], mask=keep[:, None])
+        # a masked lane is not read; `other` gives it a value (undefined without it, and NaN
+        # there would survive the zero weight below: 0 x NaN)
+        key = tl.load(
+            keys + offsets[:, None] * stride_ks + dims[None, :], mask=keep[:, None], other=0.0
+        )
         scores = tl.sum(key.to(tl.float32) * query[None, :], axis=1)
         scores = tl.where(keep, scores, float("-inf"))
         new_best = tl.maximum(best, tl.max(scores, axis=0))
@@ -73,7 +77,9 @@ def _masked_decode(
         shift = tl.where(new_best == float("-inf"), 0.0, new_best)
         weights = tl.exp(scores - shift)
         rescale = tl.exp(best - shift)
-        value = tl.load(values + offsets[:, None] * stride_vs + dims[None, :], mask=keep[:, None])
+        value = tl.load(
+            values + offsets[:, None] * stride_vs + dims[None, :], mask=keep[:, None], other=0.0
+        )
         acc = acc * rescale + tl.sum(weights[:, None] * value.to(tl.float32), axis=0)
         total = total * rescale + tl.sum(weights, axis=0)
         best = new_best
@@ -95,8 +101,9 @@ def masked_decode(
     rows, heads, _, dim = query.shape
     positions = key.shape[2]
     out = torch.empty_like(query)
-    if mask is None:
-        mask_strides, mask = (0, 0, 0), key  # any pointer: never read
+    has_mask = mask is not None
+    if not has_mask:
+        mask_strides, mask = (0, 0, 0), key  # a pointer the kernel never reads
     else:
         # bytes, as Triton reads them (torch's bool is one byte)
         mask = mask.expand(rows, heads, 1, positions).view(torch.uint8)
@@ -123,7 +130,7 @@ def masked_decode(
         scale,
         HEAD_DIM=dim,
         BLOCK=BLOCK,
-        HAS_MASK=mask is not key,
+        HAS_MASK=has_mask,
         num_warps=4,
     )
     return out

@@ -22,10 +22,15 @@ from tests.conftest import make_rows  # noqa: E402
 
 @pytest.fixture(scope="module")
 def kernel():
-    """decode_kernel under Triton's interpreter (conftest chooses it where there is no GPU)."""
+    """decode_kernel under Triton's interpreter (conftest chooses it where there is no GPU),
+    which generation may use on CPU tensors while this module's tests run."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(decode_attention, "INTERPRETER_ON_CPU", True)
     if not decode_attention.interpreted():
+        patch.undo()
         pytest.skip("Triton's interpreter is off (a GPU is here: test_decode_kernel_cuda.py)")
-    return importlib.import_module("finance_qlora.decode_kernel")
+    yield importlib.import_module("finance_qlora.decode_kernel")
+    patch.undo()
 
 
 def sdpa_reference(query, key, value, mask):
@@ -34,7 +39,8 @@ def sdpa_reference(query, key, value, mask):
     out = torch.nn.functional.scaled_dot_product_attention(
         query.float(), key, value, attn_mask=mask
     )
-    return torch.nan_to_num(out)  # SDPA's rows with nothing to attend to: NaN; the kernel's: 0
+    # a row with nothing to attend to: NaN from some of SDPA's kernels; 0 from the kernel
+    return torch.nan_to_num(out)
 
 
 def left_padded(rows: int, positions: int, filled: int) -> torch.Tensor:
@@ -96,11 +102,27 @@ def prompts():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cache", ["static", "dynamic"])
+@pytest.mark.parametrize(
+    "cache,peft", [("static", False), ("dynamic", False), ("static", True)], ids=str
+)
 def test_generation_through_the_kernel_gives_sdpas_answers(
-    kernel, tiny, prompts, cache, monkeypatch
+    kernel, tiny, prompts, cache, peft, monkeypatch
 ):
     model, tokenizer = tiny
+    if peft:  # the fine-tuned evaluation's model: the attention is switched through PEFT
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        model = get_peft_model(model, lora).eval()
+    try:
+        check_answers_through_the_kernel(kernel, model, tokenizer, prompts, cache, monkeypatch)
+    finally:
+        if peft:
+            model.unload()  # the module's shared model as it was
+
+
+def check_answers_through_the_kernel(kernel, model, tokenizer, prompts, cache, monkeypatch):
     settings = GenerationSettings(max_new_tokens=10, batch_size=3, cache=cache)
     expected = generate_shard(model, tokenizer, prompts, settings)
     calls, masked_decode = [], kernel.masked_decode
@@ -135,6 +157,10 @@ def test_the_models_own_attention_is_kept_where_the_kernel_cannot_run(
         assert used and model.config._attn_implementation == decode_attention.ATTENTION
         raise RuntimeError("a generation that fails")
     assert model.config._attn_implementation == "sdpa"
+    # a user's TRITON_INTERPRET alone never sends a CPU generation through the interpreter
+    monkeypatch.setattr(decode_attention, "INTERPRETER_ON_CPU", False)
+    with decode_attention.decode_kernel(model, True, cpu) as used:
+        assert not used
 
 
 def test_only_decode_steps_that_the_kernel_computes_as_sdpa_are_taken(kernel):
@@ -152,5 +178,8 @@ def test_only_decode_steps_that_the_kernel_computes_as_sdpa_are_taken(kernel):
     assert not applies(softcap=30.0)
     assert not applies(query=torch.randn(2, 3, 1, 16))  # heads not a multiple of kv heads
     assert not applies(query=torch.randn(2, 4, 1, 24), key=torch.randn(2, 2, 9, 24))
+    assert not applies(key=torch.randn(1, 2, 9, 16))  # SDPA broadcasts a batch of one
+    value = torch.randn(2, 2, 9, 8)  # value heads narrower than the query's
+    assert not decode_attention.kernel_applies(module, query, key, value, mask, 0.0, {})
     module.train()
     assert not applies()

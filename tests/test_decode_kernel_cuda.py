@@ -55,6 +55,18 @@ def test_the_compiled_kernel_attends_as_sdpa(shape, dtype):
         assert torch.equal(masked_decode(query, key, value, mask, dim**-0.5), out)
 
 
+def test_masked_positions_are_never_read_on_the_gpu():
+    """A masked position's key and value never reach the answer, even as NaN (a masked load
+    gives its lane `other`; undefined there, 0 x NaN would poison the sum)."""
+    from finance_qlora.decode_kernel import masked_decode
+
+    query, key, value, mask = inputs(*SHAPES["llama2-7b"], torch.bfloat16, step=3)
+    clean = masked_decode(query, key, value, mask, 128**-0.5)
+    kept = mask.transpose(2, 3)  # (rows, 1, positions, 1)
+    poisoned = [torch.where(kept, x, float("nan")) for x in (key, value)]
+    assert torch.equal(masked_decode(query, *poisoned, mask, 128**-0.5), clean)
+
+
 def test_a_recorded_call_replays_the_eager_output():
     from finance_qlora.decode_kernel import masked_decode
 
