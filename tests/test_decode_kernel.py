@@ -157,6 +157,13 @@ def test_the_models_own_attention_is_kept_where_the_kernel_cannot_run(
         assert used and model.config._attn_implementation == decode_attention.ATTENTION
         raise RuntimeError("a generation that fails")
     assert model.config._attn_implementation == "sdpa"
+    # a model whose attention transformers cannot swap (it only warns): SDPA, said so
+    monkeypatch.setattr(model, "set_attn_implementation", lambda name: None)
+    with decode_attention.decode_kernel(model, True, cpu) as used:
+        assert not used
+    assert "attention cannot be swapped" in caplog.text
+    monkeypatch.undo()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     # a user's TRITON_INTERPRET alone never sends a CPU generation through the interpreter
     monkeypatch.setattr(decode_attention, "INTERPRETER_ON_CPU", False)
     with decode_attention.decode_kernel(model, True, cpu) as used:
