@@ -73,9 +73,12 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
       --out "$OUT/compiling"
     generations dequantized-static --out /tmp/warm-up >/dev/null  # compiles it into the cache
     generations dequantized-static,dequantized-static-sdpa --eval-repeats 3 --out "$OUT" ;;
-  kernel-smol) # SmolLM2's real weights: the 300 answers through the kernel and through SDPA
-    CUDA_VISIBLE_DEVICES=0 python3 experiments/decode_graphs_smollm2.py --data $DATA --out "$OUT" \
-      --compare kernel ;;
+  kernel-smol) # SmolLM2's real weights: the 300 answers through the kernel and SDPA's kernels,
+    # in the model's dtype (bf16 on an H200) and in fp32
+    for dtype in auto float32; do
+      CUDA_VISIBLE_DEVICES=0 python3 experiments/decode_graphs_smollm2.py --data $DATA \
+        --out "$OUT" --compare kernel --models pretrained --compute-dtype $dtype
+    done ;;
   floats) # one GPU: compiled layers (C++ wrapper) with the float attributes as graph inputs
     # (as before kernels.CONSTANT_FLOATS), then as constants; one after the other (a change
     # of setting compiles again)
