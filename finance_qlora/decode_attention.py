@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,6 @@ def decode_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: query (rows, heads, positions, dim), key and value
     (rows, kv_heads, cache positions, dim); returns (rows, positions, heads, dim)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if not kernel_applies(module, query, key, value, attention_mask, dropout, kwargs):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs

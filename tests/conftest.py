@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 # Before Prefect is imported anywhere: its settings are read from the environment.
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="finance-qlora-tests-"))
@@ -21,16 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-
-def _no_gpu() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
-
-
 # Without a GPU, Triton's kernels (the decode steps' attention) run in its interpreter on CPU
 # tensors; Triton reads this when it is first imported.
-if _no_gpu():
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared/data/finance_alpaca_sample.jsonl"
