@@ -73,6 +73,13 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
       --out "$OUT/compiling"
     generations dequantized-static --out /tmp/warm-up >/dev/null  # compiles it into the cache
     generations dequantized-static,dequantized-static-sdpa --eval-repeats 3 --out "$OUT" ;;
+  ahead) # the decode kernel compiled while the model loads (modeling.loaded) against at the
+    # first decode step (the state before 2026-11-30): the first and a warm 300 x 128 generation
+    # (7B architecture), three fresh processes each, in turn, each compiling the kernel (an empty
+    # Triton cache each, as on a bare worker)
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+      --sections eval --runs 1 --reference-prompts 0 --eval-repeats 3 --cold-triton \
+      --eval-variants dequantized-static,dequantized-static-not-ahead --out "$OUT" ;;
   kernel-smol) # SmolLM2's real weights: the 300 answers through the kernel and SDPA's kernels,
     # in the model's dtype (bf16 on an H200) and in fp32
     for dtype in auto float32; do

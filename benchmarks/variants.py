@@ -184,6 +184,15 @@ EVAL_VARIANTS = {
         "batch_size": 300,
         "decode_kernel": "sdpa",
     },
+    # the preset with its decode kernel compiled at the first decode step, not while the model
+    # loads (modeling.loaded; the state before 2026-11-30). Not a generation setting: read by
+    # gpu_throughput.eval_in_process alone
+    "dequantized-static-not-ahead": {
+        "dequantize": "always",
+        "cache": "static",
+        "batch_size": 300,
+        "compile_ahead": False,
+    },
     "dequantized-static-eager": {
         "dequantize": "always",
         "cache": "static",

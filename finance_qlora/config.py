@@ -264,7 +264,8 @@ class GenerationSettings(_Section):
     # The attention of decode steps on a GPU: "sdpa", torch's kernels, which read every
     # position of the cache and discard the masked ones; "triton", the project's kernel
     # (decode_kernel.py), which reads only the positions each row attends to: the prompt, not
-    # its left padding, and the tokens generated so far, not the empty slots after them.
+    # its left padding, and the tokens generated so far, not the empty slots after them;
+    # compiled while the model loads (modeling.loaded).
     decode_kernel: Literal["sdpa", "triton"] = "sdpa"
     # Sampling instead of greedy decoding (the answer flow; the evaluation and the gate are
     # meant greedy). Each batch is seeded from `seed` and its first prompt, so one process or

@@ -21,7 +21,10 @@ BLOCK = 64  # positions a program reads at a time
 
 # The cache's length and the mask's strides that follow it are not specialised on: they change
 # batch by batch, and one compiled kernel serves every length
-@triton.jit(do_not_specialize=["positions", "stride_mb", "stride_mh"])
+NOT_SPECIALISED = ("positions", "stride_mb", "stride_mh")
+
+
+@triton.jit(do_not_specialize=list(NOT_SPECIALISED))
 def _masked_decode(
     q_ptr,
     k_ptr,
@@ -134,3 +137,16 @@ def masked_decode(
         num_warps=4,
     )
     return out
+
+
+def warm_up(heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Compile the kernels that a generation's decode steps launch, or read them from Triton's
+    disk cache, for `device`: one row over one block of positions, with what Triton
+    specialises on as in a generation (the dtype, the head size, heads per key/value head, a
+    boolean mask read position by position, every other stride a multiple of 16 where the
+    head size is). Two kernels: with a mask (a left-padded batch, the usual case) and without
+    (a batch of prompts of one length gets none)."""
+    query = torch.zeros(1, heads, 1, dim, dtype=dtype, device=device)
+    key = torch.zeros(1, kv_heads, BLOCK, dim, dtype=dtype, device=device)
+    for mask in (torch.ones(1, 1, 1, BLOCK, dtype=torch.bool, device=device), None):
+        masked_decode(query, key, key, mask, dim**-0.5)

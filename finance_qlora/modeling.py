@@ -39,17 +39,21 @@ def context_length(model_config) -> int | None:
     return None
 
 
-def model_context(cfg: ModelConfig, token: str | None = None) -> int | None:
-    """`context_length` of the model `cfg` names, from its config alone (no weights)."""
+def model_config(cfg: ModelConfig, token: str | None = None):
+    """The config of the model `cfg` names (no weights)."""
     from transformers import AutoConfig
 
-    model_config = AutoConfig.from_pretrained(
+    return AutoConfig.from_pretrained(
         builtin_models.resolve(cfg.name),
         revision=cfg.revision,
         token=token,
         trust_remote_code=cfg.trust_remote_code,
     )
-    return context_length(model_config)
+
+
+def model_context(cfg: ModelConfig, token: str | None = None) -> int | None:
+    """`context_length` of the model `cfg` names, from its config alone (no weights)."""
+    return context_length(model_config(cfg, token))
 
 
 def device_map() -> dict[str, Any]:
@@ -231,12 +235,21 @@ def loaded(
     token: str | None = None,
     adapter_dir: Path | None = None,
     dequantize: str = "never",
+    decode_kernel: str = "sdpa",
 ) -> Iterator[tuple[Any, Any]]:
-    model = load_model(cfg, token, adapter_dir)
-    tokenizer = load_tokenizer(cfg, token)
-    check_special_tokens(model, tokenizer, cfg.name)
-    if cfg.load_in_4bit:
-        maybe_dequantize(model, dequantize, compute_dtype(cfg.compute_dtype))
+    """The model and tokenizer for generating: 4-bit weights dequantized per `dequantize`;
+    with `decode_kernel` "triton" (`generation.decode_kernel`) the decode steps' kernel is
+    compiled while the model loads. Freed on exit."""
+    from finance_qlora.decode_attention import compiled_ahead
+
+    dtype, device = compute_dtype(cfg.compute_dtype), torch.device(device_map()[""])
+    wanted = decode_kernel == "triton"
+    with compiled_ahead(wanted, device, lambda: model_config(cfg, token), dtype):
+        model = load_model(cfg, token, adapter_dir)
+        tokenizer = load_tokenizer(cfg, token)
+        check_special_tokens(model, tokenizer, cfg.name)
+        if cfg.load_in_4bit:
+            maybe_dequantize(model, dequantize, dtype)
     try:
         model.eval()
         yield model, tokenizer

@@ -71,7 +71,8 @@ def generate_rank(spec: dict, rank: int, world: int) -> None:
     adapter = Path(spec["adapter"]) if spec["adapter"] else None
     model_cfg = ModelConfig.model_validate(spec["model"])
     started = time.perf_counter()
-    with loaded(model_cfg, os.environ.get("HF_TOKEN"), adapter, settings.dequantize) as (
+    token = os.environ.get("HF_TOKEN")
+    with loaded(model_cfg, token, adapter, settings.dequantize, settings.decode_kernel) as (
         model,
         tokenizer,
     ):

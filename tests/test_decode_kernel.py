@@ -190,3 +190,107 @@ def test_only_decode_steps_that_the_kernel_computes_as_sdpa_are_taken(kernel):
     assert not decode_attention.kernel_applies(module, query, key, value, mask, 0.0, {})
     module.train()
     assert not applies()
+
+
+def specialisation(kernel_fn, args: tuple, kwargs: dict) -> tuple:
+    """What Triton compiles a launch of `_masked_decode` for (its own rules, torch 2.11's
+    Triton): each tensor's dtype and 16-byte alignment, each integer that is specialised on
+    as "1", "a multiple of 16" or neither, the constants. Two launches alike here run one
+    compiled kernel."""
+    import inspect
+
+    from finance_qlora.decode_kernel import NOT_SPECIALISED
+
+    names = list(inspect.signature(kernel_fn.fn).parameters)
+    key = []
+    for name, value in zip(names, args, strict=False):
+        if isinstance(value, torch.Tensor):
+            key.append((name, value.dtype, value.data_ptr() % 16 == 0))
+        elif isinstance(value, int) and name not in NOT_SPECIALISED:
+            key.append((name, "1" if value == 1 else "16k" if value % 16 == 0 else "-"))
+    return (*key, *sorted((k, v) for k, v in kwargs.items()))
+
+
+def test_the_kernel_compiled_ahead_is_the_one_the_decode_steps_launch(
+    kernel, tiny, prompts, monkeypatch
+):
+    """`warm_up` launches the kernel as a generation's decode steps do (so Triton compiles
+    the same kernel while the model loads); the model's heads and dtype, the cache's length
+    left free."""
+    model, tokenizer = tiny
+    launches, launch = [], kernel._masked_decode
+
+    class Recorded:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launches.append(specialisation(launch, args, kwargs))
+                return launch[grid](*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(kernel, "_masked_decode", Recorded())
+    config = model.config
+    heads, dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    kernel.warm_up(heads, config.num_key_value_heads, dim, model.dtype, torch.device("cpu"))
+    ahead, launches[:] = set(launches), []
+    settings = GenerationSettings(max_new_tokens=6, batch_size=3, decode_kernel="triton")
+    for cache in ("static", "dynamic"):
+        generate_shard(model, tokenizer, prompts, settings.model_copy(update={"cache": cache}))
+    # with a mask and (the dynamic cache's last batch: one prompt, no padding) without
+    assert len(launches) > 10 and set(launches) == ahead and len(ahead) == 2
+
+
+def test_the_kernel_is_compiled_in_a_thread_while_the_model_loads(kernel, monkeypatch):
+    """`loaded` with the kernel asked for runs it once, in a thread, for the model's heads and
+    compute dtype, and hands the model over only after; with SDPA asked for, never."""
+    import threading
+
+    from finance_qlora.modeling import loaded
+    from finance_qlora.presets import resolve_config
+
+    calls, masked_decode = [], kernel.masked_decode
+
+    def recorded(query, key, value, mask, scale):
+        calls.append((threading.current_thread().name, query.shape, key.shape, query.dtype))
+        return masked_decode(query, key, value, mask, scale)
+
+    monkeypatch.setattr(kernel, "masked_decode", recorded)
+    config = resolve_config("tiny-cpu")
+    with loaded(config.model, decode_kernel="triton") as (model, _):
+        text = model.config
+        heads, dim = text.num_attention_heads, text.hidden_size // text.num_attention_heads
+        expected = ("decode-kernel-ahead", heads, dim, text.num_key_value_heads, torch.float32)
+        assert [(name, q[1], q[3], k[1], dtype) for name, q, k, dtype in calls] == [expected] * 2
+    calls.clear()
+    with loaded(config.model, decode_kernel="sdpa"):
+        assert calls == []
+
+
+def test_a_kernel_that_cannot_be_compiled_ahead_is_said_and_not_fatal(kernel, caplog):
+    def config_unreadable():
+        raise OSError("no config.json here\nmore")
+
+    cpu = torch.device("cpu")
+    with decode_attention.compiled_ahead(True, cpu, config_unreadable, torch.float32):
+        pass
+    assert "decode kernel was not compiled ahead (no config.json here)" in caplog.text
+
+
+def test_a_gpu_without_tritons_compiler_attends_with_sdpa(kernel, tiny, monkeypatch, caplog):
+    """Triton needs a C compiler and Python's headers on a GPU (preflight's `triton_missing`):
+    without them the decode steps keep SDPA, said in one line, rather than failing inside
+    Triton at the first step."""
+    from finance_qlora import preflight
+
+    model, _ = tiny
+    missing = "Triton needs a C compiler (gcc or clang, or $CC) and finds none"
+    monkeypatch.setattr(preflight, "triton_missing", lambda: missing)
+    gpu = torch.device("cuda")
+    with decode_attention.decode_kernel(model, True, gpu) as used:
+        assert not used and model.config._attn_implementation == "sdpa"
+    assert f"decode steps attend with SDPA ({missing})" in caplog.text
+    started = []
+    monkeypatch.setattr(decode_attention.threading, "Thread", lambda **kw: started.append(kw))
+    with decode_attention.compiled_ahead(True, gpu, lambda: model.config, torch.float32):
+        pass
+    assert started == []  # no thread for a kernel that cannot run
