@@ -22,6 +22,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from finance_qlora import toolchain
+
 log = logging.getLogger(__name__)
 
 ATTENTION = "finance_qlora_decode"
@@ -113,9 +115,7 @@ def unavailable(device: torch.device) -> str | None:
         if not interpreted():
             return f"the model is on {device.type}, the kernel needs a GPU"
         return None if triton_installed() else "Triton is not installed (pip install triton)"
-    from finance_qlora.preflight import triton_missing
-
-    return triton_missing()
+    return toolchain.triton_missing()
 
 
 @contextmanager

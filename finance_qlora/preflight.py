@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ from finance_qlora.errors import ConfigError
 from finance_qlora.prompts import fit_prompts, prompt_length, shortest_form, to_prompt_completion
 from finance_qlora.registry import read_champion
 from finance_qlora.store import Store, gets_store_credentials
+from finance_qlora.toolchain import triton_missing
 from finance_qlora.training import check_targets, no_row_fits, row_length
 
 Rows = list[dict[str, str]]
@@ -60,22 +58,6 @@ def check_quantization(config: FinetuneConfig) -> None:
             "model.load_in_4bit: bitsandbytes is not installed on this machine; "
             "pip install bitsandbytes, or set model.load_in_4bit=false"
         )
-
-
-def triton_missing() -> str | None:
-    """What Triton's GPU kernels lack here, or None: Triton itself, then a C compiler and
-    Python's headers, with which Triton builds its kernel launcher at first use (the compiler
-    found as Triton finds it: $CC, gcc, clang)."""
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed (it comes with torch's CUDA wheels)"
-    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
-        return "Triton needs a C compiler (gcc or clang, or $CC) and finds none"
-    scheme = sysconfig.get_default_scheme()
-    # Debian's own scheme puts headers under /usr/local; Triton reads them where Python's are
-    include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)
-    if not (Path(include["include"]) / "Python.h").is_file():
-        return "Triton needs Python's headers (Python.h; e.g. apt install python3-dev)"
-    return None
 
 
 def check_fused_kernels(config: FinetuneConfig) -> None:

@@ -277,14 +277,14 @@ def test_a_kernel_that_cannot_be_compiled_ahead_is_said_and_not_fatal(kernel, ca
 
 
 def test_a_gpu_without_tritons_compiler_attends_with_sdpa(kernel, tiny, monkeypatch, caplog):
-    """Triton needs a C compiler and Python's headers on a GPU (preflight's `triton_missing`):
+    """Triton needs a C compiler and Python's headers on a GPU (`toolchain.triton_missing`):
     without them the decode steps keep SDPA, said in one line, rather than failing inside
     Triton at the first step."""
-    from finance_qlora import preflight
+    from finance_qlora import toolchain
 
     model, _ = tiny
     missing = "Triton needs a C compiler (gcc or clang, or $CC) and finds none"
-    monkeypatch.setattr(preflight, "triton_missing", lambda: missing)
+    monkeypatch.setattr(toolchain, "triton_missing", lambda: missing)
     gpu = torch.device("cuda")
     with decode_attention.decode_kernel(model, True, gpu) as used:
         assert not used and model.config._attn_implementation == "sdpa"

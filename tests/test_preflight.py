@@ -232,17 +232,19 @@ def test_compiled_layers_need_a_cpu_compiler_without_cuda(monkeypatch):
 def test_triton_kernels_need_a_c_compiler_and_pythons_headers(monkeypatch, tmp_path):
     import sysconfig
 
+    from finance_qlora import toolchain
+
     monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr(preflight.shutil, "which", lambda name: None)
-    monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: object())
-    assert "needs a C compiler (gcc or clang, or $CC)" in preflight.triton_missing()
+    monkeypatch.setattr(toolchain.shutil, "which", lambda name: None)
+    monkeypatch.setattr(toolchain.importlib.util, "find_spec", lambda name: object())
+    assert "needs a C compiler (gcc or clang, or $CC)" in toolchain.triton_missing()
     monkeypatch.setenv("CC", "/opt/cc")
     monkeypatch.setattr(sysconfig, "get_paths", lambda scheme: {"include": str(tmp_path)})
-    assert "needs Python's headers (Python.h" in preflight.triton_missing()
+    assert "needs Python's headers (Python.h" in toolchain.triton_missing()
     (tmp_path / "Python.h").write_text("")
-    assert preflight.triton_missing() is None
-    monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: None)
-    assert preflight.triton_missing().startswith("Triton is not installed")
+    assert toolchain.triton_missing() is None
+    monkeypatch.setattr(toolchain.importlib.util, "find_spec", lambda name: None)
+    assert toolchain.triton_missing().startswith("Triton is not installed")
 
 
 def test_the_decode_kernel_needs_triton_where_a_gpu_will_run_it(monkeypatch):
