@@ -156,7 +156,11 @@ def section_loads(setup: Setup) -> dict:
     for name in ("quantize_and_keep", "kept"):
         release()
         started = time.perf_counter()
-        with loaded(config.model, dequantize="never") as (model, tokenizer):
+        ahead = kernel_ahead(config)
+        with loaded(config.model, dequantize="never", decode_kernel_ahead=ahead) as (
+            model,
+            tokenizer,
+        ):
             sync()
             result[f"{name}_seconds"] = round(time.perf_counter() - started, 2)
             generation = config.generation.model_copy(update={"max_new_tokens": 32})
@@ -230,6 +234,11 @@ def section_train(setup: Setup, variants: list[str], runs: int) -> dict:
     return result
 
 
+def kernel_ahead(config) -> bool:
+    """Whether an evaluation would compile the decode kernel while the model loads."""
+    return config.generation.decode_kernel == "triton"
+
+
 def eval_in_process(setup: Setup, variant: str, runs: int) -> dict:
     """One generation setting in this (fresh) process: load, first 300 x 128, warm runs."""
     settings = EVAL_VARIANTS[variant]
@@ -237,13 +246,13 @@ def eval_in_process(setup: Setup, variant: str, runs: int) -> dict:
     config = setup.config(generation={k: v for k, v in settings.items() if k not in loading})
     # the decode kernel compiled while the model loads, as an evaluation does, unless the
     # variant says not
-    ahead = config.generation.decode_kernel if settings.get("compile_ahead", True) else "sdpa"
+    ahead = kernel_ahead(config) and settings.get("compile_ahead", True)
     replays = decode_log()
     release()
     started = time.perf_counter()
     with (
         EVAL_CONTEXTS.get(variant, nullcontext)(),
-        loaded(config.model, dequantize=settings["dequantize"], decode_kernel=ahead) as (
+        loaded(config.model, dequantize=settings["dequantize"], decode_kernel_ahead=ahead) as (
             model,
             tokenizer,
         ),
@@ -286,7 +295,11 @@ def eval_in_process(setup: Setup, variant: str, runs: int) -> dict:
 def reference_eval_in_process(setup: Setup) -> dict:
     config = setup.config(generation={"batch_size": 1})
     prompts = setup.test_prompts[: setup.args.reference_prompts]
-    with loaded(config.model, dequantize="never") as (model, tokenizer):
+    ahead = kernel_ahead(config)
+    with loaded(config.model, dequantize="never", decode_kernel_ahead=ahead) as (
+        model,
+        tokenizer,
+    ):
         short = config.generation.model_copy(update={"max_new_tokens": 8})
         generate_shard(model, tokenizer, prompts[:2], short)  # warm-up
         sync()
@@ -456,7 +469,11 @@ def section_t4(setup: Setup) -> dict:
         profile["train"] = timed_train(setup, "t4", config, rows, 1)
         release()
         prompts = setup.test_prompts[: setup.args.t4_prompts]
-        with loaded(config.model, dequantize="never") as (model, tokenizer):
+        ahead = kernel_ahead(config)
+        with loaded(config.model, dequantize="never", decode_kernel_ahead=ahead) as (
+            model,
+            tokenizer,
+        ):
             started = time.perf_counter()
             generate_shard(model, tokenizer, prompts, config.generation)
             sync()

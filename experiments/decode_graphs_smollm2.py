@@ -107,7 +107,11 @@ def main() -> None:
         "prompts": len(prompts),
         "models": {},
     }
-    with loaded(config.model, dequantize=config.generation.dequantize) as (model, tokenizer):
+    ahead = config.generation.decode_kernel == "triton"
+    with loaded(config.model, None, None, config.generation.dequantize, ahead) as (
+        model,
+        tokenizer,
+    ):
         for name in args.models.split(","):
             if name == "random-lora":
                 from peft import LoraConfig, get_peft_model

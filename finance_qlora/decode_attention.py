@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -46,6 +46,16 @@ def interpreted() -> bool:
     return INTERPRETER_ON_CPU and os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def kernel_takes(heads: int, kv_heads: int, dim: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel computes attention with these heads, head size and dtype."""
+    return (
+        dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and heads % kv_heads == 0
+        and 16 <= dim <= 256
+        and dim & (dim - 1) == 0  # a power of two: the kernel's vectors
+    )
+
+
 def kernel_applies(module, query, key, value, attention_mask, dropout, kwargs) -> bool:
     """Whether `decode_kernel.masked_decode` computes this call as SDPA would."""
     heads, dim = query.shape[1], query.shape[-1]
@@ -54,15 +64,12 @@ def kernel_applies(module, query, key, value, attention_mask, dropout, kwargs) -
         and query.shape[2] == 1
         and not dropout
         and not module.training
-        and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and kernel_takes(heads, key.shape[1], dim, query.dtype)
         and key.dtype == value.dtype == query.dtype
-        and heads % key.shape[1] == 0
         # one key/value per query row and head size (SDPA would broadcast a batch of one)
         and key.shape == value.shape
         and key.shape[0] == query.shape[0]
         and key.shape[-1] == dim
-        and 16 <= dim <= 256
-        and dim & (dim - 1) == 0  # a power of two: the kernel's vectors
         and all(x.stride(-1) == 1 for x in (query, key, value))
         and all(kwargs.get(name) is None for name in EXTRAS)
         and (
@@ -147,16 +154,24 @@ def decode_kernel(model, wanted: bool, device: torch.device) -> Iterator[bool]:
         model.set_attn_implementation(before)
 
 
+def head_layout(model_config) -> tuple[int, int, int]:
+    """(heads, key/value heads, head size) of a model's config."""
+    text = model_config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return heads, kv_heads, getattr(text, "head_dim", None) or text.hidden_size // heads
+
+
 @contextmanager
 def compiled_ahead(
-    wanted: bool, device: torch.device, read_config: Callable[[], object], dtype: torch.dtype
+    heads: int, kv_heads: int, dim: int, dtype: torch.dtype, device: torch.device
 ) -> Iterator[None]:
-    """While it lasts (the model's load), Triton compiles the kernel for the model's heads in a
+    """While it lasts (the model's load), Triton compiles the kernel for these heads in a
     thread, or reads it from its disk cache, so that the first generation does not wait for it
-    (H200: about 0.5-1 s of a 300 x 128 generation's first 5.9-6.4 s). Left when the thread is
+    (H200: the first 300 x 128 generation 4.5-4.7 s against 6.0-6.5 s). Left when the thread is
     done; a thread that fails says so, and the first decode step compiles the kernel as before.
-    `read_config`: the model's config (no weights)."""
-    if not wanted or unavailable(device) is not None:
+    Nothing where the kernel cannot run or would not take these heads."""
+    if unavailable(device) is not None or not kernel_takes(heads, kv_heads, dim, dtype):
         yield
         return
 
@@ -165,10 +180,6 @@ def compiled_ahead(
         try:
             from finance_qlora.decode_kernel import warm_up
 
-            config = read_config().get_text_config()
-            heads = config.num_attention_heads
-            kv_heads = getattr(config, "num_key_value_heads", None) or heads
-            dim = getattr(config, "head_dim", None) or config.hidden_size // heads
             # Triton compiles for, and caches under, the current device: the model's
             with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
                 warm_up(heads, kv_heads, dim, dtype, device)

@@ -121,7 +121,8 @@ def generate_all(
             prompts, model_cfg, generation, work_dir, processes, adapter_dir, token, on_progress
         )
         return generated, None
-    loading = loaded(model_cfg, token, adapter_dir, generation.dequantize, generation.decode_kernel)
+    ahead = generation.decode_kernel == "triton"
+    loading = loaded(model_cfg, token, adapter_dir, generation.dequantize, ahead)
     with loading as (model, tokenizer):
         dequantized = model_cfg.load_in_4bit and not any(
             type(m).__name__ == "Linear4bit" for m in model.modules()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ def context_length(model_config) -> int | None:
     return None
 
 
-def model_config(cfg: ModelConfig, token: str | None = None):
+def read_model_config(cfg: ModelConfig, token: str | None = None):
     """The config of the model `cfg` names (no weights)."""
     from transformers import AutoConfig
 
@@ -53,7 +53,7 @@ def model_config(cfg: ModelConfig, token: str | None = None):
 
 def model_context(cfg: ModelConfig, token: str | None = None) -> int | None:
     """`context_length` of the model `cfg` names, from its config alone (no weights)."""
-    return context_length(model_config(cfg, token))
+    return context_length(read_model_config(cfg, token))
 
 
 def device_map() -> dict[str, Any]:
@@ -235,21 +235,26 @@ def loaded(
     token: str | None = None,
     adapter_dir: Path | None = None,
     dequantize: str = "never",
-    decode_kernel: str = "sdpa",
+    decode_kernel_ahead: bool = False,
 ) -> Iterator[tuple[Any, Any]]:
     """The model and tokenizer for generating: 4-bit weights dequantized per `dequantize`;
-    with `decode_kernel` "triton" (`generation.decode_kernel`) the decode steps' kernel is
-    compiled while the model loads. Freed on exit."""
-    from finance_qlora.decode_attention import compiled_ahead
+    with `decode_kernel_ahead` (a generation through `generation.decode_kernel` "triton") the
+    decode steps' kernel compiles while the model loads. Freed on exit."""
+    from finance_qlora.decode_attention import compiled_ahead, head_layout
 
     dtype, device = compute_dtype(cfg.compute_dtype), torch.device(device_map()[""])
-    wanted = decode_kernel == "triton"
-    with compiled_ahead(wanted, device, lambda: model_config(cfg, token), dtype):
+    ahead = nullcontext()
+    if decode_kernel_ahead:
+        # read here, not in the thread: the first reader of a builtin model builds its folder;
+        # a config that cannot be read: load_model meets it below and says so in its own words
+        with suppress(Exception):
+            ahead = compiled_ahead(*head_layout(read_model_config(cfg, token)), dtype, device)
+    with ahead:
         model = load_model(cfg, token, adapter_dir)
         tokenizer = load_tokenizer(cfg, token)
-        check_special_tokens(model, tokenizer, cfg.name)
-        if cfg.load_in_4bit:
-            maybe_dequantize(model, dequantize, dtype)
+    check_special_tokens(model, tokenizer, cfg.name)
+    if cfg.load_in_4bit:  # after the thread: `auto` weighs the memory free
+        maybe_dequantize(model, dequantize, dtype)
     try:
         model.eval()
         yield model, tokenizer

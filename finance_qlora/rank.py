@@ -72,7 +72,8 @@ def generate_rank(spec: dict, rank: int, world: int) -> None:
     model_cfg = ModelConfig.model_validate(spec["model"])
     started = time.perf_counter()
     token = os.environ.get("HF_TOKEN")
-    with loaded(model_cfg, token, adapter, settings.dequantize, settings.decode_kernel) as (
+    ahead = settings.decode_kernel == "triton"
+    with loaded(model_cfg, token, adapter, settings.dequantize, ahead) as (
         model,
         tokenizer,
     ):

@@ -193,10 +193,10 @@ def test_only_decode_steps_that_the_kernel_computes_as_sdpa_are_taken(kernel):
 
 
 def specialisation(kernel_fn, args: tuple, kwargs: dict) -> tuple:
-    """What Triton compiles a launch of `_masked_decode` for (its own rules, torch 2.11's
-    Triton): each tensor's dtype and 16-byte alignment, each integer that is specialised on
-    as "1", "a multiple of 16" or neither, the constants. Two launches alike here run one
-    compiled kernel."""
+    """What Triton compiles a launch of `_masked_decode` for, by Triton's rules (3.x, as its
+    JIT binder applies them): each tensor's dtype and 16-byte alignment, each integer not in
+    NOT_SPECIALISED as "1", "a multiple of 16" or neither, the constants. Two launches alike
+    here run one compiled kernel (tests/test_decode_kernel_cuda.py counts Triton's own)."""
     import inspect
 
     from finance_qlora.decode_kernel import NOT_SPECIALISED
@@ -211,13 +211,70 @@ def specialisation(kernel_fn, args: tuple, kwargs: dict) -> tuple:
     return (*key, *sorted((k, v) for k, v in kwargs.items()))
 
 
-def test_the_kernel_compiled_ahead_is_the_one_the_decode_steps_launch(
-    kernel, tiny, prompts, monkeypatch
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory):
+    """A 2-layer Llama (random weights) with grouped heads and a head size of its own (4 heads,
+    2 key/value heads of 32, 64 wide) and the tiny preset's tokenizer, loaded in bf16: what the
+    warm-up must read from a model's config rather than assume."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finance_qlora.modeling import load_tokenizer
+    from finance_qlora.presets import resolve_config
+
+    folder = tmp_path_factory.mktemp("grouped-llama")
+    tokenizer = load_tokenizer(resolve_config("tiny-cpu").model)
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    overrides = {"name": str(folder), "load_in_4bit": False, "compute_dtype": "bfloat16"}
+    return resolve_config("tiny-cpu", {"model": overrides}).model
+
+
+def test_the_kernel_is_compiled_in_a_thread_while_the_model_loads(kernel, grouped, monkeypatch):
+    """`loaded` with the kernel ahead runs it twice (with a mask and without), in a thread,
+    for the model's heads, key/value heads, head size and compute dtype, and hands the model
+    over only after; without, never."""
+    import threading
+
+    from finance_qlora.modeling import loaded
+
+    calls, masked_decode = [], kernel.masked_decode
+
+    def recorded(query, key, value, mask, scale):
+        calls.append((threading.current_thread().name, query.shape, key.shape, query.dtype))
+        return masked_decode(query, key, value, mask, scale)
+
+    monkeypatch.setattr(kernel, "masked_decode", recorded)
+    with loaded(grouped, decode_kernel_ahead=True):
+        thread_heads_dtype = [(name, q[1], q[3], k[1], dtype) for name, q, k, dtype in calls]
+        assert thread_heads_dtype == [("decode-kernel-ahead", 4, 32, 2, torch.bfloat16)] * 2
+    calls.clear()
+    with loaded(grouped):
+        assert calls == []
+
+
+def test_the_kernels_compiled_ahead_are_the_ones_the_decode_steps_launch(
+    kernel, grouped, prompts, monkeypatch
 ):
-    """`warm_up` launches the kernel as a generation's decode steps do (so Triton compiles
-    the same kernel while the model loads); the model's heads and dtype, the cache's length
-    left free."""
-    model, tokenizer = tiny
+    """What the thread launches while the model loads specialises as every decode step of a
+    generation with that model does (so Triton compiles nothing more): the static cache, and
+    the dynamic one, whose last batch (one prompt, no padding) has no mask."""
+    from finance_qlora.modeling import loaded
+
     launches, launch = [], kernel._masked_decode
 
     class Recorded:
@@ -229,59 +286,52 @@ def test_the_kernel_compiled_ahead_is_the_one_the_decode_steps_launch(
             return run
 
     monkeypatch.setattr(kernel, "_masked_decode", Recorded())
-    config = model.config
-    heads, dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
-    kernel.warm_up(heads, config.num_key_value_heads, dim, model.dtype, torch.device("cpu"))
-    ahead, launches[:] = set(launches), []
-    settings = GenerationSettings(max_new_tokens=6, batch_size=3, decode_kernel="triton")
-    for cache in ("static", "dynamic"):
-        generate_shard(model, tokenizer, prompts, settings.model_copy(update={"cache": cache}))
-    # with a mask and (the dynamic cache's last batch: one prompt, no padding) without
-    assert len(launches) > 10 and set(launches) == ahead and len(ahead) == 2
+    with loaded(grouped, decode_kernel_ahead=True) as (model, tokenizer):
+        ahead, launches[:] = set(launches), []
+        settings = GenerationSettings(max_new_tokens=6, batch_size=3, decode_kernel="triton")
+        for cache in ("static", "dynamic"):
+            generate_shard(model, tokenizer, prompts, settings.model_copy(update={"cache": cache}))
+    assert len(ahead) == 2 and len(launches) > 10 and set(launches) == ahead
 
 
-def test_the_kernel_is_compiled_in_a_thread_while_the_model_loads(kernel, monkeypatch):
-    """`loaded` with the kernel asked for runs it once, in a thread, for the model's heads and
-    compute dtype, and hands the model over only after; with SDPA asked for, never."""
-    import threading
+def test_a_kernel_that_cannot_be_compiled_ahead_is_said_and_not_fatal(kernel, monkeypatch, caplog):
+    def fails(*args):
+        raise RuntimeError("PassManager::run failed\nmore")
 
-    from finance_qlora.modeling import loaded
-    from finance_qlora.presets import resolve_config
-
-    calls, masked_decode = [], kernel.masked_decode
-
-    def recorded(query, key, value, mask, scale):
-        calls.append((threading.current_thread().name, query.shape, key.shape, query.dtype))
-        return masked_decode(query, key, value, mask, scale)
-
-    monkeypatch.setattr(kernel, "masked_decode", recorded)
-    config = resolve_config("tiny-cpu")
-    with loaded(config.model, decode_kernel="triton") as (model, _):
-        text = model.config
-        heads, dim = text.num_attention_heads, text.hidden_size // text.num_attention_heads
-        expected = ("decode-kernel-ahead", heads, dim, text.num_key_value_heads, torch.float32)
-        assert [(name, q[1], q[3], k[1], dtype) for name, q, k, dtype in calls] == [expected] * 2
-    calls.clear()
-    with loaded(config.model, decode_kernel="sdpa"):
-        assert calls == []
-
-
-def test_a_kernel_that_cannot_be_compiled_ahead_is_said_and_not_fatal(kernel, caplog):
-    def config_unreadable():
-        raise OSError("no config.json here\nmore")
-
-    cpu = torch.device("cpu")
-    with decode_attention.compiled_ahead(True, cpu, config_unreadable, torch.float32):
+    monkeypatch.setattr(kernel, "warm_up", fails)
+    with decode_attention.compiled_ahead(4, 4, 16, torch.float32, torch.device("cpu")):
         pass
-    assert "decode kernel was not compiled ahead (no config.json here)" in caplog.text
+    assert "decode kernel was not compiled ahead (PassManager::run failed)" in caplog.text
 
 
-def test_a_gpu_without_tritons_compiler_attends_with_sdpa(kernel, tiny, monkeypatch, caplog):
-    """Triton needs a C compiler and Python's headers on a GPU (`toolchain.triton_missing`):
-    without them the decode steps keep SDPA, said in one line, rather than failing inside
-    Triton at the first step."""
+def test_no_thread_where_the_kernel_would_not_run(kernel, tiny, monkeypatch, caplog):
+    """On a GPU without what Triton needs to build (a C compiler, Python's headers:
+    `toolchain.triton_missing`) the decode steps keep SDPA, said in one line, rather than
+    failing inside Triton at the first step, and nothing compiles ahead; nor for heads the
+    kernel does not take (a head size not a power of two)."""
+    from types import SimpleNamespace
+
     from finance_qlora import toolchain
 
+    started = []
+
+    class Thread:
+        def __init__(self, **kwargs):
+            started.append(kwargs["name"])
+
+        def start(self):
+            pass
+
+        def join(self):
+            pass
+
+    monkeypatch.setattr(decode_attention, "threading", SimpleNamespace(Thread=Thread))
+    cpu = torch.device("cpu")
+    with decode_attention.compiled_ahead(4, 4, 80, torch.bfloat16, cpu):
+        pass
+    with decode_attention.compiled_ahead(4, 4, 64, torch.bfloat16, cpu):  # taken
+        pass
+    assert started == ["decode-kernel-ahead"]
     model, _ = tiny
     missing = "Triton needs a C compiler (gcc or clang, or $CC) and finds none"
     monkeypatch.setattr(toolchain, "triton_missing", lambda: missing)
@@ -289,8 +339,6 @@ def test_a_gpu_without_tritons_compiler_attends_with_sdpa(kernel, tiny, monkeypa
     with decode_attention.decode_kernel(model, True, gpu) as used:
         assert not used and model.config._attn_implementation == "sdpa"
     assert f"decode steps attend with SDPA ({missing})" in caplog.text
-    started = []
-    monkeypatch.setattr(decode_attention.threading, "Thread", lambda **kw: started.append(kw))
-    with decode_attention.compiled_ahead(True, gpu, lambda: model.config, torch.float32):
+    with decode_attention.compiled_ahead(4, 4, 64, torch.bfloat16, gpu):
         pass
-    assert started == []  # no thread for a kernel that cannot run
+    assert started == ["decode-kernel-ahead"]

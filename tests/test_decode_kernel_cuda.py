@@ -125,14 +125,15 @@ def test_generation_through_the_kernel_on_a_gpu_gives_sdpas_answers(caplog, monk
 
 
 @pytest.mark.slow
-def test_the_kernels_compiled_ahead_are_all_that_a_generation_launches():
-    """`warm_up` (run while an evaluation's model loads) compiles the kernels the decode steps
-    then launch: a generation after it compiles none (Triton's own count of the kernels it
-    holds), for batches with a mask (left padding) and one without (a single prompt)."""
+def test_the_kernels_compiled_ahead_are_all_that_a_generation_launches(caplog, monkeypatch):
+    """`loaded` with the kernel ahead (as an evaluation loads) compiles, while the model loads,
+    the kernels the decode steps then launch: a generation after it compiles none (Triton's
+    own count of the kernels it holds: `device_caches`, Triton 3.x's JIT internals), for
+    batches with a mask (left padding) and one without (the dynamic cache's single prompt)."""
     from finance_qlora import decode_kernel
     from finance_qlora.config import GenerationSettings
     from finance_qlora.generation import generate_shard
-    from finance_qlora.modeling import load_model, load_tokenizer
+    from finance_qlora.modeling import loaded
     from finance_qlora.presets import resolve_config
     from finance_qlora.prompts import to_prompt_completion
     from tests.conftest import make_rows
@@ -140,20 +141,22 @@ def test_the_kernels_compiled_ahead_are_all_that_a_generation_launches():
     def held() -> int:
         return sum(len(entry[0]) for entry in decode_kernel._masked_decode.device_caches.values())
 
-    config = resolve_config("tiny-cpu", {"model": {"load_in_4bit": False}})
-    model = load_model(config.model).eval().to("cuda", torch.bfloat16)
-    tokenizer = load_tokenizer(config.model)
-    text = model.config
-    heads = text.num_attention_heads
+    overrides = {"load_in_4bit": False, "compute_dtype": "bfloat16"}
+    config = resolve_config("tiny-cpu", {"model": overrides})
     # as a fresh process holds them: none (earlier tests' kernels would stay held otherwise)
     decode_kernel._masked_decode.device_caches.clear()
-    decode_kernel.warm_up(
-        heads, text.num_key_value_heads, text.hidden_size // heads, torch.bfloat16, "cuda"
-    )
-    before = held()
-    assert before == 2  # with a mask and without
-    prompts = [to_prompt_completion(r)["prompt"] for r in make_rows(5)]
-    settings = GenerationSettings(max_new_tokens=12, batch_size=4, decode_kernel="triton")
-    for cache in ("static", "dynamic"):  # batches of 4 (padded) and 1 (no mask, dynamic)
-        generate_shard(model, tokenizer, prompts, settings.model_copy(update={"cache": cache}))
-    assert held() == before
+    calls, masked_decode = [], decode_kernel.masked_decode
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return masked_decode(*args)
+
+    monkeypatch.setattr(decode_kernel, "masked_decode", counted)
+    with loaded(config.model, decode_kernel_ahead=True) as (model, tokenizer):
+        assert held() == 2 and len(calls) == 2  # with a mask and without
+        prompts = [to_prompt_completion(r)["prompt"] for r in make_rows(5)]
+        settings = GenerationSettings(max_new_tokens=12, batch_size=4, decode_kernel="triton")
+        for cache in ("static", "dynamic"):  # batches of 4 (padded) and 1
+            generate_shard(model, tokenizer, prompts, settings.model_copy(update={"cache": cache}))
+    assert len(calls) > 2 and "decode steps attend with SDPA" not in caplog.text
+    assert held() == 2
