@@ -76,10 +76,15 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
   ahead) # the decode kernel compiled while the model loads (modeling.loaded) against at the
     # first decode step (the state before 2026-11-30): the first and a warm 300 x 128 generation
     # (7B architecture), three fresh processes each, in turn, each compiling the kernel (an empty
-    # Triton cache each, as on a bare worker)
-    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
-      --sections eval --runs 1 --reference-prompts 0 --eval-repeats 3 --cold-triton \
-      --eval-variants dequantized-static,dequantized-static-not-ahead --out "$OUT" ;;
+    # Triton cache each, as on a bare worker); then both with the kernel kept in Triton's cache
+    # ($OUT/kept: does the warm-up save more than the compile?)
+    ahead() {
+      CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+        --sections eval --runs 1 --reference-prompts 0 --eval-repeats 3 \
+        --eval-variants dequantized-static,dequantized-static-not-ahead "$@"
+    }
+    ahead --cold-triton --out "$OUT"
+    mkdir -p "$OUT/kept" && ahead --out "$OUT/kept" ;;
   kernel-smol) # SmolLM2's real weights: the 300 answers through the kernel and SDPA's kernels,
     # in the model's dtype (bf16 on an H200) and in fp32
     for dtype in auto float32; do
