@@ -156,6 +156,7 @@ def section_loads(setup: Setup) -> dict:
     for name in ("quantize_and_keep", "kept"):
         release()
         started = time.perf_counter()
+        # as an evaluation loads: since 2026-11-30 with the decode kernel compiled meanwhile
         ahead = kernel_ahead(config)
         with loaded(config.model, dequantize="never", decode_kernel_ahead=ahead) as (
             model,
