@@ -79,7 +79,7 @@ def train_bpe_tokenizer(corpus: list[str], vocab_size: int, pad_token: str | Non
 
 def _build_tiny_llama(folder: Path) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from finance_qlora.data import BUILTIN_DATA
     from finance_qlora.prompts import build_prompt
@@ -88,21 +88,29 @@ def _build_tiny_llama(folder: Path) -> None:
     corpus = [build_prompt(r["instruction"], r["input"]) + r["output"] for r in rows]
     tokenizer = train_bpe_tokenizer(corpus, vocab_size=512)
     tokenizer.save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,  # a multiple of the NF4 block size (64)
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    LlamaForCausalLM(tiny_llama_config(tokenizer)).save_pretrained(folder)
+
+
+def tiny_llama_config(tokenizer, **changes):
+    """The tiny Llama's shape for `tokenizer` (its vocabulary and special ids), with `changes`
+    (tests change the heads)."""
+    from transformers import LlamaConfig
+
+    shape = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,  # a multiple of the NF4 block size (64)
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 512,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+    return LlamaConfig(**(shape | changes))
 
 
 def smollm2_gguf() -> Path:

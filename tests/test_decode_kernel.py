@@ -216,28 +216,16 @@ def grouped(tmp_path_factory):
     """A 2-layer Llama (random weights) with grouped heads and a head size of its own (4 heads,
     2 key/value heads of 32, 64 wide) and the tiny preset's tokenizer, loaded in bf16: what the
     warm-up must read from a model's config rather than assume."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
+    from finance_qlora.builtin_models import tiny_llama_config
     from finance_qlora.modeling import load_tokenizer
     from finance_qlora.presets import resolve_config
 
     folder = tmp_path_factory.mktemp("grouped-llama")
     tokenizer = load_tokenizer(resolve_config("tiny-cpu").model)
     tokenizer.save_pretrained(folder)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    config = tiny_llama_config(tokenizer, num_key_value_heads=2, head_dim=32)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     overrides = {"name": str(folder), "load_in_4bit": False, "compute_dtype": "bfloat16"}
