@@ -12,7 +12,7 @@ from prefect.filesystems import RemoteFileSystem
 from pydantic import BaseModel
 
 from finance_qlora.records import Stored
-from finance_qlora.store import Store
+from finance_qlora.store import StaleOutput, Store, manifest_digest
 from tasks.secrets import storage_options
 
 RESULTS = "prefect-results"  # Prefect's persisted task results, inside the store
@@ -68,3 +68,25 @@ def local(ref: StoreRef, record: Stored) -> Stored:
 
 def clear_staging(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def kept_file(ref: StoreRef, kind: str, key: str, name: str) -> tuple[Path, bool]:
+    """A file the store keeps under <kind>/<key> for every worker: (a verified local copy,
+    True) where the store has it, else (where to write it before `keep_file`, False)."""
+    store = store_of(ref)
+    uri = store.uri(kind, key)
+    files = store.manifest(uri)
+    if files is not None and name in files:
+        try:
+            return store.materialize(uri, manifest_digest(files)) / name, True
+        except StaleOutput:  # damaged: written again, and `keep_file` replaces it
+            pass
+    return store.staging(kind, key) / name, False
+
+
+def keep_file(ref: StoreRef, kind: str, key: str, path: Path) -> bool:
+    """Put a file written at `kept_file`'s staging path into the store; whether there was one."""
+    if not path.is_file():
+        return False
+    store_of(ref).publish(path.parent, kind, key)  # a copy another worker put first is kept
+    return True

@@ -180,5 +180,7 @@ def test_the_fields_that_never_retrain_are_the_reviewed_ones():
     not a side effect (the rule test above takes NOT_IDENTITY as given)."""
     from tasks.identity import NOT_IDENTITY
 
-    assert NOT_IDENTITY["TrainSettings"] == {"checkpoint_steps", "loader_workers"}
+    # compile_cache: where compiled layers are kept; a graph from the store is the graph the
+    # worker would compile (torch checks each graph's key at the lookup)
+    assert NOT_IDENTITY["TrainSettings"] == {"checkpoint_steps", "loader_workers", "compile_cache"}
     assert NOT_IDENTITY["ModelConfig"] == {"hf_token_secret", "reuse_quantized"}

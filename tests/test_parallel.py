@@ -218,17 +218,20 @@ def test_two_processes_write_one_adapter_and_follow_one_process(prompts, tmp_pat
 @pytest.mark.slow
 def test_compiled_layers_on_two_processes_train_like_eager_ones(prompts, tmp_path, monkeypatch):
     """llama2-7b-h100 compiles its layers; on several GPUs each rank compiles its own model's
-    layers inside DDP: the same losses as eager layers on two processes, compiled in the ranks."""
+    layers inside DDP: the same losses as eager layers on two processes, compiled in the ranks,
+    and rank 0 writes them for the store (train.compile_cache=store)."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("inductor needs a C compiler on the CPU")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # the ranks'
-    losses = {}
+    losses, kept = {}, tmp_path / "kept" / "artifacts.bin"
     for compiled in (False, True):
         config = _config(epochs=2, compile=compiled)
         run = train_adapter(
-            prompts, config.model, config.lora, config.train, tmp_path / str(compiled), processes=2
-        )
+            prompts, config.model, config.lora, config.train, tmp_path / str(compiled),
+            processes=2, compiled=kept,
+        )  # fmt: skip
         losses[compiled] = run.losses
+        assert kept.is_file() == compiled  # eager layers: nothing to keep
     assert any((tmp_path / "inductor").rglob("*.py"))  # the ranks compiled (inductor's code)
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
 

@@ -13,7 +13,16 @@ import pytest
 
 from finance_qlora.records import EvalRecord
 from finance_qlora.store import StaleOutput, local_cache
-from tasks.store_access import RESULTS, StoreRef, local, publish, result_storage, store_of
+from tasks.store_access import (
+    RESULTS,
+    StoreRef,
+    keep_file,
+    kept_file,
+    local,
+    publish,
+    result_storage,
+    store_of,
+)
 
 
 @pytest.fixture(params=["folder", "s3"])
@@ -136,3 +145,29 @@ def test_results_on_a_bucket_are_a_saved_block_without_the_credentials(
         ]
     assert len(saved) == 1 and saved[0].name.startswith("finance-qlora-results-")
     assert "a-secret-access-key-for-results" not in json.dumps(saved[0].data, default=str)
+
+
+def test_a_kept_file_reaches_every_worker_verified(ref, tmp_path, monkeypatch):
+    """A file the store keeps for every worker (the compiled layers): staged where missing,
+    kept once written, handed out only while the store's copy is what its manifest says."""
+    path, found = kept_file(ref, "compiled", "k1", "artifacts.bin")
+    assert not found and not path.exists()
+    assert keep_file(ref, "compiled", "k1", path) is False  # nothing written: nothing kept
+
+    path.write_bytes(b"compiled")
+    assert keep_file(ref, "compiled", "k1", path)
+    monkeypatch.setenv("FINANCE_QLORA_CACHE", str(tmp_path / "another-worker"))
+    again, found = kept_file(ref, "compiled", "k1", "artifacts.bin")
+    assert found and again.read_bytes() == b"compiled"
+
+    # changed on the store since: not handed out, but written again and put in its place
+    store = store_of(ref)
+    store.fs.pipe_file(store.path("compiled", "k1", "artifacts.bin"), b"changed")
+    monkeypatch.setenv("FINANCE_QLORA_CACHE", str(tmp_path / "a-third-worker"))
+    path, found = kept_file(ref, "compiled", "k1", "artifacts.bin")
+    assert not found
+    path.write_bytes(b"compiled again")
+    assert keep_file(ref, "compiled", "k1", path)
+    monkeypatch.setenv("FINANCE_QLORA_CACHE", str(tmp_path / "a-fourth-worker"))
+    again, found = kept_file(ref, "compiled", "k1", "artifacts.bin")
+    assert found and again.read_bytes() == b"compiled again"

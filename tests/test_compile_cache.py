@@ -1,0 +1,130 @@
+"""Compiled layers kept in the store (train.compile_cache="store"): a worker with empty compile
+caches finds the graphs another worker compiled, and only where the store is trusted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finance_qlora import compile_cache
+from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
+from finance_qlora.files import write_jsonl
+from finance_qlora.prompts import to_prompt_completion
+from finance_qlora.store import MANIFEST
+from tasks.identity import identity
+from tests.conftest import make_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_cc = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None,
+    reason="inductor needs a C compiler on the CPU",
+)
+
+# One training run in a fresh process (a new worker): train_adapter with compiled layers,
+# then inductor's graph lookups of that process as its last line.
+WORKER = """
+import json, sys
+from pathlib import Path
+from finance_qlora import compile_cache
+from finance_qlora.presets import resolve_config
+from finance_qlora.training import train_adapter
+prompts, out, compiled = sys.argv[1:4]
+config = resolve_config("tiny-cpu", {"train": {"compile": True, "checkpoint_steps": 0}})
+train_adapter(Path(prompts), config.model, config.lora, config.train, Path(out),
+              compiled=Path(compiled) if compiled else None)
+print(json.dumps(compile_cache.graph_lookups()))
+"""
+
+
+def worker(tmp_path: Path, name: str, prompts: Path, compiled: Path | None) -> dict[str, int]:
+    """Train in a new process whose inductor cache starts empty; its graph lookups."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}")}
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER, str(prompts), str(tmp_path / name), str(compiled or "")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@needs_cc
+def test_a_new_worker_finds_the_layers_another_compiled(tmp_path):
+    prompts = tmp_path / "train.jsonl"
+    write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(8)])
+    artifacts = tmp_path / "kept" / compile_cache.ARTIFACTS
+
+    first = worker(tmp_path, "first", prompts, artifacts)
+    assert first["misses"] > 0  # compiled: its caches were empty
+    assert artifacts.is_file()  # and what it compiled is written for the next worker
+
+    written = artifacts.read_bytes()
+    second = worker(tmp_path, "second", prompts, artifacts)
+    assert second == {"hits": first["misses"], "misses": 0}  # nothing compiled again
+    assert artifacts.read_bytes() == written  # an existing file is only read
+
+    alone = worker(tmp_path, "alone", prompts, None)  # the same worker without the file
+    assert alone["misses"] > 0
+
+
+def test_an_unreadable_file_compiles_instead(tmp_path, caplog):
+    damaged = tmp_path / compile_cache.ARTIFACTS
+    damaged.write_bytes(b"not torch's artifacts")
+    assert compile_cache.load(damaged) == 0
+    assert compile_cache.load(tmp_path / "missing.bin") == 0
+    assert "compiling them" in caplog.text
+
+
+def test_the_store_entry_follows_the_layers_graph_not_the_schedule():
+    model, lora, train = ModelConfig(), LoraSettings(), TrainSettings(compile=True)
+    key = compile_cache.entry_key(model, lora, train)
+    weekly = train.model_copy(update={"learning_rate": 1e-4, "rows_per_step": 32, "seed": 1})
+    assert compile_cache.entry_key(model, lora, weekly) == key
+    for other in (
+        (model.model_copy(update={"name": "other"}), lora, train),
+        (model, lora.model_copy(update={"r": 8}), train),
+        (model, lora, train.model_copy(update={"padding_free": True})),
+    ):
+        assert compile_cache.entry_key(*other) != key
+
+
+def test_where_compiled_layers_are_kept_is_not_part_of_the_adapters_identity():
+    kept = TrainSettings(compile=True, compile_cache="store")
+    assert identity(kept) == identity(TrainSettings(compile=True))
+
+
+@pytest.mark.slow
+@needs_cc
+def test_the_train_step_keeps_compiled_layers_in_the_store_only_when_told(prefect_api, tmp_path):
+    from tests.test_flow import run_flow, sent_logs
+
+    store, told = tmp_path / "store", {"compile": True, "compile_cache": "store"}
+    state, _ = run_flow(store, train=told)
+    assert state.is_completed()
+    (entry,) = (store / compile_cache.KIND).iterdir()
+    assert (entry / MANIFEST).is_file()
+    written = (entry / compile_cache.ARTIFACTS).read_bytes()
+    assert written
+
+    # the next run on other rows trains again and finds them there
+    state, _ = run_flow(store, train=told, data={"seed": 7})
+    assert state.is_completed()
+    messages = sent_logs(flow_run_id=state.state_details.flow_run_id)
+    assert "compiled layers: found in the store" in messages
+    assert [p.name for p in (store / compile_cache.KIND).iterdir()] == [entry.name]
+    assert (entry / compile_cache.ARTIFACTS).read_bytes() == written
+
+    # by default they stay on the worker: the store is not trusted with code
+    state, _ = run_flow(tmp_path / "default", train={"compile": True})
+    assert state.is_completed()
+    assert not (tmp_path / "default" / compile_cache.KIND).exists()
