@@ -160,6 +160,18 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
       --out "$OUT" --sections flow --flow-runs 2 \
       $(for a in ${FLOW_SET:-}; do echo "--flow-set=$a"; done) ;;
+  flow-shared) # new containers (empty Triton, inductor and 4-bit caches) sharing one store,
+    # each flow on rows of its own: with train.compile_cache=store the first compiles the
+    # layers and keeps them in the store, the next find them ($OUT/store); then without, each
+    # compiling ($OUT/worker). No gate: a champion promoted by the first flow would be scored
+    # by the next (the runs of 2026-11-30 had it on). About 6 min: one call per half
+    mkdir -p "$OUT/store" "$OUT/worker"
+    bare() {
+      CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+        --sections flow --flow-bare --flow-store-shared --flow-set=promotion.enabled=false "$@"
+    }
+    bare --flow-runs 3 --flow-set=train.compile_cache=store --out "$OUT/store"
+    bare --flow-runs 2 --out "$OUT/worker" ;;
   compile-load) # where a warm-cache compile of the 7B layer spends its time (variants:
     # benchmarks/compile_load.py; $COMPILE_VARIANTS picks some)
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/compile_load.py --data $DATA \
@@ -187,6 +199,12 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
       --out "$OUT" --sections train --runs 2 --reference-rows 16 --variants \
       llama2-7b-h100-eager,llama2-7b-h100-compiled-noliger,llama2-7b-h100-compiled-noliger-cppwrapper ;;
+  combo) # one GPU: the preset's compiled layers (Python wrapper), then with independent kernels
+    # launched together (combo_kernels), then the C++ wrapper with them; one after the other
+    # (a change of setting compiles again)
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+      --out "$OUT" --sections train --runs 3 --reference-rows 4 --variants \
+      llama2-7b-h100,llama2-7b-h100-compiled-noliger-combo,llama2-7b-h100-compiled-noliger-cppwrapper-combo ;;
   multi-train) # data-parallel training on 1 and 2 GPUs at the recipe's schedule (the preset's
     # compiled layers; MULTI_SET="train.compile=false train.fused_kernels=true": eager, as the
     # runs of 2026-11-29)

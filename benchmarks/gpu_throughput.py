@@ -18,7 +18,9 @@ stands in for its tokenizer), the 1,000 / 300 rows, one GPU. Sections (--section
   warm-up and extrapolated to 300.
 - flow: the whole flow (python -m flows.finetune: load, format, baseline eval, train, save,
   final eval, compare) in a fresh process and a fresh store, --flow-runs times; the first
-  finds no kept 4-bit copy. Reported: the flow run's own duration and its tasks'.
+  finds no kept 4-bit copy. Reported: the flow run's own duration and its tasks'. With
+  --flow-bare each process starts with empty Triton, inductor and 4-bit caches (a new
+  container); with --flow-store-shared the runs share one store, each on rows of its own.
 - t4: the T4 profile under a 15 GiB cap: fp16, FlashAttention off, 4-bit, checkpointing.
 
 Random weights never emit EOS, so every answer runs the full 128 tokens (the worst case).
@@ -328,6 +330,15 @@ def child(args, flag: str, value: str) -> dict:
     env = None
     if args.cold_triton:  # the process compiles Triton's kernels itself, as a bare worker would
         env = {**os.environ, "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix="triton-cache-")}
+    if args.flow_bare and flag == "--flow-child":  # a new container: every local cache empty
+        env = {
+            **os.environ,
+            **{
+                name: tempfile.mkdtemp(prefix=f"{name.lower()}-")
+                for name in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "FINANCE_QLORA_CACHE")
+            },
+        }
+    command += ["--flow-store-shared"] * args.flow_store_shared
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     sys.stdout.write(done.stdout[-3000:])
     if done.returncode:
@@ -402,10 +413,16 @@ def flow_in_process(setup: Setup, run: int) -> dict:
     from flows.finetune import finetune
 
     store = setup.args.work / f"flow-store-{run}"
-    shutil.rmtree(store, ignore_errors=True)
+    data: dict = {"dataset": str(setup.args.data)}
+    if setup.args.flow_store_shared:  # one store (section_flow empties it first), each run on
+        # rows of its own: every step computed, nothing served from the store's cache but what
+        # the store keeps for every run (the compiled layers with train.compile_cache=store)
+        store, data["seed"] = setup.args.work / "flow-store-shared", 42 + run
+    else:
+        shutil.rmtree(store, ignore_errors=True)
     overrides = deep_merge(
         {
-            "data": {"dataset": str(setup.args.data)},
+            "data": data,
             "model": {"name": str(setup.model_dir)},
             "output_dir": str(store),
         },
@@ -429,6 +446,7 @@ def section_flow(args, setup: Setup, runs: int, evaluated: dict | None) -> dict:
     model = setup.config().model
     kept = quantized_folder(model, str(setup.model_dir), None, compute_dtype(model.compute_dtype))
     shutil.rmtree(kept, ignore_errors=True)  # the first run quantizes, as on a new worker
+    shutil.rmtree(args.work / "flow-store-shared", ignore_errors=True)
     if evaluated and "project" in evaluated:  # generate as the fastest measured setting did
         chosen = evaluated["project"]["settings"]
         args.flow_set += [f"generation.{k}={v}" for k, v in chosen.items() if k != "batch_size"]
@@ -445,6 +463,8 @@ def section_flow(args, setup: Setup, runs: int, evaluated: dict | None) -> dict:
         "first_seconds": results[0].get("flow_run_seconds"),
         "preset": "llama2-7b-h100",
         "set": args.flow_set,
+        "bare": args.flow_bare,
+        "store_shared": args.flow_store_shared,
         "runs": results,
     }
 
@@ -525,6 +545,16 @@ def main() -> None:
     parser.add_argument("--flow-runs", type=int, default=3)
     parser.add_argument(
         "--flow-set", action="append", default=[], help="section.field=value for the flow runs"
+    )
+    parser.add_argument(
+        "--flow-bare",
+        action="store_true",
+        help="each flow process with empty Triton, inductor and 4-bit caches (a new container)",
+    )
+    parser.add_argument(
+        "--flow-store-shared",
+        action="store_true",
+        help="the flow runs share one store, each on rows of its own (data.seed 42 + run)",
     )
     parser.add_argument("--reference-rows", type=int, default=48)
     parser.add_argument("--reference-prompts", type=int, default=4)

@@ -50,6 +50,11 @@ TRAIN_VARIANTS |= {
 TRAIN_VARIANTS["llama2-7b-h100-compiled-noliger-cppwrapper"] = TRAIN_VARIANTS[
     "llama2-7b-h100-compiled-noliger"
 ]
+# both wrappers with independent kernels launched together (inductor's combo_kernels)
+for wrapper in ("", "-cppwrapper"):
+    TRAIN_VARIANTS[f"llama2-7b-h100-compiled-noliger{wrapper}-combo"] = TRAIN_VARIANTS[
+        "llama2-7b-h100-compiled-noliger"
+    ]
 # the same with the layers' float attributes as graph inputs (see float_attributes)
 TRAIN_VARIANTS["llama2-7b-h100-compiled-noliger-cppwrapper-dynamic-floats"] = TRAIN_VARIANTS[
     "llama2-7b-h100-compiled-noliger"
@@ -122,19 +127,20 @@ def host_as_before():
         flat_optimizer.ENABLED, training.step_trainer_class = enabled, made
 
 
-def inductor_wrapper(cpp: bool):
+def inductor_wrapper(cpp: bool, combo: bool = False):
     """A TrainerCallback factory: the compiled layers' kernels called from inductor's C++
-    wrapper (`cpp`) or its Python one. When that changes dynamo's compiled code is dropped:
-    the layers would otherwise reuse the graph compiled with the other wrapper."""
+    wrapper (`cpp`) or its Python one; with `combo`, independent kernels of a graph launched as
+    one (inductor's combo_kernels: fewer launches). When either changes dynamo's compiled code
+    is dropped: the layers would otherwise reuse the graph compiled the other way."""
     from transformers import TrainerCallback
 
     class Callback(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
             import torch._inductor.config as inductor
 
-            if inductor.cpp_wrapper != cpp:
+            if (inductor.cpp_wrapper, inductor.combo_kernels) != (cpp, combo):
                 torch._dynamo.reset()
-                inductor.cpp_wrapper = cpp
+                inductor.cpp_wrapper, inductor.combo_kernels = cpp, combo
 
     return lambda: Callback()
 
@@ -160,6 +166,8 @@ VARIANT_CALLBACKS = {
     "llama2-7b-h100": [inductor_wrapper(False)],
     "llama2-7b-h100-compiled-noliger": [inductor_wrapper(False)],
     "llama2-7b-h100-compiled-noliger-cppwrapper": [inductor_wrapper(True)],
+    "llama2-7b-h100-compiled-noliger-combo": [inductor_wrapper(False, combo=True)],
+    "llama2-7b-h100-compiled-noliger-cppwrapper-combo": [inductor_wrapper(True, combo=True)],
     "llama2-7b-h100-peft-casts": [peft_input_casts],
     "llama2-7b-h100-eager-waits": [library_waits],
     "llama2-7b-h100-compiled-noliger-waits": [library_waits],
