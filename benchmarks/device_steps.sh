@@ -167,7 +167,8 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
     # by the next (the runs of 2026-11-30 had it on). About 6 min: one call per half
     mkdir -p "$OUT/store" "$OUT/worker"
     bare() {
-      CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+      FINANCE_QLORA_TRUST_STORE=1 CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py \
+        --data $DATA --work /tmp/bench \
         --sections flow --flow-bare --flow-store-shared --flow-set=promotion.enabled=false "$@"
     }
     bare --flow-runs 3 --flow-set=train.compile_cache=store --out "$OUT/store"
@@ -203,7 +204,7 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
     # launched together (combo_kernels), then the C++ wrapper with them; one after the other
     # (a change of setting compiles again)
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
-      --out "$OUT" --sections train --runs 3 --reference-rows 4 --variants \
+      --out "$OUT" --sections train --runs 2 --reference-rows 4 --variants \
       llama2-7b-h100,llama2-7b-h100-compiled-noliger-combo,llama2-7b-h100-compiled-noliger-cppwrapper-combo ;;
   multi-train) # data-parallel training on 1 and 2 GPUs at the recipe's schedule (the preset's
     # compiled layers; MULTI_SET="train.compile=false train.fused_kernels=true": eager, as the

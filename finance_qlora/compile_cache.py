@@ -1,7 +1,7 @@
 """The compiled decoder layers kept in the durable store, for every worker of one environment.
 
 A worker compiles the layers (train.compile) in 13-18 s on an H200 with empty caches, and in
-about 2 s from inductor's and Triton's caches on its own disk; a new container per flow run
+2-3 s from inductor's and Triton's caches on its own disk; a new container per flow run
 (the docker and kubernetes pools) starts with them empty. torch's portable compile cache
 (`torch.compiler.save_cache_artifacts`) holds what one process compiled: inductor's graphs
 with their Triton kernels built (cubins), AOTAutograd's forward and backward, the autotuning
@@ -9,10 +9,11 @@ choices. Loaded in another process it fills that worker's caches before anything
 and the compile is a cache hit.
 
 Those artifacts are code every worker that loads them runs: whoever can write the store could
-run code on every such worker. So only `train.compile_cache = "store"` reads or writes them,
-for a store that only trusted writers reach. torch checks each graph's own key (torch, Triton,
-the GPU, the graph, the settings) at the lookup: an artifact of another environment is a
-miss, never a wrong kernel; the store's key below only keeps environments apart.
+run code on every such worker. So only a run with `train.compile_cache = "store"` on a worker
+that trusts its store reads or writes them (tasks/compiled_layers.py). torch checks each
+graph's own key (torch, Triton, the GPU, the graph, the settings) at the lookup: an artifact
+of another environment is a miss, never a wrong kernel; the store's key below keeps
+environments and the project's code apart, so an entry that would only miss is not kept.
 """
 
 from __future__ import annotations
@@ -35,9 +36,20 @@ KIND = "compiled"
 # and the training settings that change a layer's graph (not the data, the schedule or the
 # learning rate, which a weekly retraining changes and the layer's code does not see).
 GRAPH_SETTINGS = ("dequantize", "padding_free", "gradient_checkpointing")
-# the project too: its modeling code (packing, kernels) is part of the graph
-LIBRARIES = ("torch", "triton", "transformers", "peft", "bitsandbytes", "finance-qlora")
+LIBRARIES = ("torch", "triton", "transformers", "peft", "bitsandbytes")
+PACKAGE = Path(__file__).resolve().parent
 log = logging.getLogger(__name__)
+
+
+def project_code() -> str:
+    """The digest of this package's source: its modeling code (packing, kernels, the step)
+    is part of the graph, and its version number does not change with it."""
+    digest = hashlib.sha256()
+    # (no "*.py" pattern: tasks/identity.py takes such a string for files this module loads,
+    # and the train step's key would follow every module of the package)
+    for path in sorted(p for p in PACKAGE.iterdir() if p.suffix == ".py"):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def environment() -> dict[str, str]:
@@ -53,7 +65,11 @@ def environment() -> dict[str, str]:
         device = f"{torch.cuda.get_device_name()} sm_{major}{minor} cuda {torch.version.cuda}"
     else:
         device = f"cpu {platform.machine()}"
-    return versions | {"python": platform.python_version(), "device": device}
+    return versions | {
+        "python": platform.python_version(),
+        "device": device,
+        "finance_qlora": project_code(),
+    }
 
 
 def entry_key(model: ModelConfig, lora: LoraSettings, train: TrainSettings) -> str:
@@ -72,11 +88,17 @@ def load(path: Path) -> int:
     count, 0 where there is no file or torch cannot read it (the layers then compile)."""
     if not path.is_file():
         return 0
+    # torch logs a damaged file with its traceback and returns None: one line here instead
+    torch_log = logging.getLogger("torch.compiler._cache")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
     try:
         info = torch.compiler.load_cache_artifacts(path.read_bytes())
-    except Exception as exc:  # torch logs and returns None on most damage; not all of it
+    except Exception as exc:  # not every damage is caught inside torch
         log.warning("compiled layers in %s not loaded (%s); compiling them", path, exc)
         return 0
+    finally:
+        torch_log.setLevel(level)
     if info is None:
         log.warning("compiled layers in %s not readable by this torch; compiling them", path)
         return 0
@@ -94,8 +116,11 @@ def save(path: Path) -> int:
     blob, info = saved
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return sum(len(keys) for keys in info.artifacts.values())
 
 
@@ -108,13 +133,23 @@ def graph_lookups() -> dict[str, int]:
 
 
 def after_training(path: Path | None) -> None:
-    """After training (rank 0): how this process had the layers' graphs, and, where `path`
-    names a missing file, `save` there."""
+    """After training (rank 0): how this process had the layers' graphs, and, where `path` is
+    given, `save` there. A save that fails costs the next worker a compile, never this
+    training its adapter: one warning."""
     lookups = graph_lookups()
     log.info(
         "compiled layers: %d graphs from the compile caches, %d compiled (in this process)",
         lookups["hits"],
         lookups["misses"],
     )
-    if path is not None and not path.exists():
-        log.info("compiled layers: %d artifacts written to %s", save(path), path)
+    if path is None:
+        return
+    try:
+        count = save(path)
+    except OSError as exc:
+        log.warning("compiled layers not written to %s (%s)", path, exc)
+        return
+    if count:
+        log.info("compiled layers: %d artifacts written to %s", count, path)
+    else:
+        log.info("compiled layers: nothing compiled or found in this process to write")

@@ -155,9 +155,10 @@ class TrainSettings(_Section):
     compile: bool = False
     # Where compiled layers are kept: "worker", in inductor's and Triton's caches on the
     # worker's disk (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR); "store", also in the durable
-    # store, for every worker of the same environment (a new container per flow run compiles
-    # in about 2 s instead of 13-18 s on an H200). The store's copy is code each worker runs:
-    # "store" only for a store that only trusted writers reach (finance_qlora/compile_cache.py).
+    # store, for every worker of the same environment (a new container per flow run loads them
+    # in 2-3 s instead of compiling for 13-18 s on an H200). The store's copy is code each
+    # worker runs: used only where the worker also sets FINANCE_QLORA_TRUST_STORE=1
+    # (tasks/compiled_layers.py).
     compile_cache: Literal["worker", "store"] = "worker"
     # Processes that collate the next batches while the card computes this one (0: the training
     # process collates between steps, the card idle meanwhile: about 5 ms a 16-row step on an

@@ -217,10 +217,10 @@ def train_data_parallel(
     processes: int,
     token: str | None = None,
     on_log: Callable[[int, int, float], None] | None = None,
-    compiled: Path | None = None,
+    save_compiled: Path | None = None,
 ) -> TrainRecord:
-    """`training.train_adapter` on `processes` ranks through torchrun; out_dir and compiled as
-    there.
+    """`training.train_adapter` on `processes` ranks through torchrun; out_dir and
+    save_compiled as there.
     Each rank takes its share of every optimizer step (`batching.StepSampler`)."""
     clear_outputs(out_dir)
     spec = out_dir / "launch.json"
@@ -232,7 +232,7 @@ def train_data_parallel(
                 "lora": lora.model_dump(mode="json"),
                 "train": train.model_dump(mode="json"),
                 "out_dir": str(out_dir),
-                "compiled": str(compiled) if compiled else None,
+                "save_compiled": str(save_compiled) if save_compiled else None,
             }
         )
     )

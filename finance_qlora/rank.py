@@ -57,7 +57,7 @@ def train_rank(spec: dict) -> None:
         if rank == 0
         else None,
         [],
-        Path(spec["compiled"]) if spec.get("compiled") else None,
+        save_compiled=Path(spec["save_compiled"]) if spec.get("save_compiled") else None,
     )
     if record is not None:  # rank 0
         (out_dir / RECORD_FILE).write_text(record.model_dump_json())

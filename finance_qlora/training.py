@@ -145,34 +145,45 @@ def train_adapter(
     on_log: Callable[[int, int, float], None] | None = None,
     callbacks: list | None = None,
     processes: int = 1,
-    compiled: Path | None = None,
+    save_compiled: Path | None = None,
 ) -> TrainRecord:
     """Train LoRA adapters on prompt/completion pairs; resume from a checkpoint in `out_dir`.
     With `processes` > 1, data-parallel over that many ranks (`parallel.train_data_parallel`).
 
-    `compiled`: a file of compiled layers (`finance_qlora.compile_cache`); with train.compile,
-    loaded into this worker's caches before anything compiles where it exists, else written
-    after training. Its code runs here: only a file from a trusted place.
+    `save_compiled`: with train.compile, where rank 0 writes the compiled layers after training
+    (`finance_qlora.compile_cache`), for workers whose caches are empty.
 
     On CUDA out-of-memory, retry with micro-batches half as large (rows or tokens), down to one
     row: the optimizer steps keep their rows (`train.rows_per_step`), only split finer.
     """
     if callbacks and processes > 1:
         raise ValueError("callbacks run in this process only: train with processes=1")
-    if train.compile and compiled is not None:
-        compile_cache.load(compiled)  # into the caches on disk, where every rank's compile looks
     settings = train
     while True:
         try:
             if processes > 1:
                 return train_data_parallel(
-                    prompts_path, model_cfg, lora, settings, out_dir, processes, token, on_log,
-                    compiled,
-                )  # fmt: skip
+                    prompts_path,
+                    model_cfg,
+                    lora,
+                    settings,
+                    out_dir,
+                    processes,
+                    token,
+                    on_log,
+                    save_compiled=save_compiled,
+                )
             return train_in_process(
-                prompts_path, model_cfg, lora, settings, out_dir, token, on_log, callbacks or [],
-                compiled,
-            )  # fmt: skip
+                prompts_path,
+                model_cfg,
+                lora,
+                settings,
+                out_dir,
+                token,
+                on_log,
+                callbacks or [],
+                save_compiled=save_compiled,
+            )
         except torch.OutOfMemoryError:
             release_memory()
             settings = smaller_micro_batches(settings)
@@ -324,11 +335,11 @@ def train_in_process(
     token: str | None,
     on_log: Callable[[int, int, float], None] | None,
     callbacks: list,
-    compiled: Path | None = None,
+    save_compiled: Path | None = None,
 ) -> TrainRecord | None:
     """One training run in this process (one rank of several under torchrun: only rank 0
-    writes the adapter and returns its record; the others return None). `compiled`: as in
-    `train_adapter`; rank 0 writes it where it is missing."""
+    writes the adapter and returns its record; the others return None). `save_compiled`: as
+    in `train_adapter`."""
     from transformers import TrainerCallback
 
     class Report(TrainerCallback):
@@ -365,7 +376,7 @@ def train_in_process(
         with atomic_dir(final) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
         if train.compile:
-            compile_cache.after_training(compiled)
+            compile_cache.after_training(save_compiled)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         steps = trainer.state.global_step
         # Real (unpadded) tokens the model read: what "useful tokens/s" counts.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -70,23 +71,35 @@ def clear_staging(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def kept_file(ref: StoreRef, kind: str, key: str, name: str) -> tuple[Path, bool]:
+def kept_file(ref: StoreRef, kind: str, key: str, name: str) -> tuple[Path | None, str]:
     """A file the store keeps under <kind>/<key> for every worker: (a verified local copy,
-    True) where the store has it, else (where to write it before `keep_file`, False)."""
+    "found"), (None, "missing"), or (None, "damaged") where the store's copy is not what its
+    manifest says (`keep_file` with replace=True puts a new one in its place)."""
     store = store_of(ref)
     uri = store.uri(kind, key)
     files = store.manifest(uri)
-    if files is not None and name in files:
-        try:
-            return store.materialize(uri, manifest_digest(files)) / name, True
-        except StaleOutput:  # damaged: written again, and `keep_file` replaces it
-            pass
-    return store.staging(kind, key) / name, False
+    if files is None or name not in files:
+        return None, "missing"
+    try:
+        return store.materialize(uri, manifest_digest(files)) / name, "found"
+    except StaleOutput:
+        return None, "damaged"
 
 
-def keep_file(ref: StoreRef, kind: str, key: str, path: Path) -> bool:
-    """Put a file written at `kept_file`'s staging path into the store; whether there was one."""
-    if not path.is_file():
-        return False
-    store_of(ref).publish(path.parent, kind, key)  # a copy another worker put first is kept
-    return True
+def staged_file(ref: StoreRef, kind: str, key: str, name: str) -> Path:
+    """Where this process writes a file for `keep_file`: alone in a folder of its own (workers
+    and retries staging the same key never share one)."""
+    folder = tempfile.mkdtemp(prefix=".tmp-", dir=store_of(ref).staging(kind, key))
+    return Path(folder) / name
+
+
+def keep_file(ref: StoreRef, kind: str, key: str, path: Path, replace: bool = False) -> None:
+    """Put a `staged_file` into the store at <kind>/<key>; `replace`: remove the copy there
+    first (damaged, or of no use), else a complete copy another worker put first is kept."""
+    store = store_of(ref)
+    try:
+        if replace:
+            store.remove(store.uri(kind, key))
+        store.publish(path.parent, kind, key)
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)  # published folders moved away already

@@ -5,18 +5,18 @@ from __future__ import annotations
 from prefect import task
 from prefect.logging import get_run_logger
 
-from finance_qlora import compile_cache
 from finance_qlora.adapter import normalize_adapter_config
 from finance_qlora.config import DeviceSettings, LoraSettings, ModelConfig, TrainSettings
 from finance_qlora.parallel import process_count
 from finance_qlora.records import PromptRecord, TrainRecord
 from finance_qlora.schedule import micro_batch_words, steps_per_epoch
 from finance_qlora.training import train_adapter
+from tasks.compiled_layers import SharedLayers
 from tasks.identity import StepIdentity, step_key
 from tasks.progress import Progress
 from tasks.retries import GPU_RETRIES, GPU_RETRY_DELAY_S, retry_unless_bad_input
 from tasks.secrets import hf_token
-from tasks.store_access import StoreRef, keep_file, kept_file, local, publish, store_of
+from tasks.store_access import StoreRef, local, publish, store_of
 
 
 @task(
@@ -57,14 +57,7 @@ def train(
     # Same key, same staging folder: a retry finds the checkpoints of the failed try there.
     key = step_key()
     staging = store_of(store).staging("train", key)
-    compiled, shared = None, False  # the store's compiled layers: only where trusted (opt-in)
-    if settings.compile and settings.compile_cache == "store":
-        entry = compile_cache.entry_key(model, lora, settings)
-        compiled, shared = kept_file(store, compile_cache.KIND, entry, compile_cache.ARTIFACTS)
-        logger.info(
-            "compiled layers: %s",
-            "found in the store" if shared else "none in the store for this environment yet",
-        )
+    shared = SharedLayers.open(store, model, lora, settings, logger)  # opt-in: code from the store
     record = train_adapter(
         local(store, prompts).train_path,
         model,
@@ -74,11 +67,10 @@ def train(
         token=hf_token(model.hf_token_secret, model.name),
         on_log=on_log,
         processes=processes,
-        compiled=compiled,
+        save_compiled=shared.target if shared else None,
     )
-    if compiled is not None and not shared:
-        if keep_file(store, compile_cache.KIND, entry, compiled):
-            logger.info("compiled layers kept in the store for the next worker")
+    if shared:
+        shared.keep(logger)
     if record.resumed_from:
         logger.info("resumed from the checkpoint at step %d", record.resumed_from)
     losses = f"; loss {record.losses[0]:.4f} -> {record.losses[-1]:.4f}" if record.losses else ""

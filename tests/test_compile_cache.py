@@ -4,6 +4,7 @@ caches finds the graphs another worker compiled, and only where the store is tru
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -17,7 +18,9 @@ from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
 from finance_qlora.files import write_jsonl
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.store import MANIFEST
+from tasks.compiled_layers import SharedLayers
 from tasks.identity import identity
+from tasks.store_access import StoreRef
 from tests.conftest import make_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,18 +29,20 @@ needs_cc = pytest.mark.skipif(
     reason="inductor needs a C compiler on the CPU",
 )
 
-# One training run in a fresh process (a new worker): train_adapter with compiled layers,
-# then inductor's graph lookups of that process as its last line.
+# One training run in a fresh process (a new worker) with compiled layers, as the train task
+# runs it: the kept file loaded where there is one, else written after training; then
+# inductor's graph lookups of that process as its last line.
 WORKER = """
 import json, sys
 from pathlib import Path
 from finance_qlora import compile_cache
 from finance_qlora.presets import resolve_config
 from finance_qlora.training import train_adapter
-prompts, out, compiled = sys.argv[1:4]
+prompts, out, kept = sys.argv[1:4]
 config = resolve_config("tiny-cpu", {"train": {"compile": True, "checkpoint_steps": 0}})
+loaded = compile_cache.load(Path(kept)) if kept else 0
 train_adapter(Path(prompts), config.model, config.lora, config.train, Path(out),
-              compiled=Path(compiled) if compiled else None)
+              save_compiled=Path(kept) if kept and not loaded else None)
 print(json.dumps(compile_cache.graph_lookups()))
 """
 
@@ -83,6 +88,7 @@ def test_an_unreadable_file_compiles_instead(tmp_path, caplog):
     assert compile_cache.load(damaged) == 0
     assert compile_cache.load(tmp_path / "missing.bin") == 0
     assert "compiling them" in caplog.text
+    assert "Traceback" not in caplog.text  # one line, not torch's traceback
 
 
 def test_the_store_entry_follows_the_layers_graph_not_the_schedule():
@@ -92,10 +98,21 @@ def test_the_store_entry_follows_the_layers_graph_not_the_schedule():
     assert compile_cache.entry_key(model, lora, weekly) == key
     for other in (
         (model.model_copy(update={"name": "other"}), lora, train),
+        (model, lora, train.model_copy(update={"dequantize": "never"})),
         (model, lora.model_copy(update={"r": 8}), train),
         (model, lora, train.model_copy(update={"padding_free": True})),
     ):
         assert compile_cache.entry_key(*other) != key
+
+
+def test_the_store_entry_follows_the_projects_code_and_libraries(monkeypatch):
+    key = compile_cache.entry_key(ModelConfig(), LoraSettings(), TrainSettings(compile=True))
+    monkeypatch.setattr(compile_cache, "project_code", lambda: "another packing.py")
+    assert compile_cache.entry_key(ModelConfig(), LoraSettings(), TrainSettings()) != key
+    monkeypatch.undo()
+    versions = compile_cache.environment()
+    monkeypatch.setattr(compile_cache, "environment", lambda: versions | {"torch": "9.9"})
+    assert compile_cache.entry_key(ModelConfig(), LoraSettings(), TrainSettings()) != key
 
 
 def test_where_compiled_layers_are_kept_is_not_part_of_the_adapters_identity():
@@ -103,11 +120,64 @@ def test_where_compiled_layers_are_kept_is_not_part_of_the_adapters_identity():
     assert identity(kept) == identity(TrainSettings(compile=True))
 
 
+def shared_layers(ref, monkeypatch, trusted=True, cache="store"):
+    import tasks.compiled_layers
+
+    if trusted:
+        monkeypatch.setenv(tasks.compiled_layers.TRUST_ENV, "1")
+    else:
+        monkeypatch.delenv(tasks.compiled_layers.TRUST_ENV, raising=False)
+    train = TrainSettings(compile=True, compile_cache=cache)
+    log = logging.getLogger("test")
+    return SharedLayers.open(ref, ModelConfig(), LoraSettings(), train, log)
+
+
+def test_a_store_copy_of_no_use_is_compiled_again_and_replaced(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    ref = StoreRef(url=str(tmp_path / "store"))
+    shared = shared_layers(ref, monkeypatch)
+    assert shared.target is not None and not shared.replace  # none there yet
+    shared.target.write_bytes(b"not torch's artifacts")  # as training would write them
+    assert shared.keep(logging.getLogger("test"))
+    entry = tmp_path / "store" / compile_cache.KIND / shared.key
+
+    # the next worker cannot load it (another torch, say): compiles, and replaces it
+    again = shared_layers(ref, monkeypatch)
+    assert again.loaded == 0 and again.replace and again.target != shared.target
+    assert "of no use here" in caplog.text
+    again.target.write_bytes(b"compiled again")
+    assert again.keep(logging.getLogger("test"))
+    assert (entry / compile_cache.ARTIFACTS).read_bytes() == b"compiled again"
+    assert sorted(p.name for p in entry.iterdir()) == sorted([compile_cache.ARTIFACTS, MANIFEST])
+
+
+def test_only_a_run_that_asks_on_a_worker_that_trusts_its_store_reads_it(
+    tmp_path, monkeypatch, caplog
+):
+    ref = StoreRef(url=str(tmp_path / "store"))
+    assert shared_layers(ref, monkeypatch, cache="worker") is None
+    assert shared_layers(ref, monkeypatch, trusted=False) is None
+    assert "FINANCE_QLORA_TRUST_STORE=1" in caplog.text
+    assert not (tmp_path / "store" / compile_cache.KIND).exists()
+
+
+def test_nothing_written_leaves_nothing_staged(tmp_path, monkeypatch):
+    ref = StoreRef(url=str(tmp_path / "store"))
+    shared = shared_layers(ref, monkeypatch)
+    assert not shared.keep(logging.getLogger("test"))
+    assert not shared.target.parent.exists()
+    assert not (tmp_path / "store" / compile_cache.KIND).exists()
+
+
 @pytest.mark.slow
 @needs_cc
-def test_the_train_step_keeps_compiled_layers_in_the_store_only_when_told(prefect_api, tmp_path):
+def test_the_train_step_keeps_compiled_layers_in_the_store_only_when_told(
+    prefect_api, tmp_path, monkeypatch
+):
+    import tasks.compiled_layers
     from tests.test_flow import run_flow, sent_logs
 
+    monkeypatch.setenv(tasks.compiled_layers.TRUST_ENV, "1")
     store, told = tmp_path / "store", {"compile": True, "compile_cache": "store"}
     state, _ = run_flow(store, train=told)
     assert state.is_completed()
@@ -116,15 +186,26 @@ def test_the_train_step_keeps_compiled_layers_in_the_store_only_when_told(prefec
     written = (entry / compile_cache.ARTIFACTS).read_bytes()
     assert written
 
-    # the next run on other rows trains again and finds them there
+    # the next run on other rows trains again, with them loaded from the store
     state, _ = run_flow(store, train=told, data={"seed": 7})
     assert state.is_completed()
     messages = sent_logs(flow_run_id=state.state_details.flow_run_id)
-    assert "compiled layers: found in the store" in messages
+    loaded = [m for m in messages if m.endswith("artifacts loaded from the store")]
+    assert loaded and int(loaded[0].split()[2]) > 0
     assert [p.name for p in (store / compile_cache.KIND).iterdir()] == [entry.name]
     assert (entry / compile_cache.ARTIFACTS).read_bytes() == written
 
-    # by default they stay on the worker: the store is not trusted with code
-    state, _ = run_flow(tmp_path / "default", train={"compile": True})
-    assert state.is_completed()
-    assert not (tmp_path / "default" / compile_cache.KIND).exists()
+    # by default, or on a worker that does not trust its store, the store's copy is never
+    # read (it is code) and nothing is written there
+    def refuse(path):
+        raise AssertionError(f"read {path}")
+
+    monkeypatch.setattr(compile_cache, "load", refuse)
+    for name, train in (("default", {"compile": True}), ("untrusted", told)):
+        if name == "untrusted":
+            monkeypatch.delenv(tasks.compiled_layers.TRUST_ENV)
+        other = tmp_path / name
+        shutil.copytree(store / compile_cache.KIND, other / compile_cache.KIND)
+        state, _ = run_flow(other, train=train, data={"seed": 8})
+        assert state.is_completed()
+        assert [p.name for p in (other / compile_cache.KIND).iterdir()] == [entry.name]

@@ -226,10 +226,9 @@ def test_compiled_layers_on_two_processes_train_like_eager_ones(prompts, tmp_pat
     losses, kept = {}, tmp_path / "kept" / "artifacts.bin"
     for compiled in (False, True):
         config = _config(epochs=2, compile=compiled)
-        run = train_adapter(
-            prompts, config.model, config.lora, config.train, tmp_path / str(compiled),
-            processes=2, compiled=kept,
-        )  # fmt: skip
+        train = (config.model, config.lora, config.train)
+        out = tmp_path / str(compiled)
+        run = train_adapter(prompts, *train, out, processes=2, save_compiled=kept)
         losses[compiled] = run.losses
         assert kept.is_file() == compiled  # eager layers: nothing to keep
     assert any((tmp_path / "inductor").rglob("*.py"))  # the ranks compiled (inductor's code)

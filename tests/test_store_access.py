@@ -21,6 +21,7 @@ from tasks.store_access import (
     local,
     publish,
     result_storage,
+    staged_file,
     store_of,
 )
 
@@ -148,26 +149,35 @@ def test_results_on_a_bucket_are_a_saved_block_without_the_credentials(
 
 
 def test_a_kept_file_reaches_every_worker_verified(ref, tmp_path, monkeypatch):
-    """A file the store keeps for every worker (the compiled layers): staged where missing,
-    kept once written, handed out only while the store's copy is what its manifest says."""
-    path, found = kept_file(ref, "compiled", "k1", "artifacts.bin")
-    assert not found and not path.exists()
-    assert keep_file(ref, "compiled", "k1", path) is False  # nothing written: nothing kept
-
+    """A file the store keeps for every worker (the compiled layers): staged by each process in
+    a folder of its own, kept once written, handed out only while the store's copy is what its
+    manifest says, and replaced when told."""
+    assert kept_file(ref, "compiled", "k1", "artifacts.bin") == (None, "missing")
+    path = staged_file(ref, "compiled", "k1", "artifacts.bin")
+    assert path.parent != staged_file(ref, "compiled", "k1", "artifacts.bin").parent
     path.write_bytes(b"compiled")
-    assert keep_file(ref, "compiled", "k1", path)
+    keep_file(ref, "compiled", "k1", path)
+    assert not path.parent.exists()  # moved into the store, or removed
     monkeypatch.setenv("FINANCE_QLORA_CACHE", str(tmp_path / "another-worker"))
-    again, found = kept_file(ref, "compiled", "k1", "artifacts.bin")
-    assert found and again.read_bytes() == b"compiled"
+    found, state = kept_file(ref, "compiled", "k1", "artifacts.bin")
+    assert state == "found" and found.read_bytes() == b"compiled"
 
-    # changed on the store since: not handed out, but written again and put in its place
-    store = store_of(ref)
-    store.fs.pipe_file(store.path("compiled", "k1", "artifacts.bin"), b"changed")
+    # another worker's copy, kept first, stays
+    late = staged_file(ref, "compiled", "k1", "artifacts.bin")
+    late.write_bytes(b"compiled later")
+    keep_file(ref, "compiled", "k1", late)
     monkeypatch.setenv("FINANCE_QLORA_CACHE", str(tmp_path / "a-third-worker"))
-    path, found = kept_file(ref, "compiled", "k1", "artifacts.bin")
-    assert not found
-    path.write_bytes(b"compiled again")
-    assert keep_file(ref, "compiled", "k1", path)
+    assert kept_file(ref, "compiled", "k1", "artifacts.bin")[0].read_bytes() == b"compiled"
+
+    # changed on the store since, to as many bytes (an object store compares sizes): not
+    # handed out, and replaced when told
+    store = store_of(ref)
+    store.fs.pipe_file(store.path("compiled", "k1", "artifacts.bin"), b"compilex")
     monkeypatch.setenv("FINANCE_QLORA_CACHE", str(tmp_path / "a-fourth-worker"))
-    again, found = kept_file(ref, "compiled", "k1", "artifacts.bin")
-    assert found and again.read_bytes() == b"compiled again"
+    assert kept_file(ref, "compiled", "k1", "artifacts.bin") == (None, "damaged")
+    path = staged_file(ref, "compiled", "k1", "artifacts.bin")
+    path.write_bytes(b"compiled again")
+    keep_file(ref, "compiled", "k1", path, replace=True)
+    monkeypatch.setenv("FINANCE_QLORA_CACHE", str(tmp_path / "a-fifth-worker"))
+    found, state = kept_file(ref, "compiled", "k1", "artifacts.bin")
+    assert state == "found" and found.read_bytes() == b"compiled again"
