@@ -102,9 +102,7 @@ def load(path: Path) -> int:
     if info is None:
         log.warning("compiled layers in %s not readable by this torch; compiling them", path)
         return 0
-    count = sum(len(keys) for keys in info.artifacts.values())
-    log.info("compiled layers: %d artifacts loaded from %s", count, path)
-    return count
+    return sum(len(keys) for keys in info.artifacts.values())
 
 
 def save(path: Path) -> int:
