@@ -405,11 +405,13 @@ def test_every_gpu_template_asks_for_gpu_count_gpus(kind):
 def test_out_of_memory_on_several_ranks_halves_the_micro_batches_not_the_steps(
     monkeypatch, tmp_path
 ):
-    """The back-off halves each rank's micro-batches; a step keeps its rows (rows_per_step)."""
+    """The back-off halves each rank's micro-batches; a step keeps its rows (rows_per_step), and
+    every try writes the compiled layers where asked."""
     tried = []
 
-    def out_of_memory_above_one_row(prompts, model, lora, train, out, processes, token, on_log):
-        tried.append((train.rows_per_step, train.batch_size, processes))
+    def out_of_memory_above_one_row(*args, save_compiled=None):
+        prompts, model, lora, train, out, processes, token, on_log = args
+        tried.append((train.rows_per_step, train.batch_size, processes, save_compiled))
         if train.batch_size > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return "the record"
@@ -417,8 +419,9 @@ def test_out_of_memory_on_several_ranks_halves_the_micro_batches_not_the_steps(
     monkeypatch.setattr(training, "train_data_parallel", out_of_memory_above_one_row)
     config = resolve_config("tiny-cpu", {"train": {"batch_size": 6, "rows_per_step": 12}})
     args = (tmp_path / "train.jsonl", config.model, config.lora, config.train, tmp_path)
-    assert train_adapter(*args, processes=3) == "the record"
-    assert tried == [(12, 6, 3), (12, 3, 3), (12, 1, 3)]
+    kept = tmp_path / "kept.bin"
+    assert train_adapter(*args, processes=3, save_compiled=kept) == "the record"
+    assert tried == [(12, 6, 3, kept), (12, 3, 3, kept), (12, 1, 3, kept)]
 
 
 def test_the_flow_resolves_auto_for_training_and_evaluation_separately(monkeypatch, caplog):
