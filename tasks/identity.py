@@ -109,7 +109,8 @@ def module_file(name: str) -> Path | None:
 def _imports(name: str) -> tuple[set[str], set[str]]:
     """(project modules, top-level third-party names) a module imports anywhere in its code,
     function-level imports included; files of the package it names by path (`*.py` strings,
-    such as an evaluate module loaded from its file) count as imported."""
+    such as an evaluate module loaded from its file) count as imported. A glob pattern
+    ("*.py") names no file: a module that reads every source file (to digest it) loads none."""
     path = module_file(name)
     tree = ast.parse(path.read_text(), str(path))
     named: set[str] = set()
@@ -120,8 +121,9 @@ def _imports(name: str) -> tuple[set[str], set[str]]:
             named.add(node.module)
             named |= {f"{node.module}.{alias.name}" for alias in node.names}
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if node.value.endswith(".py") and "/" not in node.value:
-                for found in (ROOT / PACKAGE).rglob(node.value):
+            name = node.value
+            if name.endswith(".py") and "/" not in name and not any(c in name for c in "*?["):
+                for found in (ROOT / PACKAGE).rglob(name):
                     named.add(".".join(found.relative_to(ROOT).with_suffix("").parts))
     ours = {m for m in named if m.split(".")[0] == PACKAGE and module_file(m) is not None}
     # importing a module runs its packages' __init__ first

@@ -18,7 +18,7 @@ from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
 from finance_qlora.files import write_jsonl
 from finance_qlora.prompts import to_prompt_completion
 from finance_qlora.store import MANIFEST
-from tasks.compiled_layers import SharedLayers
+from tasks.compiled_layers import TRUST_ENV, SharedLayers
 from tasks.identity import identity
 from tasks.store_access import StoreRef
 from tests.conftest import make_rows
@@ -121,12 +121,10 @@ def test_where_compiled_layers_are_kept_is_not_part_of_the_adapters_identity():
 
 
 def shared_layers(ref, monkeypatch, trusted=True, cache="store"):
-    import tasks.compiled_layers
-
     if trusted:
-        monkeypatch.setenv(tasks.compiled_layers.TRUST_ENV, "1")
+        monkeypatch.setenv(TRUST_ENV, "1")
     else:
-        monkeypatch.delenv(tasks.compiled_layers.TRUST_ENV, raising=False)
+        monkeypatch.delenv(TRUST_ENV, raising=False)
     train = TrainSettings(compile=True, compile_cache=cache)
     log = logging.getLogger("test")
     return SharedLayers.open(ref, ModelConfig(), LoraSettings(), train, log)
@@ -174,10 +172,9 @@ def test_nothing_written_leaves_nothing_staged(tmp_path, monkeypatch):
 def test_the_train_step_keeps_compiled_layers_in_the_store_only_when_told(
     prefect_api, tmp_path, monkeypatch
 ):
-    import tasks.compiled_layers
     from tests.test_flow import run_flow, sent_logs
 
-    monkeypatch.setenv(tasks.compiled_layers.TRUST_ENV, "1")
+    monkeypatch.setenv(TRUST_ENV, "1")
     store, told = tmp_path / "store", {"compile": True, "compile_cache": "store"}
     state, _ = run_flow(store, train=told)
     assert state.is_completed()
@@ -203,7 +200,7 @@ def test_the_train_step_keeps_compiled_layers_in_the_store_only_when_told(
     monkeypatch.setattr(compile_cache, "load", refuse)
     for name, train in (("default", {"compile": True}), ("untrusted", told)):
         if name == "untrusted":
-            monkeypatch.delenv(tasks.compiled_layers.TRUST_ENV)
+            monkeypatch.delenv(TRUST_ENV)
         other = tmp_path / name
         shutil.copytree(store / compile_cache.KIND, other / compile_cache.KIND)
         state, _ = run_flow(other, train=train, data={"seed": 8})
