@@ -17,7 +17,10 @@ it: smaller --batch-size makes that likelier). `--compare kernel`: decode steps 
 both, their attention through the project's Triton kernel (generation.decode_kernel=triton),
 through SDPA as shipped (torch picks its memory-efficient kernel) and through SDPA's math
 kernel, so that two of torch's own kernels show how far rounding alone moves greedy answers;
-`--compute-dtype float32` runs all three in fp32. Every mode's answers (cut as evaluation cuts
+`--compute-dtype float32` runs all three in fp32. `--compare budget`: the 300 prompts in one
+batch against batches of at most `--budget` cache positions (generation.max_tokens_per_batch,
+llama2-7b-h100's by default), on a split with a long prompt (`--data-seed 44`); it also runs on
+a CPU (`--repeats 1`: the first generation only). Every mode's answers (cut as evaluation cuts
 them) are scored with ROUGE-L against the test rows' references, with a paired bootstrap
 interval of each pair's difference of means, so that answers that differ can be weighed.
 """
@@ -46,19 +49,29 @@ from finance_qlora.bootstrap import paired_bootstrap  # noqa: E402
 from finance_qlora.config import DataConfig  # noqa: E402
 from finance_qlora.data import resolve_version, write_splits  # noqa: E402
 from finance_qlora.files import read_jsonl  # noqa: E402
-from finance_qlora.generation import generate_shard  # noqa: E402
+from finance_qlora.generation import (  # noqa: E402
+    cache_positions,
+    generate_shard,
+    length_order,
+    prompt_batches,
+)
 from finance_qlora.modeling import loaded  # noqa: E402
 from finance_qlora.presets import resolve_config  # noqa: E402
 from finance_qlora.prompts import cut_answer, write_prompts  # noqa: E402
 from finance_qlora.rouge import mean_scores, score_pairs  # noqa: E402
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(model, tokenizer, prompts, generation) -> tuple[list[str], float, int]:
     """The answers, the seconds, and how many answers ended before the token limit."""
-    torch.cuda.synchronize()
+    synchronize()
     started = time.perf_counter()
     answers = generate_shard(model, tokenizer, prompts, generation)
-    torch.cuda.synchronize()
+    synchronize()
     seconds = round(time.perf_counter() - started, 2)
     ended = sum(a.new_tokens < generation.max_new_tokens for a in answers.values())
     return [answers[i].text for i in range(len(prompts))], seconds, ended
@@ -69,12 +82,19 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/decode-graphs"))
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results")
-    parser.add_argument("--compare", choices=["graphs", "stop", "kernel"], default="graphs")
+    parser.add_argument(
+        "--compare", choices=["graphs", "stop", "kernel", "budget"], default="graphs"
+    )
     parser.add_argument("--models", default="pretrained,random-lora")
     parser.add_argument("--batch-size", type=int, default=300, help="prompts a generate() call")
     parser.add_argument("--compute-dtype", default="auto", help="model.compute_dtype")
+    parser.add_argument("--data-seed", type=int, default=0, help="data.seed of the split")
+    parser.add_argument("--budget", type=int, default=98304, help="--compare budget's positions")
+    parser.add_argument("--repeats", type=int, choices=[1, 2], default=2, help="generations a mode")
     args = parser.parse_args()
-    rows = DataConfig(dataset=str(args.data.resolve()), train_size=1000, test_size=300, seed=0)
+    rows = DataConfig(
+        dataset=str(args.data.resolve()), train_size=1000, test_size=300, seed=args.data_seed
+    )
     splits = write_splits(resolve_version(rows.dataset), rows, args.work / "splits")
     test = list(read_jsonl(write_prompts(splits, args.work / "prompts").test_path))
     prompts, references = [p["prompt"] for p in test], [p["completion"] for p in test]
@@ -96,10 +116,18 @@ def main() -> None:
             ("sdpa", config.generation, nullcontext),
             ("sdpa-math", config.generation, functools.partial(sdpa_kernel, [SDPBackend.MATH])),
         ],
+        "budget": [
+            (
+                "budget",
+                config.generation.model_copy(update={"max_tokens_per_batch": args.budget}),
+                nullcontext,
+            ),
+            ("one-batch", config.generation, nullcontext),
+        ],
     }[args.compare]
     handler = decode_log()
     result: dict = {
-        "machine": torch.cuda.get_device_name(),
+        "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": datetime.now(UTC).date().isoformat(),
         "torch": torch.__version__,
         "command": " ".join(["python", "experiments/decode_graphs_smollm2.py", *sys.argv[1:]]),
@@ -126,9 +154,20 @@ def main() -> None:
                 handler.lines.clear()
                 with context():
                     first, first_s, ended = timed(model, tokenizer, prompts, settings)
-                    warm, warm_s, _ = timed(model, tokenizer, prompts, settings)
+                    warm, warm_s = first, None
+                    if args.repeats == 2:
+                        warm, warm_s, _ = timed(model, tokenizer, prompts, settings)
                 scores = score_pairs([cut_answer(a) for a in first], references)["rougeL"]
+                positions = cache_positions(tokenizer, prompts, settings.max_new_tokens)
+                batches = prompt_batches(
+                    length_order(prompts),
+                    settings.batch_size,
+                    positions,
+                    settings.max_tokens_per_batch,
+                )
                 runs[mode] = {
+                    "batches": [len(b) for b in batches],
+                    "widest_positions": [max(positions[i] for i in b) for b in batches],
                     "answers": first,
                     "scores": scores,
                     "rougeL": round(mean_scores({"rougeL": scores})["rougeL"], 4),
@@ -152,7 +191,16 @@ def main() -> None:
             result["models"][name] = {
                 **pairs,
                 **{m: {k: v for k, v in r.items() if k not in drop} for m, r in runs.items()},
-                "warm_speedup": round(runs[old]["warm_seconds"] / runs[new]["warm_seconds"], 2),
+                "first_speedup": round(runs[old]["first_seconds"] / runs[new]["first_seconds"], 2),
+                **(
+                    {
+                        "warm_speedup": round(
+                            runs[old]["warm_seconds"] / runs[new]["warm_seconds"], 2
+                        )
+                    }
+                    if args.repeats == 2
+                    else {}
+                ),
             }
             print(json.dumps({name: result["models"][name]}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -161,6 +209,7 @@ def main() -> None:
         "graphs": "decode-graphs",
         "stop": f"stop-late-batch{args.batch_size}",
         "kernel": f"decode-kernel-{args.compute_dtype}",
+        "budget": f"generation-budget-seed{args.data_seed}",
     }[args.compare]
     out = args.out / f"{name}-smollm2-{gpu}-{result['date']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -252,6 +252,11 @@ class GenerationSettings(_Section):
     # Prompts generated at once: memory grows with it (the key/value cache); 300 (all test
     # rows, one batch on an 80 GB card) is the largest any preset uses.
     batch_size: int = Field(16, gt=0, le=4096)
+    # Batches (of prompts sorted by length) also hold at most this many cache positions: rows
+    # x (the longest prompt's tokens + max_new_tokens), what a left-padded batch's key/value
+    # cache holds. A rare long prompt then gets a batch of its own rather than padding every
+    # prompt of a large batch to its length. None: batch_size alone decides.
+    max_tokens_per_batch: int | None = Field(None, gt=0, le=2**24)
     # Deterministic guards against answers that repeat one sentence until the token limit;
     # 1.0 and 0 turn them off (the reference recipe).
     repetition_penalty: float = Field(1.0, ge=1.0)

@@ -68,11 +68,53 @@ def _until_stop(ids: list[int], stop: set[int]) -> list[int]:
     return ids
 
 
-def shard_batches(order: list[int], size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
-    """The batches of `size` rows in `order`, and of those every `world`-th from `rank`: N
+def length_order(prompts: list[str]) -> list[int]:
+    """The prompts' indexes, shortest first: batches of similar lengths pad little."""
+    return sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+
+
+def prompt_batches(
+    order: list[int], size: int, positions: list[int] | None = None, budget: int | None = None
+) -> list[list[int]]:
+    """Consecutive runs of `order` of at most `size` prompts and, with a `budget`, at most that
+    many cache positions: rows x the longest row's `positions` (its prompt tokens plus the new
+    tokens), what a left-padded batch's cache holds. One long prompt then gets a batch of its
+    own instead of padding every other prompt to its length; a prompt over the budget alone
+    is still a batch."""
+    if budget is not None and positions is None:
+        raise ValueError("a budget of cache positions needs each prompt's positions")
+    batches: list[list[int]] = [[]]
+    longest = 0  # the current batch's widest row, in positions
+    for i in order:
+        batch = batches[-1]
+        width = max(longest, positions[i]) if budget is not None else 0
+        if batch and (
+            len(batch) == size or (budget is not None and (len(batch) + 1) * width > budget)
+        ):
+            batches.append(batch := [])
+            width = positions[i] if budget is not None else 0
+        batch.append(i)
+        longest = width
+    return [b for b in batches if b]
+
+
+def shard_batches(
+    order: list[int],
+    size: int,
+    rank: int = 0,
+    world: int = 1,
+    positions: list[int] | None = None,
+    budget: int | None = None,
+) -> list[list[int]]:
+    """The batches of `order` (`prompt_batches`), and of those every `world`-th from `rank`: N
     processes together form exactly the batches of one, so they give the same answers."""
-    batches = [order[i : i + size] for i in range(0, len(order), size)]
-    return batches[rank::world]
+    return prompt_batches(order, size, positions, budget)[rank::world]
+
+
+def cache_positions(tokenizer, prompts: list[str], new_tokens: int) -> list[int]:
+    """Each prompt's positions in a cache: its tokens as generation encodes them, plus the new
+    tokens."""
+    return [len(ids) + new_tokens for ids in tokenizer(prompts)["input_ids"]]
 
 
 def decoding(generation: GenerationSettings) -> dict:
@@ -200,9 +242,10 @@ def generate_shard(
     (`GeneratedNgramBlocker`).
     """
     tokenizer.padding_side = "left"
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    size = generation.batch_size
-    pending = deque(shard_batches(order, size, rank, world))
+    order = length_order(prompts)
+    size, budget = generation.batch_size, generation.max_tokens_per_batch
+    positions = cache_positions(tokenizer, prompts, generation.max_new_tokens) if budget else None
+    pending = deque(shard_batches(order, size, rank, world, positions, budget))
     total = sum(map(len, pending))
     answers: dict[int, Generated] = {}
     device = next(model.parameters()).device
@@ -243,8 +286,10 @@ def generate_shard(
                         "generation.max_new_tokens or data sizes, or use a larger GPU"
                     ) from None
                 size //= 2  # the configured size halved, not this (maybe short) batch's
+                if budget is not None:
+                    budget = max(budget // 2, 1)
                 rest = [i for b in (batch, *pending) for i in b]
-                pending = deque(shard_batches(rest, size))
+                pending = deque(shard_batches(rest, size, positions=positions, budget=budget))
                 log.warning("out of GPU memory: generating %d prompts at a time", size)
                 continue
             finally:

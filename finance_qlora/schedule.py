@@ -23,7 +23,8 @@ def steps_per_epoch(rows: int, rows_per_step: int) -> int:
 
 
 def generation_batches(prompts: int, generation: GenerationSettings) -> int:
-    """How many batches `prompts` prompts make (`generation.shard_batches` forms them)."""
+    """How many batches `prompts` prompts make at least (`generation.prompt_batches` forms
+    them; generation.max_tokens_per_batch can split off more where prompts are long)."""
     return math.ceil(prompts / generation.batch_size)
 
 

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from finance_qlora.config import GenerationSettings
-from finance_qlora.generation import GeneratedNgramBlocker, generate_shard
+from finance_qlora.generation import (
+    GeneratedNgramBlocker,
+    cache_positions,
+    generate_shard,
+    prompt_batches,
+    shard_batches,
+)
 from finance_qlora.prompts import to_prompt_completion
 from tests.conftest import generate, make_rows
 
@@ -198,3 +204,71 @@ def test_an_op_without_a_deterministic_kernel_is_one_line_naming_the_setting(tin
             generate_shard(model, tokenizer, prompts, off)
     finally:
         model.generate = original
+
+
+def test_without_a_budget_batches_are_runs_of_batch_size_prompts():
+    order = [4, 2, 0, 1, 3]
+    assert prompt_batches(order, 2) == [[4, 2], [0, 1], [3]]
+    # the positions change nothing without a budget (the presets that set none)
+    assert prompt_batches(order, 2, positions=[900] * 5) == [[4, 2], [0, 1], [3]]
+
+
+def test_a_long_prompt_gets_a_batch_of_its_own_within_the_budget():
+    # five short prompts and one long one, sorted by length as generate_shard sorts them
+    positions = [10, 12, 11, 10, 12, 60]
+    order = [0, 3, 2, 1, 4, 5]
+    assert prompt_batches(order, 6) == [order]  # 6 rows x 60 = 360 positions
+    batches = prompt_batches(order, 6, positions, budget=100)
+    assert batches == [[0, 3, 2, 1, 4], [5]]  # 5 x 12 = 60, then 60
+    for batch in batches:
+        assert len(batch) * max(positions[i] for i in batch) <= 100
+    # a prompt over the budget alone is still a batch; batch_size still caps the rows
+    assert prompt_batches(order, 6, positions, budget=50) == [[0, 3, 2, 1], [4], [5]]
+    assert prompt_batches(order, 2, positions, budget=1000) == [[0, 3], [2, 1], [4, 5]]
+    with pytest.raises(ValueError, match="positions"):
+        prompt_batches(order, 6, budget=100)
+
+
+def test_shards_with_a_budget_together_are_the_batches_of_one_process():
+    positions = [10, 12, 11, 10, 12, 60, 13, 14]
+    order = sorted(range(8), key=lambda i: positions[i])
+    whole = shard_batches(order, 4, positions=positions, budget=52)
+    shards = [shard_batches(order, 4, rank, 2, positions, 52) for rank in range(2)]
+    assert sorted(b for shard in shards for b in shard) == sorted(whole)
+    assert shards == [whole[0::2], whole[1::2]]
+
+
+@pytest.mark.slow
+def test_a_budget_splits_off_a_long_prompt_with_the_same_answers(tiny):
+    """generation.max_tokens_per_batch: the long prompt is generated alone, the short ones
+    together, and every answer is the one a batch of one gives."""
+    model, tokenizer = tiny
+    short = [to_prompt_completion(r)["prompt"] for r in make_rows(4)]
+    long = to_prompt_completion(
+        {
+            "instruction": " ".join(["What is the discounted cash flow of a bond?"] * 12),
+            "input": "",
+            "output": "",
+        }
+    )["prompt"]
+    prompts = [short[0], long, *short[1:]]
+    widths = cache_positions(tokenizer, prompts, 4)
+    budget = len(short) * max(widths[i] for i in (0, 2, 3, 4))  # the short ones fit together
+    assert widths[1] * 2 > budget  # the long one with any other does not
+    settings = GenerationSettings(max_new_tokens=4, batch_size=8, max_tokens_per_batch=budget)
+    rows, original = [], model.generate
+
+    def spy(**kwargs):
+        rows.append(kwargs["input_ids"].shape[0])
+        return original(**kwargs)
+
+    model.generate = spy
+    try:
+        split = generate_shard(model, tokenizer, prompts, settings)
+    finally:
+        model.generate = original
+    assert sorted(rows) == [1, 4]
+    alone = generate_shard(
+        model, tokenizer, prompts, GenerationSettings(max_new_tokens=4, batch_size=1)
+    )
+    assert split == alone

@@ -187,6 +187,30 @@ def test_generation_out_of_memory_halves_the_batch_with_the_same_answers(prompts
             generate_cut(model, tokenizer, texts, 8, batch_size=2)
 
 
+def test_generation_out_of_memory_halves_the_position_budget_too(prompts):
+    """Where generation.max_tokens_per_batch, not batch_size, decided a batch's rows, halving
+    batch_size alone would try the same batch again: the budget is halved with it."""
+    from finance_qlora.config import GenerationSettings
+    from finance_qlora.generation import cache_positions, generate_shard
+
+    config = resolve_config("tiny-cpu")
+    texts = [r["prompt"] for r in read_jsonl(prompts)][:6]
+    with loaded(config.model) as (model, tokenizer):
+        budget = 4 * max(cache_positions(tokenizer, texts, 8))  # 4 rows a batch, whatever lengths
+        settings = GenerationSettings(max_new_tokens=8, batch_size=8, max_tokens_per_batch=budget)
+        real_generate, sizes = model.generate, []
+
+        def small_memory(**kwargs):
+            sizes.append(kwargs["input_ids"].shape[0])
+            if kwargs["input_ids"].shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return real_generate(**kwargs)
+
+        model.generate = small_memory
+        generate_shard(model, tokenizer, texts, settings)
+    assert sizes == [4, 2, 2, 2]  # the first batch of 4 once, then batches of 2
+
+
 def test_failed_save_leaves_no_folder_under_the_final_name(tmp_path):
     final = tmp_path / "adapter"
     with pytest.raises(OSError), atomic_dir(final) as tmp:
