@@ -70,10 +70,15 @@ def environment() -> dict[str, str]:
     }
 
 
-def entry_key(model: ModelConfig, lora: LoraSettings, train: TrainSettings) -> str:
-    """The store entry for this environment and this model's compiled layers."""
+def entry_key(
+    model: ModelConfig, lora: LoraSettings, train: TrainSettings, processes: int = 1
+) -> str:
+    """The store entry for this environment and this model's compiled layers, trained on
+    `processes` GPUs (data-parallel ranks may trace other graphs than one process; kept apart,
+    neither is ever an entry that loads but serves nothing)."""
     graph = {
         "environment": environment(),
+        "processes": processes,
         "model": model.model_dump(mode="json", exclude={"hf_token_secret", "reuse_quantized"}),
         "lora": lora.model_dump(mode="json"),
         "train": {name: getattr(train, name) for name in GRAPH_SETTINGS},

@@ -44,7 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # At most 98,304 cache positions a batch (48 GiB of LLaMA-2-7B's bf16 cache): the 300
         # test prompts of the default split (about 76,000) stay one batch; a split with one
         # 346-token prompt (4 of 15 data seeds of the sample) padded all 300 to it: 85.5 GiB
-        # peak, over an 80 GB card, and each evaluation 6 s longer on an H200.
+        # peak, over an 80 GB card, and each evaluation 5-7 s longer on an H200.
         "generation": {
             "batch_size": 300,
             "max_tokens_per_batch": 98304,

@@ -47,6 +47,7 @@ class SharedLayers:
         lora: LoraSettings,
         train: TrainSettings,
         log: logging.Logger | logging.LoggerAdapter,
+        processes: int = 1,
     ) -> SharedLayers | None:
         """None unless the run asks for the store's compiled layers and this worker trusts its
         store; else the store's copy loaded where it has one of use."""
@@ -60,7 +61,7 @@ class SharedLayers:
                 TRUST_ENV,
             )
             return None
-        key = compile_cache.entry_key(model, lora, train)
+        key = compile_cache.entry_key(model, lora, train, processes)
         path, state = kept_file(store, compile_cache.KIND, key, compile_cache.ARTIFACTS)
         loaded = compile_cache.load(path) if path is not None else 0
         if loaded:

@@ -57,7 +57,8 @@ def train(
     # Same key, same staging folder: a retry finds the checkpoints of the failed try there.
     key = step_key()
     staging = store_of(store).staging("train", key)
-    shared = SharedLayers.open(store, model, lora, settings, logger)  # opt-in: code from the store
+    # opt-in: code from the store
+    shared = SharedLayers.open(store, model, lora, settings, logger, processes)
     record = train_adapter(
         local(store, prompts).train_path,
         model,

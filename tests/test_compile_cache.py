@@ -101,6 +101,7 @@ def test_the_store_entry_follows_the_layers_graph_not_the_schedule():
         (model, lora, train.model_copy(update={"dequantize": "never"})),
         (model, lora.model_copy(update={"r": 8}), train),
         (model, lora, train.model_copy(update={"padding_free": True})),
+        (model, lora, train, 2),  # data-parallel ranks
     ):
         assert compile_cache.entry_key(*other) != key
 
@@ -197,6 +198,7 @@ def test_the_train_step_keeps_compiled_layers_in_the_store_only_when_told(
     def refuse(path):
         raise AssertionError(f"read {path}")
 
+    load = compile_cache.load
     monkeypatch.setattr(compile_cache, "load", refuse)
     for name, train in (("default", {"compile": True}), ("untrusted", told)):
         if name == "untrusted":
@@ -206,3 +208,13 @@ def test_the_train_step_keeps_compiled_layers_in_the_store_only_when_told(
         state, _ = run_flow(other, train=train, data={"seed": 8})
         assert state.is_completed()
         assert [p.name for p in (other / compile_cache.KIND).iterdir()] == [entry.name]
+
+    # data-parallel ranks keep their layers under an entry of their own (their graphs may
+    # differ from one process's: an entry that loads but serves nothing is never replaced)
+    monkeypatch.setattr(compile_cache, "load", load)
+    monkeypatch.setenv(TRUST_ENV, "1")
+    state, _ = run_flow(store, train=told, data={"seed": 9}, devices={"cpu_processes": 2})
+    assert state.is_completed()
+    entries = {p.name for p in (store / compile_cache.KIND).iterdir()}
+    assert entry.name in entries and len(entries) == 2
+    assert (entry / compile_cache.ARTIFACTS).read_bytes() == written
