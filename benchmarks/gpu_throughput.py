@@ -501,6 +501,7 @@ def section_t4(setup: Setup) -> dict:
             profile["eval"] = {
                 "prompts": len(prompts),
                 "batch_size": config.generation.batch_size,
+                "max_tokens_per_batch": config.generation.max_tokens_per_batch,
                 "seconds": round(time.perf_counter() - started, 2),
                 "peak_gib": peak_gib(),
             }
