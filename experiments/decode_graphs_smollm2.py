@@ -132,6 +132,7 @@ def main() -> None:
         "torch": torch.__version__,
         "command": " ".join(["python", "experiments/decode_graphs_smollm2.py", *sys.argv[1:]]),
         "generation": config.generation.model_dump(mode="json"),
+        **({"budget": args.budget} if args.compare == "budget" else {}),
         "prompts": len(prompts),
         "models": {},
     }
@@ -174,7 +175,11 @@ def main() -> None:
                     "first_seconds": first_s,
                     "warm_seconds": warm_s,
                     "ended_before_limit": ended,
-                    "repeat_alike": sum(a == b for a, b in zip(first, warm, strict=True)),
+                    "repeat_alike": (
+                        sum(a == b for a, b in zip(first, warm, strict=True))
+                        if args.repeats == 2
+                        else None  # generated once
+                    ),
                     "log": list(handler.lines),
                 }
             (new, *_), (old, *_) = modes[:2]

@@ -293,6 +293,22 @@ class GenerationSettings(_Section):
     # not reproducible); with them 300 (experiments/results/generation-repeat-h200.json).
     deterministic: bool = True
 
+    @model_validator(mode="after")
+    def _budget_holds_an_answer(self) -> GenerationSettings:
+        if (
+            self.max_tokens_per_batch is not None
+            and self.max_tokens_per_batch <= self.max_new_tokens
+        ):
+            # every prompt would be a batch of its own: hundreds of times slower, never useful
+            raise PydanticCustomError(
+                "budget_below_answer",
+                "max_tokens_per_batch {budget} cannot hold one prompt and max_new_tokens "
+                "{new} new tokens; raise it (a batch's rows x their longest prompt + answer) or "
+                "leave it unset",
+                {"budget": self.max_tokens_per_batch, "new": self.max_new_tokens},
+            )
+        return self
+
 
 def _env_gpu_count() -> int | str:
     value = os.environ.get("FINANCE_QLORA_NUM_GPUS", "").strip()

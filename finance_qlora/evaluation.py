@@ -113,7 +113,10 @@ def generate_all(
         # batch k goes to process k mod N: a process past the last batch would only start and
         # load the model (on 2 H200s, 300 prompts in one batch took 25-28 s against 9-18 s)
         log.info(
-            "%d batch(es) of prompts: generating on as many of %d processes", useful, processes
+            "%s%d batch(es) of prompts: generating on as many of %d processes",
+            "at least " if generation.max_tokens_per_batch else "",
+            useful,
+            processes,
         )
         processes = useful
     if processes > 1:

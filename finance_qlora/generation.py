@@ -80,7 +80,9 @@ def prompt_batches(
     many cache positions: rows x the longest row's `positions` (its prompt tokens plus the new
     tokens), what a left-padded batch's cache holds. One long prompt then gets a batch of its
     own instead of padding every other prompt to its length; a prompt over the budget alone
-    is still a batch."""
+    is still a batch. `order` is by characters (`length_order`, as without a budget, so the
+    same batches where the budget cuts none), tokens may not follow it: a batch's width is its
+    widest row's, wherever that row falls in it."""
     if budget is not None and positions is None:
         raise ValueError("a budget of cache positions needs each prompt's positions")
     batches: list[list[int]] = [[]]
@@ -244,7 +246,9 @@ def generate_shard(
     tokenizer.padding_side = "left"
     order = length_order(prompts)
     size, budget = generation.batch_size, generation.max_tokens_per_batch
-    positions = cache_positions(tokenizer, prompts, generation.max_new_tokens) if budget else None
+    positions = None
+    if budget is not None and prompts:
+        positions = cache_positions(tokenizer, prompts, generation.max_new_tokens)
     pending = deque(shard_batches(order, size, rank, world, positions, budget))
     total = sum(map(len, pending))
     answers: dict[int, Generated] = {}
@@ -280,7 +284,7 @@ def generate_shard(
                 # rounding; in fp16/bf16 a near-tie between two tokens can flip), so a run that
                 # backed off is not bit-identical to one that did not.
                 release_memory()
-                if size == 1:
+                if size == 1 or len(batch) == 1:  # nothing left to halve
                     raise FinanceQLoRAError(
                         "generation.batch_size: out of GPU memory even at 1 prompt; lower "
                         "generation.max_new_tokens or data sizes, or use a larger GPU"
@@ -290,7 +294,12 @@ def generate_shard(
                     budget = max(budget // 2, 1)
                 rest = [i for b in (batch, *pending) for i in b]
                 pending = deque(shard_batches(rest, size, positions=positions, budget=budget))
-                log.warning("out of GPU memory: generating %d prompts at a time", size)
+                log.warning(
+                    "out of GPU memory at %d prompts: generating at most %d at a time%s",
+                    len(batch),
+                    size,
+                    f" within {budget} cache positions" if budget is not None else "",
+                )
                 continue
             finally:
                 if graphs is not None:

@@ -87,7 +87,12 @@ def work_per_step(config: FinetuneConfig) -> dict[str, StepWork]:
             f"{step_rows} rows a step, at least {AUTO_MIN_ROWS_PER_GPU} a GPU",
         ),
         "evaluation": StepWork(
-            prompts, AUTO_MIN_PROMPTS, "prompts", batches, f"{batches} batch(es) of prompts"
+            prompts,
+            AUTO_MIN_PROMPTS,
+            "prompts",
+            batches,
+            f"{'at least ' if config.generation.max_tokens_per_batch else ''}{batches} batch(es) "
+            "of prompts",
         ),
     }
 

@@ -229,10 +229,25 @@ def test_a_long_prompt_gets_a_batch_of_its_own_within_the_budget():
         prompt_batches(order, 6, budget=100)
 
 
+def test_a_batch_is_as_wide_as_its_widest_row_wherever_it_falls():
+    # prompts are ordered by characters; a shorter one can hold more tokens than the next
+    assert prompt_batches([0, 1, 2], 6, [100, 10, 10], budget=150) == [[0], [1, 2]]
+    assert prompt_batches([0, 1, 2], 6, [10, 100, 10], budget=150) == [[0], [1], [2]]
+
+
+def test_a_budget_must_hold_one_prompt_and_its_answer():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="cannot hold one prompt and max_new_tokens 24"):
+        GenerationSettings(max_new_tokens=24, max_tokens_per_batch=24)
+    assert GenerationSettings(max_new_tokens=24, max_tokens_per_batch=25).max_tokens_per_batch
+
+
 def test_shards_with_a_budget_together_are_the_batches_of_one_process():
     positions = [10, 12, 11, 10, 12, 60, 13, 14]
     order = sorted(range(8), key=lambda i: positions[i])
     whole = shard_batches(order, 4, positions=positions, budget=52)
+    assert whole == [[0, 3, 2, 1], [4, 6, 7], [5]]  # 4 x 12; 3 x 14; 60 alone
     shards = [shard_batches(order, 4, rank, 2, positions, 52) for rank in range(2)]
     assert sorted(b for shard in shards for b in shard) == sorted(whole)
     assert shards == [whole[0::2], whole[1::2]]

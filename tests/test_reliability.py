@@ -211,6 +211,36 @@ def test_generation_out_of_memory_halves_the_position_budget_too(prompts):
     assert sizes == [4, 2, 2, 2]  # the first batch of 4 once, then batches of 2
 
 
+def test_generation_out_of_memory_at_a_batch_of_one_prompt_stops_at_once(prompts):
+    """A prompt the budget already gave a batch of its own cannot be halved: one try, then the
+    error, however large batch_size is."""
+    from finance_qlora.config import GenerationSettings
+    from finance_qlora.generation import (
+        cache_positions,
+        generate_shard,
+        length_order,
+        prompt_batches,
+    )
+
+    config = resolve_config("tiny-cpu")
+    texts = [r["prompt"] for r in read_jsonl(prompts)][:6]
+    with loaded(config.model) as (model, tokenizer):
+        positions = cache_positions(tokenizer, texts, 8)
+        budget = max(positions)  # rows of similar length: one a batch
+        assert len(prompt_batches(length_order(texts), 64, positions, budget)[0]) == 1
+        settings = GenerationSettings(max_new_tokens=8, batch_size=64, max_tokens_per_batch=budget)
+        tries = []
+
+        def no_memory(**kwargs):
+            tries.append(kwargs["input_ids"].shape[0])
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+        model.generate = no_memory
+        with pytest.raises(FinanceQLoRAError, match="out of GPU memory even at 1 prompt"):
+            generate_shard(model, tokenizer, texts, settings)
+    assert tries == [1]
+
+
 def test_failed_save_leaves_no_folder_under_the_final_name(tmp_path):
     final = tmp_path / "adapter"
     with pytest.raises(OSError), atomic_dir(final) as tmp:
