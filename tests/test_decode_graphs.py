@@ -238,7 +238,7 @@ def test_out_of_memory_while_recording_halves_the_batch(tiny, static, recording,
     used = recording(functools.partial(OutOfMemoryOnce, error))
     answers = generate_shard(model, tokenizer, prompts, settings)
     assert sorted(answers) == list(range(7))
-    assert "generating 1 prompts at a time" in caplog.text  # 3 halved
+    assert "generating at most 1 at a time" in caplog.text  # 3 halved
     (graphs,) = used
     assert graphs.eager_reason is None and graphs.captures == 7  # then one a prompt
 

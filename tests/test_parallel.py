@@ -120,12 +120,15 @@ def test_show_config_says_what_auto_chooses_for_each_step_and_why():
     assert devices_line(wide).startswith("devices: auto: training on up to 4 GPUs")
     many = resolve_config("llama2-7b-h100", {"data": {"test_size": 5000}})
     assert "evaluating on up to 17 GPUs for 5000 prompts" in devices_line(many)
+    batches = {"batch_size": 2000, "max_tokens_per_batch": None}  # no budget: exactly one
     one_batch = resolve_config(
-        "llama2-7b-h100", {"data": {"test_size": 2000}, "generation": {"batch_size": 2000}}
+        "llama2-7b-h100", {"data": {"test_size": 2000}, "generation": batches}
     )
     assert "evaluating on one GPU for 2000 prompts (several from 2000; 1 batch(es) of prompts)" in (
         devices_line(one_batch)
     )
+    budget = resolve_config("llama2-7b-h100", {"data": {"test_size": 2000}})
+    assert "at least 7 batch(es) of prompts" in devices_line(budget)  # a budget may split more
     sweep = resolve_config(
         "llama2-7b-h100", {"data": {"validation_size": 2500, "evaluate_on": "validation"}}
     )  # a sweep's evaluations score its validation rows
