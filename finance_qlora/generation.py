@@ -247,8 +247,10 @@ def generate_shard(
     order = length_order(prompts)
     size, budget = generation.batch_size, generation.max_tokens_per_batch
     positions = None
-    if budget is not None and prompts:
-        positions = cache_positions(tokenizer, prompts, generation.max_new_tokens)
+    if budget is not None:  # the tokenizer takes no empty list
+        positions = (
+            cache_positions(tokenizer, prompts, generation.max_new_tokens) if prompts else []
+        )
     pending = deque(shard_batches(order, size, rank, world, positions, budget))
     total = sum(map(len, pending))
     answers: dict[int, Generated] = {}

@@ -235,6 +235,13 @@ def test_a_batch_is_as_wide_as_its_widest_row_wherever_it_falls():
     assert prompt_batches([0, 1, 2], 6, [10, 100, 10], budget=150) == [[0], [1], [2]]
 
 
+def test_no_prompts_make_no_batches_with_or_without_a_budget(tiny):
+    model, tokenizer = tiny
+    for budget in (None, 1000):
+        settings = GenerationSettings(max_new_tokens=4, max_tokens_per_batch=budget)
+        assert generate_shard(model, tokenizer, [], settings) == {}
+
+
 def test_a_budget_must_hold_one_prompt_and_its_answer():
     from pydantic import ValidationError
 
