@@ -26,7 +26,7 @@ from finance_qlora.parallel import generate_sharded
 from finance_qlora.prompts import cut_answer, fit_prompts, prompt_length
 from finance_qlora.records import EvalRecord
 from finance_qlora.rouge import mean_scores, score_pairs
-from finance_qlora.schedule import generation_batches
+from finance_qlora.schedule import generation_batches, generation_batches_words
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,8 @@ def generate_all(
         # batch k goes to process k mod N: a process past the last batch would only start and
         # load the model (on 2 H200s, 300 prompts in one batch took 25-28 s against 9-18 s)
         log.info(
-            "%s%d batch(es) of prompts: generating on as many of %d processes",
-            "at least " if generation.max_tokens_per_batch else "",
-            useful,
+            "%s: generating on as many of %d processes",
+            generation_batches_words(useful, generation),
             processes,
         )
         processes = useful

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -85,19 +86,20 @@ def prompt_batches(
     widest row's, wherever that row falls in it."""
     if budget is not None and positions is None:
         raise ValueError("a budget of cache positions needs each prompt's positions")
-    batches: list[list[int]] = [[]]
-    longest = 0  # the current batch's widest row, in positions
+    # without a budget every row is of width 0 and no batch is too wide
+    limit = budget if budget is not None else math.inf
+    row_width = positions.__getitem__ if budget is not None else (lambda i: 0)
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    widest = 0  # the current batch's widest row, in positions
     for i in order:
-        batch = batches[-1]
-        width = max(longest, positions[i]) if budget is not None else 0
-        if batch and (
-            len(batch) == size or (budget is not None and (len(batch) + 1) * width > budget)
-        ):
-            batches.append(batch := [])
-            width = positions[i] if budget is not None else 0
+        width = max(widest, row_width(i))
+        if batch and (len(batch) == size or (len(batch) + 1) * width > limit):
+            batches.append(batch)
+            batch, width = [], row_width(i)
         batch.append(i)
-        longest = width
-    return [b for b in batches if b]
+        widest = width
+    return [*batches, batch] if batch else batches
 
 
 def shard_batches(
@@ -116,6 +118,8 @@ def shard_batches(
 def cache_positions(tokenizer, prompts: list[str], new_tokens: int) -> list[int]:
     """Each prompt's positions in a cache: its tokens as generation encodes them, plus the new
     tokens."""
+    if not prompts:  # the tokenizer takes no empty list
+        return []
     return [len(ids) + new_tokens for ids in tokenizer(prompts)["input_ids"]]
 
 
@@ -247,10 +251,8 @@ def generate_shard(
     order = length_order(prompts)
     size, budget = generation.batch_size, generation.max_tokens_per_batch
     positions = None
-    if budget is not None:  # the tokenizer takes no empty list
-        positions = (
-            cache_positions(tokenizer, prompts, generation.max_new_tokens) if prompts else []
-        )
+    if budget is not None:
+        positions = cache_positions(tokenizer, prompts, generation.max_new_tokens)
     pending = deque(shard_batches(order, size, rank, world, positions, budget))
     total = sum(map(len, pending))
     answers: dict[int, Generated] = {}

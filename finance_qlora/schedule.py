@@ -28,6 +28,12 @@ def generation_batches(prompts: int, generation: GenerationSettings) -> int:
     return math.ceil(prompts / generation.batch_size)
 
 
+def generation_batches_words(batches: int, generation: GenerationSettings) -> str:
+    """`generation_batches`' count in words: a lower bound where a budget can split more."""
+    bound = "at least " if generation.max_tokens_per_batch else ""
+    return f"{bound}{batches} batch(es) of prompts"
+
+
 def optimizer_steps(rows: int, rows_per_step: int, epochs: float) -> int:
     """What the Trainer runs: ceil(epochs x steps per epoch)."""
     return math.ceil(epochs * steps_per_epoch(rows, rows_per_step))
@@ -91,8 +97,7 @@ def work_per_step(config: FinetuneConfig) -> dict[str, StepWork]:
             AUTO_MIN_PROMPTS,
             "prompts",
             batches,
-            f"{'at least ' if config.generation.max_tokens_per_batch else ''}{batches} batch(es) "
-            "of prompts",
+            generation_batches_words(batches, config.generation),
         ),
     }
 

@@ -165,24 +165,30 @@ def test_non_finite_loss_stops_training_naming_the_step(prompts, tmp_path):
         )
 
 
+def out_of_memory_above(generate, rows: int, tried: list[int]):
+    """`generate` that runs out of memory for a batch of more than `rows` prompts, each try's
+    rows recorded in `tried`."""
+
+    def small_memory(**kwargs):
+        tried.append(kwargs["input_ids"].shape[0])
+        if tried[-1] > rows:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return generate(**kwargs)
+
+    return small_memory
+
+
 def test_generation_out_of_memory_halves_the_batch_with_the_same_answers(prompts):
     config = resolve_config("tiny-cpu")
     texts = [r["prompt"] for r in read_jsonl(prompts)][:6]
     with loaded(config.model) as (model, tokenizer):
         expected = generate_cut(model, tokenizer, texts, 8, batch_size=1)
-        real_generate, sizes = model.generate, []
-
-        def small_memory(**kwargs):
-            sizes.append(kwargs["input_ids"].shape[0])
-            if kwargs["input_ids"].shape[0] > 2:
-                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-            return real_generate(**kwargs)
-
-        model.generate = small_memory
+        sizes = []
+        model.generate = out_of_memory_above(model.generate, 2, sizes)
         assert generate_cut(model, tokenizer, texts, 8, batch_size=8) == expected
         assert sizes[:3] == [6, 4, 2]  # halved twice, then it fits
 
-        model.generate = lambda **kwargs: (_ for _ in ()).throw(torch.OutOfMemoryError("oom"))
+        model.generate = out_of_memory_above(model.generate, 0, [])
         with pytest.raises(FinanceQLoRAError, match="out of GPU memory even at 1 prompt"):
             generate_cut(model, tokenizer, texts, 8, batch_size=2)
 
@@ -198,15 +204,8 @@ def test_generation_out_of_memory_halves_the_position_budget_too(prompts):
     with loaded(config.model) as (model, tokenizer):
         budget = 4 * max(cache_positions(tokenizer, texts, 8))  # 4 rows a batch, whatever lengths
         settings = GenerationSettings(max_new_tokens=8, batch_size=8, max_tokens_per_batch=budget)
-        real_generate, sizes = model.generate, []
-
-        def small_memory(**kwargs):
-            sizes.append(kwargs["input_ids"].shape[0])
-            if kwargs["input_ids"].shape[0] > 2:
-                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-            return real_generate(**kwargs)
-
-        model.generate = small_memory
+        sizes = []
+        model.generate = out_of_memory_above(model.generate, 2, sizes)
         generate_shard(model, tokenizer, texts, settings)
     assert sizes == [4, 2, 2, 2]  # the first batch of 4 once, then batches of 2
 
@@ -230,12 +229,7 @@ def test_generation_out_of_memory_at_a_batch_of_one_prompt_stops_at_once(prompts
         assert len(prompt_batches(length_order(texts), 64, positions, budget)[0]) == 1
         settings = GenerationSettings(max_new_tokens=8, batch_size=64, max_tokens_per_batch=budget)
         tries = []
-
-        def no_memory(**kwargs):
-            tries.append(kwargs["input_ids"].shape[0])
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-
-        model.generate = no_memory
+        model.generate = out_of_memory_above(model.generate, 0, tries)  # never enough
         with pytest.raises(FinanceQLoRAError, match="out of GPU memory even at 1 prompt"):
             generate_shard(model, tokenizer, texts, settings)
     assert tries == [1]
