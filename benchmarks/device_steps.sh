@@ -173,15 +173,6 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
     }
     bare --flow-runs 3 --flow-set=train.compile_cache=store --out "$OUT/store"
     bare --flow-runs 2 --out "$OUT/worker" ;;
-  flow-ahead) # new containers (empty Triton, inductor and 4-bit caches), each flow compiling
-    # the layers: beside the pretrained evaluation in a side process (train.compile_ahead, the
-    # default), then in the train step; each half in a fresh store, data seeds 42 and 43
-    bare() {
-      CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
-        --sections flow --flow-bare --flow-store-shared --flow-set=promotion.enabled=false "$@"
-    }
-    bare --flow-runs 2 --out "$OUT/ahead"
-    bare --flow-runs 2 --flow-set=train.compile_ahead=false --out "$OUT/here" ;;
   compile-load) # where a warm-cache compile of the 7B layer spends its time (variants:
     # benchmarks/compile_load.py; $COMPILE_VARIANTS picks some)
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/compile_load.py --data $DATA \

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -429,8 +428,6 @@ def flow_in_process(setup: Setup, run: int) -> dict:
         },
         merge_assignments(setup.args.flow_set),
     )
-    ahead = LinesWith("ahead")  # what the side process compiling the layers did
-    logging.getLogger("prefect.task_runs").addHandler(ahead)
     started = time.perf_counter()
     summary = finetune("llama2-7b-h100", overrides)
     wall = time.perf_counter() - started
@@ -442,21 +439,7 @@ def flow_in_process(setup: Setup, run: int) -> dict:
         "cached_steps": summary["cached_steps"],
         "peak_gib": peak_gib(),
         "compile_caches": compile_caches(),
-        "compile_ahead": ahead.lines,
     }
-
-
-class LinesWith(logging.Handler):
-    """The log messages that contain `word`."""
-
-    def __init__(self, word: str):
-        super().__init__()
-        self.word, self.lines = word, []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if self.word in message:
-            self.lines.append(message)
 
 
 def section_flow(args, setup: Setup, runs: int, evaluated: dict | None) -> dict:

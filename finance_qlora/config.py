@@ -160,11 +160,6 @@ class TrainSettings(_Section):
     # worker runs: used only where the worker also sets FINANCE_QLORA_TRUST_STORE=1
     # (tasks/compiled_layers.py).
     compile_cache: Literal["worker", "store"] = "worker"
-    # With compile, a side process compiles the layers while the pretrained model is evaluated
-    # (finance_qlora/compile_ahead.py: one step of a 2-layer copy of the model, random weights),
-    # so the train step of a worker with empty caches finds them there. What it costs: its own
-    # CPU and a few GB of GPU memory beside the evaluation.
-    compile_ahead: bool = True
     # Processes that collate the next batches while the card computes this one (0: the training
     # process collates between steps, the card idle meanwhile: about 5 ms a 16-row step on an
     # H200's host). How, never what: the same batches in the same order.

@@ -213,11 +213,6 @@ def has_room_to_dequantize(model) -> bool:
         return False
     free, _ = torch.cuda.mem_get_info()
     params = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
-    return room_to_dequantize(params, free)
-
-
-def room_to_dequantize(params: int, free: int) -> bool:
-    """Whether `params` dequantized (2 bytes each) fit twice in `free` bytes."""
     return 2 * 2 * params < free
 
 

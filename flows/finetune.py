@@ -51,7 +51,6 @@ from flows.local_server import (
     start_local_api,
 )
 from tasks.compare import compare_rouge
-from tasks.compiled_layers import LayersAhead
 from tasks.evaluate import evaluate
 from tasks.format import format_prompts
 from tasks.identity import RecordSerializer
@@ -102,15 +101,12 @@ def finetune(
     splits = run(load_splits, store, config.data, source, token_block)
     # Format
     prompts = run(format_prompts, store, splits)
-    # Baseline eval, while a side process compiles the train step's layers (train.compile_ahead)
+    # Baseline eval
     scoring = (config.generation, config.evaluation)
     devices = {"devices": eval_gpus}
-    with LayersAhead(store, prompts, model, config.lora, config.train, train_gpus) as ahead:
-        pretrained = run(evaluate, "pretrained", store, prompts, model, *scoring, **devices)
-        if "evaluate-pretrained" in run.cached:
-            ahead.stop()  # nothing to overlap: the train step compiles as soon as it has loaded
-        # Train
-        trained = run(train, store, prompts, model, config.lora, config.train, devices=train_gpus)
+    pretrained = run(evaluate, "pretrained", store, prompts, model, *scoring, **devices)
+    # Train
+    trained = run(train, store, prompts, model, config.lora, config.train, devices=train_gpus)
     # Save adapter
     adapter = run(save_adapter, store, trained, model, config.lora, config.train, source, prompts)
     # Final eval

@@ -1,7 +1,6 @@
-"""The train step's compiled layers: compiled ahead, beside the pretrained evaluation
-(train.compile_ahead, `LayersAhead`), and kept in the durable store (train.compile_cache="store",
-`SharedLayers`): found and loaded into this worker's caches before training, written and kept
-after it where the store had none of use.
+"""The train step's compiled layers in the durable store (train.compile_cache="store"): found and
+loaded into this worker's caches before training, written and kept after it where the store had
+none of use.
 
 The file is code every worker that loads it runs, so two keys open it: the run's setting, and
 the worker's FINANCE_QLORA_TRUST_STORE=1 (the work pool's operator knows who can write the
@@ -16,14 +15,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect.logging import get_run_logger
-
-from finance_qlora import compile_ahead, compile_cache
-from finance_qlora.config import DeviceSettings, LoraSettings, ModelConfig, TrainSettings
-from finance_qlora.parallel import child_env, process_count
-from finance_qlora.records import PromptRecord
-from tasks.secrets import hf_token
-from tasks.store_access import StoreRef, keep_file, kept_file, local, staged_file
+from finance_qlora import compile_cache
+from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
+from tasks.store_access import StoreRef, keep_file, kept_file, staged_file
 
 TRUST_ENV = "FINANCE_QLORA_TRUST_STORE"
 WHY = {  # why a worker compiles, by what kept_file found
@@ -92,42 +86,3 @@ class SharedLayers:
             return False
         log.info("compiled layers kept in the store for the next worker")
         return True
-
-
-class LayersAhead:
-    """A block during which a side process compiles the train step's layers (one training
-    process, train.compile and train.compile_ahead; finance_qlora/compile_ahead.py): started
-    on entry, stopped on exit unless the train step has joined it. Never fails the run: a side
-    process that cannot start is one warning, and the train step compiles."""
-
-    def __init__(
-        self,
-        store: StoreRef,
-        prompts: PromptRecord,
-        model: ModelConfig,
-        lora: LoraSettings,
-        train: TrainSettings,
-        devices: DeviceSettings,
-    ):
-        self.args = store, prompts, model, lora, train
-        wanted = train.compile and train.compile_ahead and process_count(devices) == 1
-        self.key = compile_cache.entry_key(model, lora, train) if wanted else None
-
-    def __enter__(self) -> LayersAhead:
-        if self.key is None:
-            return self
-        store, prompts, model, lora, train = self.args
-        try:
-            env = child_env(hf_token(model.hf_token_secret, model.name))
-            rows = local(store, prompts).train_path
-            compile_ahead.start(self.key, rows, model, lora, train, env)
-        except Exception as exc:  # an optimisation: the train step compiles without it
-            get_run_logger().warning("layers not compiled ahead (%s)", exc)
-        return self
-
-    def stop(self) -> None:
-        if self.key is not None:
-            compile_ahead.stop(self.key)
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

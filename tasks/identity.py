@@ -49,13 +49,13 @@ class RecordSerializer(Serializer):
 
 # Fields that do not change a step's result: where the data came from once its version is
 # known, which Secret block holds the token, whether 4-bit weights are reused from disk (the
-# same weights), how often checkpoints are written, where and when compiled layers are
-# compiled and kept, whether decode steps replay CUDA graphs (the same kernels).
+# same weights), how often checkpoints are written, where compiled layers are kept, whether
+# decode steps replay CUDA graphs (the same kernels).
 NOT_IDENTITY: dict[str, set[str]] = {
     "DataConfig": {"dataset", "revision"},
     "DataVersion": {"source"},
     "ModelConfig": {"hf_token_secret", "reuse_quantized"},
-    "TrainSettings": {"checkpoint_steps", "loader_workers", "compile_cache", "compile_ahead"},
+    "TrainSettings": {"checkpoint_steps", "loader_workers", "compile_cache"},
     "GenerationSettings": {"cuda_graphs"},
 }
 # Task parameters that name where or how, never what: never part of a key. On how many GPUs

@@ -5,7 +5,6 @@ from __future__ import annotations
 from prefect import task
 from prefect.logging import get_run_logger
 
-from finance_qlora import compile_ahead, compile_cache
 from finance_qlora.adapter import normalize_adapter_config
 from finance_qlora.config import DeviceSettings, LoraSettings, ModelConfig, TrainSettings
 from finance_qlora.parallel import process_count
@@ -60,11 +59,6 @@ def train(
     staging = store_of(store).staging("train", key)
     # opt-in: code from the store
     shared = SharedLayers.open(store, model, lora, settings, logger, processes)
-    ahead = compile_cache.entry_key(model, lora, settings, processes)
-    if shared and shared.loaded:
-        compile_ahead.stop(ahead)  # the store's layers serve: nothing to wait for
-    # with one process: before its first step, wait for the layers compiling ahead, if any
-    callbacks = [compile_ahead.join_before_first_step(ahead, logger)] if processes == 1 else []
     record = train_adapter(
         local(store, prompts).train_path,
         model,
@@ -74,7 +68,6 @@ def train(
         token=hf_token(model.hf_token_secret, model.name),
         on_log=on_log,
         processes=processes,
-        callbacks=callbacks,
         save_compiled=shared.target if shared else None,
     )
     if shared:

@@ -181,12 +181,6 @@ def test_the_fields_that_never_retrain_are_the_reviewed_ones():
     from tasks.identity import NOT_IDENTITY
 
     # compile_cache: where compiled layers are kept; a graph from the store is the graph the
-    # worker would compile (torch checks each graph's key at the lookup); compile_ahead: when
-    # they compile (a side process's graph is found by the same lookup)
-    assert NOT_IDENTITY["TrainSettings"] == {
-        "checkpoint_steps",
-        "loader_workers",
-        "compile_cache",
-        "compile_ahead",
-    }
+    # worker would compile (torch checks each graph's key at the lookup)
+    assert NOT_IDENTITY["TrainSettings"] == {"checkpoint_steps", "loader_workers", "compile_cache"}
     assert NOT_IDENTITY["ModelConfig"] == {"hf_token_secret", "reuse_quantized"}
