@@ -1,6 +1,6 @@
 """The compiled decoder layers kept in the durable store, for every worker of one environment.
 
-A worker compiles the layers (train.compile) in 13-18 s on an H200 with empty caches, and in
+A worker compiles the layers (train.compile) in 11-18 s on an H200 with empty caches, and in
 2-3 s from inductor's and Triton's caches on its own disk; a new container per flow run
 (the docker and kubernetes pools) starts with them empty. torch's portable compile cache
 (`torch.compiler.save_cache_artifacts`) holds what one process compiled: inductor's graphs

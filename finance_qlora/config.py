@@ -149,14 +149,14 @@ class TrainSettings(_Section):
     fused_kernels: bool = False
     # torch.compile each decoder layer (one compiled graph serves them all): fused kernels and
     # few launches a layer. 1.44x eager Liger kernels on an H200 at 16 rows a step, for a
-    # compile of about 15 s (2.5 s from inductor's on-disk cache, which the next run on the
+    # compile of 11-15 s (2.5 s from inductor's on-disk cache, which the next run on the
     # worker finds): llama2-7b-h100 turns it on. Excludes fused_kernels (Liger's kernels do not
     # compile).
     compile: bool = False
     # Where compiled layers are kept: "worker", in inductor's and Triton's caches on the
     # worker's disk (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR); "store", also in the durable
     # store, for every worker of the same environment (a new container per flow run loads them
-    # in 2-3 s instead of compiling for 13-18 s on an H200). The store's copy is code each
+    # in 2-3 s instead of compiling for 11-18 s on an H200). The store's copy is code each
     # worker runs: used only where the worker also sets FINANCE_QLORA_TRUST_STORE=1
     # (tasks/compiled_layers.py).
     compile_cache: Literal["worker", "store"] = "worker"

@@ -91,16 +91,18 @@ def test_compiled_layers_train_like_the_plain_ones(tmp_path):
 
 
 @pytest.fixture
-def fresh_dynamo(monkeypatch):
+def fresh_dynamo():
     """Dynamo's compiled code dropped before and after (a test's backend never serves another
     test's layers), and the process-wide settings compile_layers makes set back."""
     import torch._dynamo.config
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._dynamo.config, "specialize_float", False)
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", False)
     torch._dynamo.reset()
-    yield
+    with (
+        torch._dynamo.config.patch(specialize_float=False),
+        torch._inductor.config.patch(fallback_random=False),
+    ):
+        yield
     torch._dynamo.reset()
 
 
@@ -128,6 +130,29 @@ def test_compiled_layers_take_their_float_attributes_as_constants(fresh_dynamo):
     ]
     assert floats == []
     assert torch.equal(logits, expected)  # this backend runs the graph eagerly
+
+
+def test_every_decoder_layer_trains_through_one_compiled_graph(tmp_path, fresh_dynamo, monkeypatch):
+    """The first layer too: its input (the frozen embeddings' output) requires a gradient as
+    the others' do, so dynamo traces one graph for all, and a cold compile is one layer's."""
+    import finance_qlora.training
+
+    graphs = []
+
+    def record(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    monkeypatch.setattr(
+        finance_qlora.training, "compile_layers", lambda model: compile_layers(model, record)
+    )
+    prompts = tmp_path / "train.jsonl"
+    write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(8)])
+    config = resolve_config("tiny-cpu", {"train": {"compile": True, "checkpoint_steps": 0}})
+    trainer = build_trainer(prompts, config.model, config.lora, config.train, tmp_path / "out")
+    assert len(trainer.model.get_base_model().model.layers) == 2
+    trainer.train()
+    assert len(graphs) == 1
 
 
 def test_compile_refuses_a_model_without_repeated_layers():
