@@ -41,10 +41,10 @@ def compile_layers(model, backend: str | Callable = "inductor") -> int:
             "set train.compile=false"
         )
     # The frozen embeddings give the first layer an input without a gradient, the others one
-    # with: dynamo would trace the first layer a graph of its own (no input gradient), a second
-    # compile as long as the first. Its input requiring a gradient too, every layer runs one
-    # graph; the first layer's input gradient, never used, is under 0.5% of a 7B step's
-    # arithmetic and changes no update.
+    # with: dynamo would trace the first layer a graph of its own (no input gradient), traced,
+    # differentiated and compiled besides the others'. Its input requiring a gradient too,
+    # every layer runs one graph; the first layer's input gradient, never used, is under 0.5%
+    # of a 7B step's arithmetic and changes no update.
     base.enable_input_require_grads()
     import torch._dynamo.config
     import torch._inductor.config
