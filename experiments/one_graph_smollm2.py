@@ -33,7 +33,9 @@ from finance_qlora import compile_cache
 from finance_qlora.presets import resolve_config
 from finance_qlora.training import train_adapter
 prompts, out, mode = sys.argv[1:4]
-if mode == "two-graphs":  # the first layer's input without a gradient, as before
+if mode == "two-graphs":  # the first layer's input without a gradient, as before (this
+    # reproduces it because the settings have activation checkpointing off, whose own hook
+    # would otherwise give the first layer's input a gradient)
     transformers.PreTrainedModel.enable_input_require_grads = lambda self: None
 config = resolve_config("llama2-7b-h100", {
     "model": {"name": "builtin:smollm2-135m"},

@@ -28,6 +28,9 @@ def compile_layers(model, backend: str | Callable = "inductor") -> int:
     batches of every length reuse it. Inductor keeps the compiled kernels on the worker's disk
     (TORCHINDUCTOR_CACHE_DIR), where the next run finds them.
 
+    The model's embeddings keep a hook making their output require a gradient (for one graph,
+    below): a model compiled for training is for training.
+
     Dropout draws its masks from the eager random stream (inductor's `fallback_random`), so a
     compiled step computes what the eager one does, up to the rounding of fused arithmetic.
     Both that and CONSTANT_FLOATS hold for every graph compiled later in the process.

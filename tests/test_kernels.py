@@ -150,7 +150,8 @@ def test_every_decoder_layer_trains_through_one_compiled_graph(tmp_path, fresh_d
     write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(8)])
     config = resolve_config("tiny-cpu", {"train": {"compile": True, "checkpoint_steps": 0}})
     trainer = build_trainer(prompts, config.model, config.lora, config.train, tmp_path / "out")
-    assert len(trainer.model.get_base_model().model.layers) == 2
+    layers = trainer.model.get_base_model().model.layers
+    assert len(layers) == 2 and all(layer._compiled_call_impl is not None for layer in layers)
     trainer.train()
     assert len(graphs) == 1
 
