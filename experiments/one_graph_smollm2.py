@@ -61,26 +61,27 @@ def main() -> None:
     from finance_qlora.files import read_jsonl, write_jsonl
     from finance_qlora.prompts import to_prompt_completion
 
-    work = Path(tempfile.mkdtemp(prefix="one-graph-"))
-    prompts = work / "train.jsonl"
-    write_jsonl(
-        prompts, [to_prompt_completion(r) for r in read_jsonl(args.data)[: 16 * args.steps]]
-    )
-    runs = {}
-    for mode in ("one-graph", "two-graphs"):
-        env_cache = {"TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{mode}")}
-        done = subprocess.run(
-            [sys.executable, "-c", CHILD, str(prompts), str(work / mode), mode],
-            cwd=ROOT,
-            env={**os.environ, **env_cache},
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode:
-            raise SystemExit(done.stderr[-3000:])
-        runs[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(mode, runs[mode])
-    weights = [load_file(Path(runs[m]["adapter"]) / "adapter_model.safetensors") for m in runs]
+    rows = 16 * args.steps  # the preset's 16 rows an optimizer step
+    with tempfile.TemporaryDirectory(prefix="one-graph-") as tmp:  # adapters, inductor caches
+        work = Path(tmp)
+        prompts = work / "train.jsonl"
+        write_jsonl(prompts, [to_prompt_completion(r) for r in read_jsonl(args.data)[:rows]])
+        runs = {}
+        for mode in ("one-graph", "two-graphs"):
+            env_cache = {"TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{mode}")}
+            done = subprocess.run(
+                [sys.executable, "-c", CHILD, str(prompts), str(work / mode), mode],
+                cwd=ROOT,
+                env={**os.environ, **env_cache},
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode:
+                raise SystemExit(done.stderr[-3000:])
+            runs[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(mode, runs[mode])
+        adapters = [Path(runs[m].pop("adapter")) / "adapter_model.safetensors" for m in runs]
+        weights = [load_file(path) for path in adapters]
     largest = max(
         (weights[0][k].float() - weights[1][k].float()).abs().max().item() for k in weights[0]
     )
@@ -89,8 +90,8 @@ def main() -> None:
         "date": datetime.now(UTC).date().isoformat(),
         "machine": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "command": "python experiments/one_graph_smollm2.py " + " ".join(sys.argv[1:]),
-        "rows": 16 * args.steps,
-        "runs": {m: {k: v for k, v in r.items() if k != "adapter"} for m, r in runs.items()},
+        "rows": rows,
+        "runs": runs,
         "adapter_weights_largest_difference": largest,
     }
     args.out.mkdir(parents=True, exist_ok=True)

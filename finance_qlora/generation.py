@@ -288,7 +288,7 @@ def generate_shard(
                 # rounding; in fp16/bf16 a near-tie between two tokens can flip), so a run that
                 # backed off is not bit-identical to one that did not.
                 release_memory()
-                if size == 1 or len(batch) == 1:  # nothing left to halve
+                if len(batch) == 1:  # nothing left to halve (batches never exceed size)
                     raise FinanceQLoRAError(
                         "generation.batch_size: out of GPU memory even at 1 prompt; lower "
                         "generation.max_new_tokens or data sizes, or use a larger GPU"
