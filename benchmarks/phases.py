@@ -1,0 +1,75 @@
+"""Where a process's time goes, call by call: named functions wrapped with a timer wherever a
+loaded module holds them (its own module and every `from x import f`), for one measured run.
+
+The wrappers add a clock read per call to functions that run once or a few times a task, so
+they cost nothing measurable; they change no argument and no result."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# A flow's steps that a bare worker pays first: loading (and quantizing), keeping the 4-bit
+# copy, generating, scoring, building the trainer, training.
+FLOW_CALLS = (
+    "finance_qlora.evaluation:evaluate_model",
+    "finance_qlora.modeling:load_model",
+    "finance_qlora.quantized:load_kept",
+    "finance_qlora.quantized:save_quantized",
+    "finance_qlora.modeling:load_tokenizer",
+    "finance_qlora.modeling:maybe_dequantize",
+    "finance_qlora.decode_kernel:warm_up",
+    "finance_qlora.generation:generate_shard",
+    "finance_qlora.rouge:score_pairs",
+    "finance_qlora.training:train_in_process",
+    "finance_qlora.training:build_trainer",
+    "finance_qlora.kernels:compile_layers",
+)
+
+
+@contextmanager
+def timed_calls(targets: tuple[str, ...] = FLOW_CALLS) -> Iterator[list[dict]]:
+    """Within it, each call of a `module:function` in `targets` appends {name, thread, start,
+    seconds} to the yielded list (start: seconds since the block began), in the order the
+    calls end. The originals are back on exit."""
+    origin, calls, swapped = time.perf_counter(), [], []
+
+    def timer(name: str, function):
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                ended = time.perf_counter()
+                calls.append(
+                    {
+                        "name": name,
+                        "thread": threading.current_thread().name,
+                        "start": round(started - origin, 2),
+                        "seconds": round(ended - started, 2),
+                    }
+                )
+
+        return timed
+
+    try:
+        for target in targets:
+            module_name, name = target.split(":")
+            original = getattr(importlib.import_module(module_name), name)
+            wrapped = timer(name, original)
+            for module in list(sys.modules.values()):
+                holders = getattr(module, "__dict__", {})
+                for attribute, value in list(holders.items()):
+                    if value is original:
+                        setattr(module, attribute, wrapped)
+                        swapped.append((module, attribute, original))
+        yield calls
+    finally:
+        for module, attribute, original in swapped:
+            setattr(module, attribute, original)
