@@ -21,8 +21,7 @@ stands in for its tokenizer), the 1,000 / 300 rows, one GPU. Sections (--section
   finds no kept 4-bit copy. Reported: the flow run's own duration and its tasks'. With
   --flow-bare each process starts with empty Triton, inductor and 4-bit caches (a new
   container); with --flow-store-shared the runs share one store, each on rows of its own; with
-  --flow-phases each run's loads, saves, generations and training, call by call; with
-  --flow-before-odd runs 1, 3, ... with the first evaluation as before 2026-11-30.
+  --flow-phases each run's loads, saves, generations and training, call by call.
 - t4: the T4 profile under a 15 GiB cap: fp16, FlashAttention off, 4-bit, checkpointing.
 
 Random weights never emit EOS, so every answer runs the full 128 tokens (the worst case).
@@ -58,7 +57,6 @@ from benchmarks.variants import (  # noqa: E402
     TRAIN_VARIANTS,
     VARIANT_CALLBACKS,
     VARIANT_CONTEXTS,
-    first_evaluation_as_before,
     float_attributes,
 )
 from benchmarks.watch import (  # noqa: E402
@@ -344,7 +342,6 @@ def child(args, flag: str, value: str) -> dict:
         }
     command += ["--flow-store-shared"] * args.flow_store_shared
     command += ["--flow-phases"] * args.flow_phases
-    command += ["--flow-before-odd"] * args.flow_before_odd
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     sys.stdout.write(done.stdout[-3000:])
     if done.returncode:
@@ -435,17 +432,12 @@ def flow_in_process(setup: Setup, run: int) -> dict:
         merge_assignments(setup.args.flow_set),
     )
     started = time.perf_counter()
-    as_before = setup.args.flow_before_odd and run % 2 == 1
-    with (
-        timed_calls() if setup.args.flow_phases else nullcontext([]) as calls,
-        first_evaluation_as_before() if as_before else nullcontext(),
-    ):
+    with timed_calls() if setup.args.flow_phases else nullcontext([]) as calls:
         summary = finetune("llama2-7b-h100", overrides)
     wall = time.perf_counter() - started
     seconds, steps = flow_run_timing(summary["flow_run"])
     return {
-        "as_before": as_before,
-        "rouge": summary["rouge"],  # the same rows give the same scores whichever way
+        "rouge": summary["rouge"],  # one split scores the same however its run was timed
         "calls": calls,
         "flow_run_seconds": seconds,
         "call_seconds": round(wall, 2),
@@ -576,12 +568,6 @@ def main() -> None:
         action="store_true",
         help="each flow run also reports its loads, saves, generations and training, call by "
         "call (benchmarks/phases.py)",
-    )
-    parser.add_argument(
-        "--flow-before-odd",
-        action="store_true",
-        help="flow runs 1, 3, ... with their first evaluation as before 2026-11-30 "
-        "(variants.first_evaluation_as_before), beside the others",
     )
     parser.add_argument("--reference-rows", type=int, default=48)
     parser.add_argument("--reference-prompts", type=int, default=4)

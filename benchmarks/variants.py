@@ -162,20 +162,6 @@ def float_attributes(constant: bool):
         kernels.CONSTANT_FLOATS = True
 
 
-@contextmanager
-def first_evaluation_as_before():
-    """A flow's first evaluation as before 2026-11-30: the 4-bit copy written within the load
-    (quantized.keep_behind as the plain save_quantized, the caller waiting for it)."""
-    from finance_qlora import modeling, quantized
-
-    behind = modeling.keep_behind
-    modeling.keep_behind = quantized.save_quantized
-    try:
-        yield
-    finally:
-        modeling.keep_behind = behind
-
-
 VARIANT_CALLBACKS = {
     "llama2-7b-h100": [inductor_wrapper(False)],
     "llama2-7b-h100-compiled-noliger": [inductor_wrapper(False)],

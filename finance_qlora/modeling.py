@@ -13,7 +13,6 @@ import torch
 from finance_qlora import builtin_models
 from finance_qlora.config import ModelConfig
 from finance_qlora.errors import ConfigError, FinanceQLoRAError
-from finance_qlora.quantized import keep_behind, load_kept, quantized_folder, wait_for_kept
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -127,12 +126,12 @@ def load_model(cfg: ModelConfig, token: str | None = None, adapter_dir: Path | N
     """The base model (4-bit if configured), with the adapter at `adapter_dir` applied.
 
     The first 4-bit load quantizes the source's weights and keeps the result (about a quarter
-    of their size, see `quantized_folder`), written in a thread while the caller goes on
-    (`quantized.keep_behind`); later loads, in this process or another, read it.
+    of their size, see `quantized_folder`); later loads, in this process or another, read it.
     """
     from transformers import AutoModelForCausalLM
 
-    wait_for_kept()  # a copy this process is writing: read it, never quantize it again
+    from finance_qlora.quantized import load_kept, quantized_folder, save_quantized
+
     source = builtin_models.resolve(cfg.name)
     common = {
         "dtype": compute_dtype(cfg.compute_dtype),
@@ -155,7 +154,7 @@ def load_model(cfg: ModelConfig, token: str | None = None, adapter_dir: Path | N
             **common,
         )
         if kept is not None:
-            keep_behind(model, kept)
+            save_quantized(model, kept)
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -261,5 +260,4 @@ def loaded(
         yield model, tokenizer
     finally:
         del model
-        wait_for_kept()  # its thread holds the model: its memory is freed once it is written
         release_memory()

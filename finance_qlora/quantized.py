@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -24,7 +23,6 @@ from finance_qlora.files import atomic_dir
 
 log = logging.getLogger(__name__)
 STALE_CLAIM_S = 3600  # writing a 7B model's 4-bit weights takes seconds
-_writers: list[threading.Thread] = []  # copies being kept by keep_behind, this process's
 
 
 def source_identity(source: str, revision: str | None, token: str | None) -> str | None:
@@ -98,61 +96,6 @@ def save_quantized(model, folder: Path) -> None:
         log.warning("could not keep the 4-bit weights under %s: %s", folder, exc)
     finally:
         claim.unlink(missing_ok=True)
-
-
-def host_copies(state_dict: dict[str, Any]) -> None:
-    """Each tensor of `state_dict` replaced by a copy in host memory, tensors that share storage
-    still sharing it (transformers finds tied weights by storage when it saves)."""
-    copies: dict[tuple[str, int], torch.UntypedStorage] = {}
-    for name, tensor in state_dict.items():
-        if not isinstance(tensor, torch.Tensor):
-            continue  # bitsandbytes' packed quant-state entries may be other objects
-        storage = tensor.untyped_storage()
-        key = (str(storage.device), storage.data_ptr())
-        if key not in copies:
-            copies[key] = storage.clone() if storage.device.type == "cpu" else storage.cpu()
-        state_dict[name] = torch.empty(0, dtype=tensor.dtype).set_(
-            copies[key], tensor.storage_offset(), tensor.shape, tensor.stride()
-        )
-
-
-def keep_behind(model, folder: Path) -> None:
-    """`save_quantized` in a thread, so that the caller generates or trains while the copy is
-    written (a 7B model: 4.2-5.4 s on an H200, 2.0 s of it safetensors' write, which releases
-    the GIL). Returns once the thread holds its own host copy of the model's state dict (the
-    copy from the GPU made while the caller waits: no CUDA work runs beside the caller's, no GPU
-    memory is held); nothing the caller then does to the model (dequantizing replaces layers)
-    reaches the copy. `wait_for_kept` joins; a process does not end before its copy is
-    written (the thread is not a daemon)."""
-    taken = threading.Event()
-
-    def on_state_dict(module, state_dict, prefix, local_metadata) -> None:
-        if threading.current_thread() is writer:  # save_pretrained's own state_dict() call
-            host_copies(state_dict)
-            taken.set()
-
-    def write() -> None:
-        try:
-            save_quantized(model, folder)
-        except Exception as exc:  # out of memory too: the copy costs speed only, never the run
-            log.warning("could not keep the 4-bit weights under %s: %s", folder, exc)
-        finally:
-            taken.set()  # also where no state dict was taken (another writer holds the claim)
-
-    hook = model.register_state_dict_post_hook(on_state_dict)
-    writer = threading.Thread(target=write, name="keep-4bit-weights")
-    try:
-        writer.start()
-        taken.wait()
-    finally:
-        hook.remove()
-    _writers.append(writer)
-
-
-def wait_for_kept() -> None:
-    """Until every copy this process is keeping is written (or given up)."""
-    while _writers:
-        _writers.pop().join()
 
 
 def load_kept(folder: Path, common: dict[str, Any]):

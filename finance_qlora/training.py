@@ -30,7 +30,6 @@ from finance_qlora.modeling import (
 from finance_qlora.packing import use_varlen_attention
 from finance_qlora.parallel import train_data_parallel
 from finance_qlora.prompts import fit_rows, shortest_row
-from finance_qlora.quantized import wait_for_kept
 from finance_qlora.records import TrainRecord
 from finance_qlora.step_trainer import step_trainer_class
 
@@ -386,7 +385,6 @@ def train_in_process(
         micro_batches = trainer.args.gradient_accumulation_steps
     finally:
         trainer = None
-        wait_for_kept()  # a copy of the 4-bit weights the load began: written before the task ends
         release_memory()
     return TrainRecord(
         folder=final,

@@ -14,7 +14,7 @@ from finance_qlora.files import write_jsonl
 from finance_qlora.modeling import compute_dtype, load_model, loaded
 from finance_qlora.presets import resolve_config
 from finance_qlora.prompts import to_prompt_completion
-from finance_qlora.quantized import quantized_folder, wait_for_kept
+from finance_qlora.quantized import quantized_folder
 from finance_qlora.training import train_adapter
 from tests.conftest import generate, make_rows
 
@@ -131,12 +131,9 @@ def test_one_writer_keeps_the_copy_and_a_dead_writers_claim_expires(cache, tmp_p
     kept.parent.mkdir(parents=True)
     claim.touch()  # another process is writing the copy
     load_model(config.model)
-    wait_for_kept()
     assert not kept.exists() and claim.exists()  # it was left to that process
     os.utime(claim, (0, 0))  # ... which died long ago
     load_model(config.model)
-    wait_for_kept()
     assert not claim.exists() and not kept.exists()  # the stale claim is cleared
     load_model(config.model)
-    wait_for_kept()
     assert (kept / "config.json").is_file() and not claim.exists()
