@@ -6,8 +6,9 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +63,28 @@ def fingerprint(path: Path) -> str:
 
     path = Path(path)
     return manifest_digest(folder_manifest(path)) if path.is_dir() else sha256_file(path)
+
+
+def last_touched(folder: Path) -> float:
+    """The newest modification time of `folder` and of everything under it (seconds)."""
+    newest = folder.stat().st_mtime
+    for root, dirs, names in os.walk(folder):
+        for name in dirs + names:
+            with suppress(OSError):  # removed meanwhile
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def remove_untouched(folders: Iterable[Path], older_than_s: float) -> list[Path]:
+    """Remove each of `folders` in which nothing changed for `older_than_s` seconds; the
+    removed ones. A folder another process removes meanwhile is skipped."""
+    removed, now = [], time.time()
+    for folder in folders:
+        try:
+            stale = now - last_touched(folder) > older_than_s
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed

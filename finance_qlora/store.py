@@ -22,8 +22,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from finance_qlora.errors import ConfigError
+from finance_qlora.files import remove_untouched
 
 MANIFEST = "MANIFEST.json"
+STALE_STAGING_S = 7 * 24 * 3600
 # Object stores fsspec reaches with a package of its own (s3fs, gcsfs, adlfs); memory: tests.
 REMOTE_SCHEMES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"}
 
@@ -139,6 +141,12 @@ class Store:
         the local cache."""
         base = Path(self.root) / ".staging" if self.is_local else local_cache() / "staging"
         folder = base / kind / key
+        # what a published step leaves is cleared then; a crashed try's folder stays for its
+        # retry, until a week untouched (a retry comes within minutes; a step's own writes,
+        # checkpoints included, touch its folder far more often)
+        remove_untouched(
+            (p for p in base.glob("*/*") if p != folder and p.is_dir()), STALE_STAGING_S
+        )
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 

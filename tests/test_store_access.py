@@ -6,6 +6,8 @@ credentials."""
 from __future__ import annotations
 
 import json
+import os
+import time
 import uuid
 from pathlib import Path
 
@@ -75,6 +77,20 @@ def test_publishing_an_existing_step_keeps_it_and_still_clears_the_staging(ref):
     assert (again.folder, again.fingerprint) == (first.folder, first.fingerprint)
     assert not store_of(ref).staging("eval", "k1").joinpath("checkpoint-2").exists()
     assert (local(ref, again).path / "predictions.txt").read_text() == "first"
+
+
+def test_a_crashed_trys_staging_is_removed_once_a_week_untouched(ref):
+    """Publishing clears a step's staging; a crashed try's stays for its retry, then goes."""
+    store = store_of(ref)
+    crashed = staged_record(ref, "crashed").path.parent  # never published, never retried
+    resumed = staged_record(ref, "resumed").path.parent
+    for path in [crashed, *crashed.rglob("*"), resumed, *resumed.rglob("*")]:
+        os.utime(path, (time.time() - 7 * 24 * 3600 - 60,) * 2)
+    (resumed / "checkpoint-2" / "state.bin").touch()  # a retry of it wrote a checkpoint
+
+    folder = store.staging("train", "new")
+    assert folder.is_dir() and not crashed.exists()
+    assert (resumed / "eval" / "predictions.txt").is_file()
 
 
 def test_local_gives_the_records_files_on_this_machine(ref):
