@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -437,7 +438,7 @@ def flow_in_process(setup: Setup, run: int) -> dict:
     wall = time.perf_counter() - started
     seconds, steps = flow_run_timing(summary["flow_run"])
     return {
-        "rouge": summary["rouge"],  # one split scores the same however its run was timed
+        "rouge": summary["rouge"],  # the pretrained scores: equal for one split, however timed
         "calls": calls,
         "flow_run_seconds": seconds,
         "call_seconds": round(wall, 2),
@@ -607,6 +608,7 @@ def main() -> None:
 
     result |= {
         "gpu": gpu,
+        "host": platform.node(),  # lent machines differ: which one a result came from
         "date": date,
         "arch": args.arch,
         "torch": torch.__version__,

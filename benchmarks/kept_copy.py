@@ -1,4 +1,4 @@
-"""Where keeping the 4-bit copy goes (quantized.save_quantized: 4.2-4.6 s of a bare worker's
+"""Where keeping the 4-bit copy goes (quantized.save_quantized: 4.2-5.4 s of a bare worker's
 first evaluation on an H200, 2026-11-30), piece by piece, on the LLaMA-2-7B architecture:
 
     python benchmarks/kept_copy.py --data ../shared/data/finance_alpaca_sample.jsonl

@@ -11,8 +11,11 @@ import importlib
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # A flow's steps that a bare worker pays first: loading (and quantizing), keeping the 4-bit
 # copy, generating, scoring, building the trainer, training.
@@ -32,16 +35,25 @@ FLOW_CALLS = (
 )
 
 
+def holders(value: object) -> Iterator[tuple[object, str]]:
+    """(module, attribute) for every loaded module's attribute that is `value`."""
+    for module in list(sys.modules.values()):
+        for attribute, held in list(getattr(module, "__dict__", {}).items()):
+            if held is value:
+                yield module, attribute
+
+
 @contextmanager
 def timed_calls(targets: tuple[str, ...] = FLOW_CALLS) -> Iterator[list[dict]]:
     """Within it, each call of a `module:function` in `targets` appends {name, thread, start,
     seconds} to the yielded list (start: seconds since the block began), in the order the
-    calls end. The originals are back on exit."""
-    origin, calls, swapped = time.perf_counter(), [], []
+    calls end. The originals are back on exit, also where a module imported within the block
+    took a wrapper (`from x import f`)."""
+    origin, calls, wrappers = time.perf_counter(), [], []
 
-    def timer(name: str, function):
+    def timer(name: str, function: Callable[..., T]) -> Callable[..., T]:
         @functools.wraps(function)
-        def timed(*args, **kwargs):
+        def timed(*args, **kwargs) -> T:
             started = time.perf_counter()
             try:
                 return function(*args, **kwargs)
@@ -63,13 +75,11 @@ def timed_calls(targets: tuple[str, ...] = FLOW_CALLS) -> Iterator[list[dict]]:
             module_name, name = target.split(":")
             original = getattr(importlib.import_module(module_name), name)
             wrapped = timer(name, original)
-            for module in list(sys.modules.values()):
-                holders = getattr(module, "__dict__", {})
-                for attribute, value in list(holders.items()):
-                    if value is original:
-                        setattr(module, attribute, wrapped)
-                        swapped.append((module, attribute, original))
+            wrappers.append((wrapped, original))
+            for module, attribute in holders(original):
+                setattr(module, attribute, wrapped)
         yield calls
     finally:
-        for module, attribute, original in swapped:
-            setattr(module, attribute, original)
+        for wrapped, original in wrappers:
+            for module, attribute in holders(wrapped):
+                setattr(module, attribute, original)

@@ -65,26 +65,34 @@ def fingerprint(path: Path) -> str:
     return manifest_digest(folder_manifest(path)) if path.is_dir() else sha256_file(path)
 
 
-def last_touched(folder: Path) -> float:
-    """The newest modification time of `folder` and of everything under it (seconds)."""
-    newest = folder.stat().st_mtime
-    for root, dirs, names in os.walk(folder):
+def touched_since(folder: Path, since: float) -> bool:
+    """Whether `folder` or anything under it changed after `since` (a time in seconds); a part
+    that cannot be read raises OSError (the caller leaves such a folder alone)."""
+    if folder.stat().st_mtime > since:  # an entry added or removed in the folder itself
+        return True
+
+    def unreadable(error: OSError) -> None:
+        raise error
+
+    for root, dirs, names in os.walk(folder, onerror=unreadable):
         for name in dirs + names:
-            with suppress(OSError):  # removed meanwhile
-                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
-    return newest
+            with suppress(FileNotFoundError):  # removed meanwhile
+                if os.lstat(os.path.join(root, name)).st_mtime > since:
+                    return True
+    return False
 
 
 def remove_untouched(folders: Iterable[Path], older_than_s: float) -> list[Path]:
     """Remove each of `folders` in which nothing changed for `older_than_s` seconds; the
-    removed ones. A folder another process removes meanwhile is skipped."""
-    removed, now = [], time.time()
+    removed ones. A folder that cannot be read, or is removed meanwhile, is left alone."""
+    removed, since = [], time.time() - older_than_s
     for folder in folders:
         try:
-            stale = now - last_touched(folder) > older_than_s
+            if touched_since(folder, since):
+                continue
         except OSError:
             continue
-        if stale:
-            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
             removed.append(folder)
     return removed

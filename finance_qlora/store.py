@@ -141,13 +141,12 @@ class Store:
         the local cache."""
         base = Path(self.root) / ".staging" if self.is_local else local_cache() / "staging"
         folder = base / kind / key
-        # what a published step leaves is cleared then; a crashed try's folder stays for its
-        # retry, until a week untouched (a retry comes within minutes; a step's own writes,
-        # checkpoints included, touch its folder far more often)
-        remove_untouched(
-            (p for p in base.glob("*/*") if p != folder and p.is_dir()), STALE_STAGING_S
-        )
+        # a published step's folder is cleared; a crashed try's stays for its retry until a
+        # week untouched (retries come within minutes; a live step writes far more often)
+        others = (p for p in base.glob("*/*") if p != folder and p.is_dir())
+        remove_untouched(others, STALE_STAGING_S)
         folder.mkdir(parents=True, exist_ok=True)
+        os.utime(folder)  # live again: a retry that only reads its checkpoints keeps them
         return folder
 
     def _manifest(self, uri: str) -> dict[str, Any] | None:

@@ -82,15 +82,20 @@ def test_publishing_an_existing_step_keeps_it_and_still_clears_the_staging(ref):
 def test_a_crashed_trys_staging_is_removed_once_a_week_untouched(ref):
     """Publishing clears a step's staging; a crashed try's stays for its retry, then goes."""
     store = store_of(ref)
-    crashed = staged_record(ref, "crashed").path.parent  # never published, never retried
-    resumed = staged_record(ref, "resumed").path.parent
-    for path in [crashed, *crashed.rglob("*"), resumed, *resumed.rglob("*")]:
-        os.utime(path, (time.time() - 7 * 24 * 3600 - 60,) * 2)
-    (resumed / "checkpoint-2" / "state.bin").touch()  # a retry of it wrote a checkpoint
+    crashed, resumed, checkpointed = (
+        staged_record(ref, key).path.parent for key in ("crashed", "resumed", "checkpointed")
+    )
+    for folder in (crashed, resumed, checkpointed):
+        for path in [folder, *folder.rglob("*")]:
+            os.utime(path, (time.time() - 7 * 24 * 3600 - 60,) * 2)
+    (checkpointed / "checkpoint-2" / "state.bin").touch()  # a retry in progress wrote it
 
-    folder = store.staging("train", "new")
-    assert folder.is_dir() and not crashed.exists()
-    assert (resumed / "eval" / "predictions.txt").is_file()
+    assert store.staging("eval", "resumed") == resumed  # a retry a week late finds its folder
+    assert not crashed.exists()  # never retried: removed
+    for folder in (resumed, checkpointed):
+        assert (folder / "checkpoint-2" / "state.bin").is_file()
+    store.staging("train", "new")
+    assert resumed.exists()  # marked live by its retry, though it only read its checkpoints
 
 
 def test_local_gives_the_records_files_on_this_machine(ref):
