@@ -6,9 +6,8 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,36 +62,3 @@ def fingerprint(path: Path) -> str:
 
     path = Path(path)
     return manifest_digest(folder_manifest(path)) if path.is_dir() else sha256_file(path)
-
-
-def touched_since(folder: Path, since: float) -> bool:
-    """Whether `folder` or anything under it changed after `since` (a time in seconds); a part
-    that cannot be read raises OSError (the caller leaves such a folder alone)."""
-    if folder.stat().st_mtime > since:  # an entry added or removed in the folder itself
-        return True
-
-    def unreadable(error: OSError) -> None:
-        raise error
-
-    for root, dirs, names in os.walk(folder, onerror=unreadable):
-        for name in dirs + names:
-            with suppress(FileNotFoundError):  # removed meanwhile
-                if os.lstat(os.path.join(root, name)).st_mtime > since:
-                    return True
-    return False
-
-
-def remove_untouched(folders: Iterable[Path], older_than_s: float) -> list[Path]:
-    """Remove each of `folders` in which nothing changed for `older_than_s` seconds; the
-    removed ones. A folder that cannot be read, or is removed meanwhile, is left alone."""
-    removed, since = [], time.time() - older_than_s
-    for folder in folders:
-        try:
-            if touched_since(folder, since):
-                continue
-        except OSError:
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        if not folder.exists():
-            removed.append(folder)
-    return removed

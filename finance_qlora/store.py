@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from finance_qlora.errors import ConfigError
-from finance_qlora.files import remove_untouched
+from finance_qlora.untouched import remove_untouched
 
 MANIFEST = "MANIFEST.json"
 STALE_STAGING_S = 7 * 24 * 3600
