@@ -13,6 +13,6 @@ for dir in "$@"; do
   done
 done
 if [ ${#wanted[@]} -gt 0 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  python3 -m pip install -q --no-index --no-deps --no-cache-dir --upgrade \
     --target /tmp/site "${wanted[@]}"
 fi

@@ -18,7 +18,8 @@ from typing import TypeVar
 T = TypeVar("T")
 
 # A flow's steps that a bare worker pays first: loading (and quantizing), keeping the 4-bit
-# copy, generating, scoring, building the trainer, training.
+# copy, generating, loading the metric, scoring, building the trainer (TRL's first import),
+# training.
 FLOW_CALLS = (
     "finance_qlora.evaluation:evaluate_model",
     "finance_qlora.modeling:load_model",
@@ -29,6 +30,8 @@ FLOW_CALLS = (
     "finance_qlora.decode_kernel:warm_up",
     "finance_qlora.generation:generate_shard",
     "finance_qlora.rouge:score_pairs",
+    "finance_qlora.rouge:rouge_metric",
+    "finance_qlora.step_trainer:step_trainer_class",
     "finance_qlora.training:train_in_process",
     "finance_qlora.training:build_trainer",
     "finance_qlora.kernels:compile_layers",
