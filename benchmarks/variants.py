@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-from finance_qlora import flat_optimizer, generation, kernels, rouge, sync_free
+from finance_qlora import flat_optimizer, generation, kernels, sync_free
 from finance_qlora.presets import PRESETS
 
 # Training settings compared, all at the recipe's schedule: 16 rows an optimizer step, 63 steps
@@ -125,17 +125,6 @@ def host_as_before():
         yield
     finally:
         flat_optimizer.ENABLED, training.step_trainer_class = enabled, made
-
-
-@contextmanager
-def metric_at_scoring():
-    """The ROUGE metric loaded at the first scoring, in the scoring thread, as before
-    2026-11-30's rouge.load_ahead."""
-    rouge.AHEAD = False
-    try:
-        yield
-    finally:
-        rouge.AHEAD = True
 
 
 def inductor_wrapper(cpp: bool, combo: bool = False):

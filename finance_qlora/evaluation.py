@@ -25,7 +25,7 @@ from finance_qlora.modeling import loaded
 from finance_qlora.parallel import generate_sharded
 from finance_qlora.prompts import cut_answer, fit_prompts, prompt_length
 from finance_qlora.records import EvalRecord
-from finance_qlora.rouge import load_ahead, mean_scores, score_pairs
+from finance_qlora.rouge import mean_scores, score_pairs
 from finance_qlora.schedule import generation_batches, generation_batches_words
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,6 @@ def generate_all(
         )
         processes = useful
     if processes > 1:
-        load_ahead()  # this process waits for the others
         generated = generate_sharded(
             prompts, model_cfg, generation, work_dir, processes, adapter_dir, token, on_progress
         )
@@ -130,8 +129,6 @@ def generate_all(
         dequantized = model_cfg.load_in_4bit and not any(
             type(m).__name__ == "Linear4bit" for m in model.modules()
         )
-        if model.device.type == "cuda":  # beside the GPU's generation, not the host's own
-            load_ahead()  # (the load, or a generation on the CPU: 0.2 s took 1.1 s beside it)
         answers = generate_shard(model, tokenizer, prompts, generation, 0, 1, on_progress)
     return [answers[i] for i in range(len(prompts))], dequantized
 

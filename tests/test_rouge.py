@@ -86,6 +86,47 @@ def test_evaluate_module_gives_rouge_scores_exactly():
     assert score_pairs(predictions, references) == expected  # what evaluation uses
 
 
+def _real_pairs() -> list[tuple[str, str]]:
+    """Answers scored against other rows' answers: long texts, repeated words, newlines."""
+    from finance_qlora.files import read_jsonl
+    from tests.conftest import SHARED_DATA
+
+    if not SHARED_DATA.is_file():
+        pytest.skip(f"{SHARED_DATA} is not there")
+    outputs = [row["output"] for row in read_jsonl(SHARED_DATA)[:120]]
+    return list(zip(outputs[:60], outputs[60:], strict=True))
+
+
+def test_each_word_is_stemmed_once_a_scoring_and_every_score_is_rouge_scores_own(monkeypatch):
+    """The metric stems a distinct word once (StemmedOnce): the same scores as rouge_score's
+    own stemming tokenizer, on real answers, with one Porter stem per distinct word."""
+    from nltk.stem import porter
+    from rouge_score import rouge_scorer, tokenize
+
+    from finance_qlora.rouge import rouge_metric
+
+    pairs = _real_pairs()
+    scorer = rouge_scorer.RougeScorer(list(METRICS), use_stemmer=True)
+    expected = [scorer.score(reference, prediction) for prediction, reference in pairs]
+    words = {
+        w for text in (t for pair in pairs for t in pair) for w in tokenize.tokenize(text, None)
+    }
+    stemmed, stem = [], porter.PorterStemmer.stem
+
+    def counted(self, word, *args, **kwargs):
+        stemmed.append(word)
+        return stem(self, word, *args, **kwargs)
+
+    monkeypatch.setattr(porter.PorterStemmer, "stem", counted)
+    scores = rouge_metric().compute(
+        predictions=[p for p, _ in pairs], references=[r for _, r in pairs], use_aggregator=False
+    )
+    assert {m: scores[m] for m in METRICS} == {
+        m: [e[m].fmeasure for e in expected] for m in METRICS
+    }
+    assert len(stemmed) == len(set(stemmed)) == len({w for w in words if len(w) > 3})
+
+
 _OFFLINE_LOAD = """
 import json, socket, sys
 

@@ -11,9 +11,12 @@ scores the project's paired bootstrap needs.
 Self-contained (evaluate copies it into its module cache and imports it from there).
 """
 
+from functools import lru_cache
+
 import datasets
 import evaluate
-from rouge_score import rouge_scorer
+from nltk.stem import porter
+from rouge_score import rouge_scorer, tokenize, tokenizers
 
 ROUGE_TYPES = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
 
@@ -31,6 +34,19 @@ Returns:
 """
 
 
+class StemmedOnce(tokenizers.Tokenizer):
+    """rouge_score's default tokenizer (lowercase, alphanumeric words, Porter stems of words
+    longer than 3 characters) with each distinct word stemmed once per scoring: words repeat
+    (300 answer pairs: 83,000 stems of 6,000 words, half the scoring's time), and a stem
+    depends on the word alone, so every score is unchanged."""
+
+    def __init__(self):
+        self.stem = lru_cache(maxsize=None)(porter.PorterStemmer().stem)
+
+    def tokenize(self, text):
+        return tokenize.tokenize(text, self)  # calls self.stem(word)
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class FinanceRouge(evaluate.Metric):
     def _info(self):
@@ -44,7 +60,7 @@ class FinanceRouge(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, use_aggregator=True):
-        scorer = rouge_scorer.RougeScorer(ROUGE_TYPES, use_stemmer=True)
+        scorer = rouge_scorer.RougeScorer(ROUGE_TYPES, tokenizer=StemmedOnce())
         scores = {name: [] for name in ROUGE_TYPES}
         for prediction, reference in zip(predictions, references, strict=True):
             result = scorer.score(reference, prediction)  # rouge_score takes (target, prediction)
