@@ -64,7 +64,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--largest", type=int, default=12)
     args = parser.parse_args()
-    results: dict = {"date": time.strftime("%Y-%m-%d"), "held": HELD, "firsts": {}}
+    results: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+        "held": HELD,
+        "firsts": {},
+    }
     for name, statement in FIRSTS.items():
         results["firsts"][name] = [first_use(statement, args.largest) for _ in range(args.repeats)]
         print(name, json.dumps(results["firsts"][name], indent=1), flush=True)

@@ -1,8 +1,8 @@
 """The scoring's speed on the host, side by side in one process: 300 answer pairs (real
 Finance-Alpaca answers scored against other rows' answers, each cut to its first 100 words, as
 a 128-token generation) through rouge_score's own stemming tokenizer and through the metric's
-StemmedOnce (each distinct word stemmed once), in turn, after one warm-up of each; every score
-is checked equal.
+CachedStemTokenizer (each distinct word stemmed once: "stemmed_once"), in turn, after one
+warm-up of each; every score is checked equal.
 
     python benchmarks/rouge_speed.py --data ../shared/data/finance_alpaca_sample.jsonl
 """
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from rouge_score import rouge_scorer  # noqa: E402
 
-from finance_qlora.evaluate_modules.finance_rouge import ROUGE_TYPES, StemmedOnce  # noqa: E402
+from finance_qlora.evaluate_modules.finance_rouge import ROUGE_TYPES, CachedStemTokenizer  # noqa: E402
 from finance_qlora.files import read_jsonl  # noqa: E402
 
 
@@ -52,7 +52,9 @@ def main() -> None:
     ]
     ways = {
         "rouge_score_stemmer": lambda: rouge_scorer.RougeScorer(ROUGE_TYPES, use_stemmer=True),
-        "stemmed_once": lambda: rouge_scorer.RougeScorer(ROUGE_TYPES, tokenizer=StemmedOnce()),
+        "stemmed_once": lambda: rouge_scorer.RougeScorer(
+            ROUGE_TYPES, tokenizer=CachedStemTokenizer()
+        ),
     }
     seconds: dict[str, list[float]] = {name: [] for name in ways}
     scores = {}
@@ -63,7 +65,8 @@ def main() -> None:
             scores[name] = [scorer.score(reference, p) for p, reference in pairs]
             if repeat:
                 seconds[name].append(round(time.perf_counter() - started, 3))
-    assert scores["stemmed_once"] == scores["rouge_score_stemmer"], "the scores differ"
+    if scores["stemmed_once"] != scores["rouge_score_stemmer"]:
+        raise SystemExit("the two tokenizers' scores differ")
     medians = {name: statistics.median(values) for name, values in seconds.items()}
     result = {
         "date": time.strftime("%Y-%m-%d"),

@@ -97,20 +97,30 @@ def _real_pairs() -> list[tuple[str, str]]:
     return list(zip(outputs[:60], outputs[60:], strict=True))
 
 
-def test_each_word_is_stemmed_once_a_scoring_and_every_score_is_rouge_scores_own(monkeypatch):
-    """The metric stems a distinct word once (StemmedOnce): the same scores as rouge_score's
-    own stemming tokenizer, on real answers, with one Porter stem per distinct word."""
-    from nltk.stem import porter
-    from rouge_score import rouge_scorer, tokenize
-
-    from finance_qlora.rouge import rouge_metric
+def test_every_score_on_real_answers_is_rouge_scores_own():
+    """The metric's CachedStemTokenizer scores long real answers exactly as rouge_score's own
+    stemming tokenizer does."""
+    from rouge_score import rouge_scorer
 
     pairs = _real_pairs()
     scorer = rouge_scorer.RougeScorer(list(METRICS), use_stemmer=True)
     expected = [scorer.score(reference, prediction) for prediction, reference in pairs]
-    words = {
-        w for text in (t for pair in pairs for t in pair) for w in tokenize.tokenize(text, None)
-    }
+    scores = score_pairs([p for p, _ in pairs], [r for _, r in pairs])
+    assert scores == {m: [e[m].fmeasure for e in expected] for m in METRICS}
+
+
+def test_each_distinct_word_is_stemmed_once_a_scoring(monkeypatch):
+    """Porter stems are worked out once per distinct word (of more than 3 characters) in a
+    scoring, and again in the next scoring: nothing kept from one scoring to the next."""
+    from nltk.stem import porter
+    from rouge_score import tokenize
+
+    from finance_qlora.rouge import rouge_metric
+
+    predictions = ["Investors invested in investing funds.\nFunds invested again.", "Bonds pay."]
+    references = ["An investor invests in funds; funds grow.", "Bonds paying interest pay."]
+    words = {w for t in predictions + references for w in tokenize.tokenize(t, None)}
+    distinct = [w for w in words if len(w) > 3]
     stemmed, stem = [], porter.PorterStemmer.stem
 
     def counted(self, word, *args, **kwargs):
@@ -118,13 +128,9 @@ def test_each_word_is_stemmed_once_a_scoring_and_every_score_is_rouge_scores_own
         return stem(self, word, *args, **kwargs)
 
     monkeypatch.setattr(porter.PorterStemmer, "stem", counted)
-    scores = rouge_metric().compute(
-        predictions=[p for p, _ in pairs], references=[r for _, r in pairs], use_aggregator=False
-    )
-    assert {m: scores[m] for m in METRICS} == {
-        m: [e[m].fmeasure for e in expected] for m in METRICS
-    }
-    assert len(stemmed) == len(set(stemmed)) == len({w for w in words if len(w) > 3})
+    for scoring in (1, 2):
+        rouge_metric().compute(predictions=predictions, references=references)
+        assert sorted(stemmed) == sorted(distinct * scoring)
 
 
 _OFFLINE_LOAD = """
