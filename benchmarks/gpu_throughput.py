@@ -21,7 +21,9 @@ stands in for its tokenizer), the 1,000 / 300 rows, one GPU. Sections (--section
   finds no kept 4-bit copy. Reported: the flow run's own duration and its tasks'. With
   --flow-bare each process starts with empty Triton, inductor and 4-bit caches (a new
   container); with --flow-store-shared the runs share one store, each on rows of its own; with
-  --flow-phases each run's loads, saves, generations and training, call by call.
+  --flow-phases each run's loads, saves, generations and training, call by call; the runs named
+  by --flow-as-before with every garbage collection walking the whole heap (before
+  finance_qlora.heap). Each run reports its garbage collections by generation.
 - t4: the T4 profile under a 15 GiB cap: fp16, FlashAttention off, 4-bit, checkpointing.
 
 Random weights never emit EOS, so every answer runs the full 128 tokens (the worst case).
@@ -59,8 +61,10 @@ from benchmarks.variants import (  # noqa: E402
     VARIANT_CALLBACKS,
     VARIANT_CONTEXTS,
     float_attributes,
+    heap_as_before,
 )
 from benchmarks.watch import (  # noqa: E402
+    collections,
     compile_caches,
     decode_log,
     graph_breaks,
@@ -343,6 +347,7 @@ def child(args, flag: str, value: str) -> dict:
         }
     command += ["--flow-store-shared"] * args.flow_store_shared
     command += ["--flow-phases"] * args.flow_phases
+    command += [f"--flow-as-before={args.flow_as_before}"] * bool(args.flow_as_before)
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     sys.stdout.write(done.stdout[-3000:])
     if done.returncode:
@@ -433,11 +438,18 @@ def flow_in_process(setup: Setup, run: int) -> dict:
         merge_assignments(setup.args.flow_set),
     )
     started = time.perf_counter()
-    with timed_calls() if setup.args.flow_phases else nullcontext([]) as calls:
+    as_before = str(run) in setup.args.flow_as_before.split(",")
+    with (
+        timed_calls() if setup.args.flow_phases else nullcontext([]) as calls,
+        heap_as_before() if as_before else nullcontext(),
+        collections() as collected,
+    ):
         summary = finetune("llama2-7b-h100", overrides)
     wall = time.perf_counter() - started
     seconds, steps = flow_run_timing(summary["flow_run"])
     return {
+        "heap_as_before": as_before,
+        "collections": collected,
         "rouge": summary["rouge"],  # the pretrained scores: equal for one split, however timed
         "calls": calls,
         "flow_run_seconds": seconds,
@@ -569,6 +581,12 @@ def main() -> None:
         action="store_true",
         help="each flow run also reports its loads, saves, generations and training, call by "
         "call (benchmarks/phases.py)",
+    )
+    parser.add_argument(
+        "--flow-as-before",
+        default="",
+        help="flow runs (indices, e.g. 1,2) whose garbage collections walk the whole heap, as "
+        "before finance_qlora.heap (variants.heap_as_before), beside the others",
     )
     parser.add_argument("--reference-rows", type=int, default=48)
     parser.add_argument("--reference-prompts", type=int, default=4)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-from finance_qlora import flat_optimizer, generation, kernels, sync_free
+from finance_qlora import flat_optimizer, generation, heap, kernels, sync_free
 from finance_qlora.presets import PRESETS
 
 # Training settings compared, all at the recipe's schedule: 16 rows an optimizer step, 63 steps
@@ -64,6 +64,8 @@ TRAIN_VARIANTS |= {
     f"{name}-waits": TRAIN_VARIANTS[name]
     for name in ("llama2-7b-h100-eager", "llama2-7b-h100-compiled-noliger")
 }
+# the preset with every garbage collection walking the whole heap (before finance_qlora.heap)
+TRAIN_VARIANTS["llama2-7b-h100-heap-as-before"] = TRAIN_VARIANTS["llama2-7b-h100"]
 # the same settings with the host's work around a step as before 2026-11-29 (see
 # host_as_before): each beside the setting as it is
 TRAIN_VARIANTS |= {
@@ -127,6 +129,17 @@ def host_as_before():
         flat_optimizer.ENABLED, training.step_trainer_class = enabled, made
 
 
+@contextmanager
+def heap_as_before():
+    """Garbage collections walk every object, as before finance_qlora.heap: no scope freezes
+    the heap alive at its entry."""
+    heap.ENABLED = False
+    try:
+        yield
+    finally:
+        heap.ENABLED = True
+
+
 def inductor_wrapper(cpp: bool, combo: bool = False):
     """A TrainerCallback factory: the compiled layers' kernels called from inductor's C++
     wrapper (`cpp`) or its Python one; with `combo`, independent kernels of a graph launched as
@@ -164,6 +177,7 @@ def float_attributes(constant: bool):
 
 VARIANT_CALLBACKS = {
     "llama2-7b-h100": [inductor_wrapper(False)],
+    "llama2-7b-h100-heap-as-before": [inductor_wrapper(False)],
     "llama2-7b-h100-compiled-noliger": [inductor_wrapper(False)],
     "llama2-7b-h100-compiled-noliger-cppwrapper": [inductor_wrapper(True)],
     "llama2-7b-h100-compiled-noliger-combo": [inductor_wrapper(False, combo=True)],
@@ -175,6 +189,7 @@ VARIANT_CALLBACKS = {
     "llama2-7b-h100-compiled-noliger-cppwrapper-dynamic-floats": [inductor_wrapper(True)],
 }
 VARIANT_CONTEXTS = {
+    "llama2-7b-h100-heap-as-before": heap_as_before,
     "llama2-7b-h100-eager-host-as-before": host_as_before,
     "llama2-7b-h100-compiled-noliger-cppwrapper-host-as-before": host_as_before,
 }

@@ -3,7 +3,34 @@ phases, and the project's log lines (out-of-memory back-offs, decode graphs)."""
 
 from __future__ import annotations
 
+import gc
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def collections() -> Iterator[dict]:
+    """Python's garbage collections while inside, by generation: how many, and their seconds
+    (the dict fills as they happen; "frozen": objects the collections skipped at the end)."""
+    seen: dict = {str(g): {"count": 0, "seconds": 0.0} for g in range(3)}
+    began = [0.0]
+
+    def note(phase: str, info: dict) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+            return
+        entry = seen[str(info["generation"])]
+        entry["count"] += 1
+        entry["seconds"] = round(entry["seconds"] + time.perf_counter() - began[0], 4)
+
+    gc.callbacks.append(note)
+    try:
+        yield seen
+    finally:
+        gc.callbacks.remove(note)
+        seen["frozen"] = gc.get_freeze_count()
 
 
 def graph_breaks() -> dict[str, int]:

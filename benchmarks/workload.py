@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import shutil
 import statistics
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
+from benchmarks.watch import collections
 from finance_qlora.builtin_models import train_bpe_tokenizer
 from finance_qlora.config import DataConfig
 from finance_qlora.data import resolve_version, write_splits
@@ -116,12 +118,35 @@ class Setup:
         return path
 
 
+def collections_in_training(into: dict):
+    """A TrainerCallback: Python's garbage collections from the start of training to its end
+    (the timed part) into `into` (benchmarks.watch.collections)."""
+    from transformers import TrainerCallback
+
+    class Callback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.watching = ExitStack()
+            self.seen = self.watching.enter_context(collections())
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.watching.close()
+            into.update(self.seen)
+
+    return Callback()
+
+
 def train_once(setup: Setup, config, prompts: Path, name: str, callbacks=None) -> dict:
     out = setup.args.work / "train-runs" / name
     shutil.rmtree(out, ignore_errors=True)
     release()
+    seen: dict = {}
     record = train_adapter(
-        prompts, config.model, config.lora, config.train, out, callbacks=callbacks
+        prompts,
+        config.model,
+        config.lora,
+        config.train,
+        out,
+        callbacks=[*(callbacks or []), collections_in_training(seen)],
     )
     rate = record.tokens / record.seconds
     print(f"  {name}: {record.tokens} tokens in {record.seconds:.2f} s = {rate:,.0f} tok/s")
@@ -134,4 +159,5 @@ def train_once(setup: Setup, config, prompts: Path, name: str, callbacks=None) -
         "rows_per_step": record.rows_per_step,
         "micro_batches_per_step": record.micro_batches_per_step,
         "losses": [round(x, 4) for x in record.losses],
+        "collections": seen,
     }

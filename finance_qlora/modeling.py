@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from finance_qlora import builtin_models
+from finance_qlora import builtin_models, heap
 from finance_qlora.config import ModelConfig
 from finance_qlora.errors import ConfigError, FinanceQLoRAError
 
@@ -249,15 +249,17 @@ def loaded(
         # a config that cannot be read: load_model meets it below and says so in its own words
         with suppress(Exception):
             ahead = compiled_ahead(*head_layout(read_model_config(cfg, token)), dtype, device)
-    with ahead:
-        model = load_model(cfg, token, adapter_dir)
-        tokenizer = load_tokenizer(cfg, token)
-    check_special_tokens(model, tokenizer, cfg.name)
-    if cfg.load_in_4bit:  # after the thread: `auto` weighs the memory free
-        maybe_dequantize(model, dequantize, dtype)
-    try:
-        model.eval()
-        yield model, tokenizer
-    finally:
-        del model
-        release_memory()
+    # the heap alive before the model stays out of the collections that let it go
+    with heap.settled():
+        with ahead:
+            model = load_model(cfg, token, adapter_dir)
+            tokenizer = load_tokenizer(cfg, token)
+        check_special_tokens(model, tokenizer, cfg.name)
+        if cfg.load_in_4bit:  # after the thread: `auto` weighs the memory free
+            maybe_dequantize(model, dequantize, dtype)
+        try:
+            model.eval()
+            yield model, tokenizer
+        finally:
+            del model
+            release_memory()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from finance_qlora import compile_cache
+from finance_qlora import compile_cache, heap
 from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
 from finance_qlora.errors import ConfigError, TrainingError
 from finance_qlora.files import atomic_dir, fingerprint, read_jsonl
@@ -362,30 +362,33 @@ def train_in_process(
     checkpoint = latest_checkpoint(out_dir)
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
-    trainer = build_trainer(
-        prompts_path, model_cfg, lora, train, out_dir, token, [Report(), *callbacks]
-    )
-    started = time.perf_counter()
-    try:
-        with uncast_adapter_inputs(trainer):
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        seconds = time.perf_counter() - started
-        final = out_dir / FINAL
-        if not trainer.is_world_process_zero():
-            return None
-        with atomic_dir(final) as tmp:
-            trainer.model.save_pretrained(tmp, safe_serialization=True)
-        if train.compile:
-            compile_cache.after_training(save_compiled)
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        steps = trainer.state.global_step
-        # Real (unpadded) tokens the model read: what "useful tokens/s" counts.
-        tokens = round(sum(map(len, trainer.train_dataset["input_ids"])) * train.epochs)
-        rows = len(trainer.train_dataset)
-        micro_batches = trainer.args.gradient_accumulation_steps
-    finally:
-        trainer = None
-        release_memory()
+    # the heap alive before the model stays out of the collections in its steps and at its
+    # release (finance_qlora.heap)
+    with heap.settled():
+        trainer = build_trainer(
+            prompts_path, model_cfg, lora, train, out_dir, token, [Report(), *callbacks]
+        )
+        started = time.perf_counter()
+        try:
+            with uncast_adapter_inputs(trainer):
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            seconds = time.perf_counter() - started
+            final = out_dir / FINAL
+            if not trainer.is_world_process_zero():
+                return None
+            with atomic_dir(final) as tmp:
+                trainer.model.save_pretrained(tmp, safe_serialization=True)
+            if train.compile:
+                compile_cache.after_training(save_compiled)
+            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            steps = trainer.state.global_step
+            # Real (unpadded) tokens the model read: what "useful tokens/s" counts.
+            tokens = round(sum(map(len, trainer.train_dataset["input_ids"])) * train.epochs)
+            rows = len(trainer.train_dataset)
+            micro_batches = trainer.args.gradient_accumulation_steps
+        finally:
+            trainer = None
+            release_memory()
     return TrainRecord(
         folder=final,
         fingerprint=fingerprint(final),

@@ -27,6 +27,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 
+from finance_qlora import heap
 from finance_qlora.cli import outcome, resolve_args
 from finance_qlora.config import DEFAULT_PRESET, DeviceSettings, FinetuneConfig, PresetName
 from finance_qlora.errors import FinanceQLoRAError
@@ -89,44 +90,48 @@ def finetune(
     preset: PresetName = DEFAULT_PRESET, overrides: ConfigOverrides | None = None
 ) -> dict[str, Any]:
     """Load, format, baseline eval, train, save adapter, final eval; compare and promote."""
-    config = resolve_config(preset, overrides)
-    train_gpus, eval_gpus = devices_for(config)  # "auto" resolved once, step by step
-    config = config.model_copy(update={"devices": eval_gpus})  # the gate's evaluations too
-    model, token_block = config.model, config.model.hf_token_secret
-    store = StoreRef(url=config.output_dir, secret=config.output_dir_secret)
-    preflight(config, lambda: hf_token(token_block, model.name), store_of(store).options)
-    run = StepRunner(store)
-    # Load
-    source = data_version(store, config.data, token_block)
-    splits = run(load_splits, store, config.data, source, token_block)
-    # Format
-    prompts = run(format_prompts, store, splits)
-    # Baseline eval
-    scoring = (config.generation, config.evaluation)
-    devices = {"devices": eval_gpus}
-    pretrained = run(evaluate, "pretrained", store, prompts, model, *scoring, **devices)
-    # Train
-    trained = run(train, store, prompts, model, config.lora, config.train, devices=train_gpus)
-    # Save adapter
-    adapter = run(save_adapter, store, trained, model, config.lora, config.train, source, prompts)
-    # Final eval
-    finetuned = run(evaluate, "finetuned", store, prompts, model, *scoring, adapter, **devices)
-    # Compare
-    comparison = run(compare_rouge, store, pretrained, finetuned, config.bootstrap)
-    # Promote: the champion, re-scored on these same prompts, and the gate
-    decision, champion_eval = gate(
-        run, config, store, prompts, source, adapter, finetuned, comparison
-    )
-    return record_run(
-        store,
-        run,
-        source,
-        trained,
-        adapter,
-        (pretrained, finetuned, champion_eval),
-        comparison,
-        decision,
-    )
+    # the heap alive before the run stays out of its garbage collections (finance_qlora.heap)
+    with heap.settled():
+        config = resolve_config(preset, overrides)
+        train_gpus, eval_gpus = devices_for(config)  # "auto" resolved once, step by step
+        config = config.model_copy(update={"devices": eval_gpus})  # the gate's evaluations too
+        model, token_block = config.model, config.model.hf_token_secret
+        store = StoreRef(url=config.output_dir, secret=config.output_dir_secret)
+        preflight(config, lambda: hf_token(token_block, model.name), store_of(store).options)
+        run = StepRunner(store)
+        # Load
+        source = data_version(store, config.data, token_block)
+        splits = run(load_splits, store, config.data, source, token_block)
+        # Format
+        prompts = run(format_prompts, store, splits)
+        # Baseline eval
+        scoring = (config.generation, config.evaluation)
+        devices = {"devices": eval_gpus}
+        pretrained = run(evaluate, "pretrained", store, prompts, model, *scoring, **devices)
+        # Train
+        trained = run(train, store, prompts, model, config.lora, config.train, devices=train_gpus)
+        # Save adapter
+        adapter = run(
+            save_adapter, store, trained, model, config.lora, config.train, source, prompts
+        )
+        # Final eval
+        finetuned = run(evaluate, "finetuned", store, prompts, model, *scoring, adapter, **devices)
+        # Compare
+        comparison = run(compare_rouge, store, pretrained, finetuned, config.bootstrap)
+        # Promote: the champion, re-scored on these same prompts, and the gate
+        decision, champion_eval = gate(
+            run, config, store, prompts, source, adapter, finetuned, comparison
+        )
+        return record_run(
+            store,
+            run,
+            source,
+            trained,
+            adapter,
+            (pretrained, finetuned, champion_eval),
+            comparison,
+            decision,
+        )
 
 
 def gate(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -50,10 +51,23 @@ def task_states(flow_state) -> dict[str, list[str]]:
         return task_run_states(client, flow_state.state_details.flow_run_id)
 
 
+FROZEN_AT_COMPARE: list[int] = []  # objects the collections skipped while the flow compared
+
+
 @pytest.fixture(scope="module")
 def first_run(prefect_api, tmp_path_factory):
+    import tasks.compare
+
+    compare = tasks.compare.compare
+
+    def compare_noting_the_heap(*args, **kwargs):
+        FROZEN_AT_COMPARE.append(gc.get_freeze_count())
+        return compare(*args, **kwargs)
+
     output_dir = tmp_path_factory.mktemp("flow")
-    state, result = run_flow(output_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tasks.compare, "compare", compare_noting_the_heap)
+        state, result = run_flow(output_dir)
     return output_dir, state, result
 
 
@@ -63,6 +77,13 @@ def test_flow_completes_every_step(first_run):
     states = task_states(state)
     assert STEPS <= set(states)
     assert all(s == ["Completed"] for s in states.values()), states
+
+
+def test_the_flow_keeps_the_heap_it_began_with_out_of_its_collections(first_run):
+    """finance_qlora.heap: a task outside any model's scope (compare) runs with the objects
+    alive at the flow's start frozen; none stay frozen once the flow has ended."""
+    assert len(FROZEN_AT_COMPARE) == 1 and FROZEN_AT_COMPARE[0] > 100_000
+    assert gc.get_freeze_count() == 0
 
 
 def test_the_report_is_in_the_run_logs(first_run):

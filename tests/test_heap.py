@@ -1,0 +1,125 @@
+"""finance_qlora.heap: the heap alive when a scope begins stays out of garbage collections until
+the outermost scope ends, and a model let go inside a scope is still collected there."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from contextlib import contextmanager
+
+import pytest
+
+from finance_qlora import heap
+from finance_qlora.files import write_jsonl
+from finance_qlora.modeling import loaded
+from finance_qlora.presets import resolve_config
+from finance_qlora.prompts import to_prompt_completion
+from finance_qlora.training import train_adapter
+from tests.conftest import make_rows
+
+
+class Node:
+    """A reference cycle: only a garbage collection frees it."""
+
+    def __init__(self):
+        self.me = self
+
+
+@contextmanager
+def no_automatic_collections():
+    """Only the collections the test asks for (an automatic one would blur what a scope kept)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def cycle_garbage() -> weakref.ref:
+    """A reference cycle nobody holds any more: garbage until a collection frees it."""
+    return weakref.ref(Node())
+
+
+def test_garbage_from_before_a_scope_waits_for_its_end():
+    with no_automatic_collections():
+        gone_before = cycle_garbage()
+        with heap.settled():
+            made_inside = cycle_garbage()
+            gc.collect()
+            assert made_inside() is None  # the scope's own garbage is collected in it
+            assert gone_before() is not None  # the heap from before is not walked
+        assert gc.get_freeze_count() == 0
+        gc.collect()
+        assert gone_before() is None  # collected once the scope has ended
+
+
+def test_scopes_nest_and_only_the_outermost_end_unfreezes():
+    with heap.settled():
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        with heap.settled():
+            pass
+        assert gc.get_freeze_count() >= frozen
+        ended = threading.Event()
+
+        def in_a_thread():  # a task's scope in a worker thread of the flow's
+            with heap.settled():
+                pass
+            ended.set()
+
+        worker = threading.Thread(target=in_a_thread)
+        worker.start()
+        worker.join()
+        assert ended.is_set() and gc.get_freeze_count() >= frozen
+    assert gc.get_freeze_count() == 0
+
+
+def test_off_it_freezes_nothing(monkeypatch):
+    monkeypatch.setattr(heap, "ENABLED", False)
+    with heap.settled():
+        assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.slow
+def test_a_loaded_model_is_collected_at_its_release_inside_the_flows_scope():
+    """The flow's scope holds through its tasks; a model let go at a task's end is still
+    collected then (its GPU memory given back), not at the flow's end."""
+    config = resolve_config("tiny-cpu")
+    with loaded(config.model):
+        # a process's first 4-bit load on the CPU logs bitsandbytes' warning with its
+        # traceback, whose frames pytest's log capture keeps (and the model with them)
+        pass
+    with heap.settled():
+        before = gc.get_freeze_count()
+        with loaded(config.model) as (model, _):
+            held = weakref.ref(model)
+            # the loading's scope froze what the flow had made since its own began
+            assert gc.get_freeze_count() > before
+            del model
+        assert held() is None
+        assert gc.get_freeze_count() > 0  # the flow's scope still holds
+
+
+@pytest.mark.slow
+def test_a_training_runs_with_the_heap_settled_and_lets_its_model_go(tmp_path):
+    from transformers import TrainerCallback
+
+    seen: dict = {}
+
+    class Watch(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen["frozen"] = gc.get_freeze_count()
+            seen["model"] = weakref.ref(model)
+
+    prompts = tmp_path / "train.jsonl"
+    write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(8)])
+    config = resolve_config("tiny-cpu", {"train": {"epochs": 1}})
+    train_adapter(
+        prompts, config.model, config.lora, config.train, tmp_path / "out", callbacks=[Watch()]
+    )
+    assert seen["frozen"] > 0  # the steps' collections skipped the heap from before
+    assert seen["model"]() is None  # let go when training ended
+    assert gc.get_freeze_count() == 0  # its scope was the outermost
