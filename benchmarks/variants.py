@@ -133,11 +133,11 @@ def host_as_before():
 def heap_as_before():
     """Garbage collections walk every object, as before finance_qlora.heap: no scope freezes
     the heap alive at its entry."""
-    heap.ENABLED = False
+    enabled, heap.ENABLED = heap.ENABLED, False
     try:
         yield
     finally:
-        heap.ENABLED = True
+        heap.ENABLED = enabled
 
 
 def inductor_wrapper(cpp: bool, combo: bool = False):

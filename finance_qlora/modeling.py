@@ -250,7 +250,7 @@ def loaded(
         with suppress(Exception):
             ahead = compiled_ahead(*head_layout(read_model_config(cfg, token)), dtype, device)
     # the heap alive before the model stays out of the collections that let it go
-    with heap.settled():
+    with heap.frozen():
         with ahead:
             model = load_model(cfg, token, adapter_dir)
             tokenizer = load_tokenizer(cfg, token)

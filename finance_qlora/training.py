@@ -185,7 +185,6 @@ def train_adapter(
                 save_compiled=save_compiled,
             )
         except torch.OutOfMemoryError:
-            release_memory()
             settings = smaller_micro_batches(settings)
             log.warning(
                 "out of GPU memory: retrying with micro-batches of %s (%d rows a step, as before)",
@@ -194,6 +193,8 @@ def train_adapter(
                 else f"{settings.batch_size} rows",
                 settings.rows_per_step,
             )
+        # here, not in the except block, whose traceback still holds the failed attempt's model
+        release_memory()
 
 
 def smaller_micro_batches(train: TrainSettings) -> TrainSettings:
@@ -364,7 +365,7 @@ def train_in_process(
         log.info("resuming from %s", checkpoint)
     # the heap alive before the model stays out of the collections in its steps and at its
     # release (finance_qlora.heap)
-    with heap.settled():
+    with heap.frozen():
         trainer = build_trainer(
             prompts_path, model_cfg, lora, train, out_dir, token, [Report(), *callbacks]
         )

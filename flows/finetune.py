@@ -91,7 +91,7 @@ def finetune(
 ) -> dict[str, Any]:
     """Load, format, baseline eval, train, save adapter, final eval; compare and promote."""
     # the heap alive before the run stays out of its garbage collections (finance_qlora.heap)
-    with heap.settled():
+    with heap.frozen():
         config = resolve_config(preset, overrides)
         train_gpus, eval_gpus = devices_for(config)  # "auto" resolved once, step by step
         config = config.model_copy(update={"devices": eval_gpus})  # the gate's evaluations too

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import threading
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import pytest
 
@@ -43,30 +43,42 @@ def cycle_garbage() -> weakref.ref:
     return weakref.ref(Node())
 
 
-def test_garbage_from_before_a_scope_waits_for_its_end():
+def test_what_was_alive_at_the_entry_is_not_walked_until_the_end():
     with no_automatic_collections():
-        gone_before = cycle_garbage()
-        with heap.settled():
+        node = Node()
+        alive_at_entry = weakref.ref(node)
+        with heap.frozen():
+            del node  # garbage now, but frozen with the heap it belonged to
             made_inside = cycle_garbage()
             gc.collect()
             assert made_inside() is None  # the scope's own garbage is collected in it
-            assert gone_before() is not None  # the heap from before is not walked
+            assert alive_at_entry() is not None  # the heap from before is not walked
         assert gc.get_freeze_count() == 0
         gc.collect()
-        assert gone_before() is None  # collected once the scope has ended
+        assert alive_at_entry() is None  # collected once the scope has ended
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_garbage_at_an_entry_is_collected_never_frozen(nested):
+    """A failed attempt's model is garbage when the next attempt's scope begins: collected
+    there (inside the flow's scope, among the objects made since its freeze)."""
+    with no_automatic_collections(), heap.frozen() if nested else nullcontext():
+        failed_attempt = cycle_garbage()
+        with heap.frozen():
+            assert failed_attempt() is None
 
 
 def test_scopes_nest_and_only_the_outermost_end_unfreezes():
-    with heap.settled():
+    with heap.frozen():
         frozen = gc.get_freeze_count()
         assert frozen > 0
-        with heap.settled():
+        with heap.frozen():
             pass
         assert gc.get_freeze_count() >= frozen
         ended = threading.Event()
 
         def in_a_thread():  # a task's scope in a worker thread of the flow's
-            with heap.settled():
+            with heap.frozen():
                 pass
             ended.set()
 
@@ -79,7 +91,7 @@ def test_scopes_nest_and_only_the_outermost_end_unfreezes():
 
 def test_off_it_freezes_nothing(monkeypatch):
     monkeypatch.setattr(heap, "ENABLED", False)
-    with heap.settled():
+    with heap.frozen():
         assert gc.get_freeze_count() == 0
 
 
@@ -92,10 +104,11 @@ def test_a_loaded_model_is_collected_at_its_release_inside_the_flows_scope():
         # a process's first 4-bit load on the CPU logs bitsandbytes' warning with its
         # traceback, whose frames pytest's log capture keeps (and the model with them)
         pass
-    with heap.settled():
+    with heap.frozen():
         before = gc.get_freeze_count()
         with loaded(config.model) as (model, _):
             held = weakref.ref(model)
+            model.holds_itself = [model]  # a reference cycle: only a collection frees it
             # the loading's scope froze what the flow had made since its own began
             assert gc.get_freeze_count() > before
             del model
@@ -104,7 +117,7 @@ def test_a_loaded_model_is_collected_at_its_release_inside_the_flows_scope():
 
 
 @pytest.mark.slow
-def test_a_training_runs_with_the_heap_settled_and_lets_its_model_go(tmp_path):
+def test_a_training_runs_with_the_heap_frozen_and_lets_its_model_go(tmp_path):
     from transformers import TrainerCallback
 
     seen: dict = {}
@@ -123,3 +136,38 @@ def test_a_training_runs_with_the_heap_settled_and_lets_its_model_go(tmp_path):
     assert seen["frozen"] > 0  # the steps' collections skipped the heap from before
     assert seen["model"]() is None  # let go when training ended
     assert gc.get_freeze_count() == 0  # its scope was the outermost
+
+
+@pytest.mark.slow
+def test_an_out_of_memory_attempts_model_is_let_go_before_the_retry_trains(tmp_path):
+    """Inside the flow's scope, the back-off's next attempt never trains beside the failed
+    attempt's model (its GPU memory)."""
+    import torch
+    from transformers import TrainerCallback
+
+    models: list[weakref.ref] = []
+    alive_at_retry: list[bool] = []
+
+    class OutOfMemoryOnce(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            alive_at_retry.extend(m() is not None for m in models)
+            model.holds_itself = [model]  # as a real model may: only a collection frees it
+            models.append(weakref.ref(model))
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if len(models) == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    prompts = tmp_path / "train.jsonl"
+    write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(8)])
+    config = resolve_config("tiny-cpu", {"train": {"epochs": 1, "batch_size": 2}})
+    with heap.frozen():
+        train_adapter(
+            prompts,
+            config.model,
+            config.lora,
+            config.train,
+            tmp_path / "out",
+            callbacks=[OutOfMemoryOnce()],
+        )
+    assert len(models) == 2 and alive_at_retry == [False]
