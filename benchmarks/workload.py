@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import shutil
 import statistics
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -118,36 +119,39 @@ class Setup:
         return path
 
 
-def collections_in_training(into: dict):
-    """A TrainerCallback: Python's garbage collections from the start of training to its end
-    (the timed part) into `into` (benchmarks.watch.collections)."""
-    from transformers import TrainerCallback
+@contextmanager
+def collections_in_training() -> Iterator[dict]:
+    """Python's garbage collections inside `Trainer.train` (the timed part of a training,
+    including the full collection the Trainer itself asks for before its first step,
+    `accelerator.free_memory`), filled in as training ends (benchmarks.watch.collections)."""
+    from transformers import Trainer
 
-    class Callback(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.watching = ExitStack()
-            self.seen = self.watching.enter_context(collections())
+    seen: dict = {}
+    train = Trainer.train
 
-        def on_train_end(self, args, state, control, **kwargs):
-            self.watching.close()
-            into.update(self.seen)
+    def watched(self, *args, **kwargs):
+        collected: dict = {}
+        try:
+            with collections() as collected:
+                return train(self, *args, **kwargs)
+        finally:
+            seen.update(collected)
 
-    return Callback()
+    Trainer.train = watched
+    try:
+        yield seen
+    finally:
+        Trainer.train = train
 
 
 def train_once(setup: Setup, config, prompts: Path, name: str, callbacks=None) -> dict:
     out = setup.args.work / "train-runs" / name
     shutil.rmtree(out, ignore_errors=True)
     release()
-    seen: dict = {}
-    record = train_adapter(
-        prompts,
-        config.model,
-        config.lora,
-        config.train,
-        out,
-        callbacks=[*(callbacks or []), collections_in_training(seen)],
-    )
+    with collections_in_training() as seen:
+        record = train_adapter(
+            prompts, config.model, config.lora, config.train, out, callbacks=callbacks
+        )
     rate = record.tokens / record.seconds
     print(f"  {name}: {record.tokens} tokens in {record.seconds:.2f} s = {rate:,.0f} tok/s")
     return {

@@ -4,10 +4,11 @@ A process that runs the flow tracks hundreds of thousands of objects (modules, c
 functions of torch, transformers, TRL, Prefect), and almost none of them will ever be garbage.
 Yet every full collection walks all of them, about half a second each on the H200 machine's
 CPU. `release_memory` asks for one each time a model is let go (after dequantizing, after each
-evaluation, after training), besides those Python starts by itself. `gc.freeze()` moves every
-object alive at that moment out of the collections until `gc.unfreeze()`; a collection then
-walks only what came after: the model being let go, a step's objects (benchmarks/README.md,
-"The heap kept out of garbage collections").
+evaluation, after training), the Trainer before its first step (`accelerator.free_memory`),
+besides those Python starts by itself. `gc.freeze()` moves every object alive at that moment
+out of the collections until `gc.unfreeze()`; a collection then walks only what came after:
+the model being let go, a step's objects (benchmarks/README.md, "The heap kept out of garbage
+collections").
 
 `frozen()` freezes on entry and unfreezes at the outermost exit. The flow holds one for its
 whole run; each model's loading or training (`modeling.loaded`, the training) holds one nested
