@@ -7,6 +7,7 @@ import gc
 import threading
 import weakref
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,14 @@ def no_automatic_collections():
     finally:
         if enabled:
             gc.enable()
+
+
+@pytest.fixture
+def prompts(tmp_path) -> Path:
+    """Eight training rows for the tiny model."""
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, [to_prompt_completion(r) for r in make_rows(8)])
+    return path
 
 
 def cycle_garbage() -> weakref.ref:
@@ -125,7 +134,7 @@ def test_a_loaded_model_is_collected_at_its_release_inside_the_flows_scope():
 
 
 @pytest.mark.slow
-def test_a_training_runs_with_the_heap_frozen_and_lets_its_model_go(tmp_path):
+def test_a_training_runs_with_the_heap_frozen_and_lets_its_model_go(prompts, tmp_path):
     from transformers import TrainerCallback
 
     seen: dict = {}
@@ -135,8 +144,6 @@ def test_a_training_runs_with_the_heap_frozen_and_lets_its_model_go(tmp_path):
             seen["frozen"] = gc.get_freeze_count()
             seen["model"] = weakref.ref(model)
 
-    prompts = tmp_path / "train.jsonl"
-    write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(8)])
     config = resolve_config("tiny-cpu", {"train": {"epochs": 1}})
     train_adapter(
         prompts, config.model, config.lora, config.train, tmp_path / "out", callbacks=[Watch()]
@@ -147,7 +154,7 @@ def test_a_training_runs_with_the_heap_frozen_and_lets_its_model_go(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_out_of_memory_attempts_model_is_let_go_before_the_retry_trains(tmp_path):
+def test_an_out_of_memory_attempts_model_is_let_go_before_the_retry_trains(prompts, tmp_path):
     """Inside the flow's scope, the back-off's next attempt never trains beside the failed
     attempt's model (its GPU memory)."""
     import torch
@@ -166,8 +173,6 @@ def test_an_out_of_memory_attempts_model_is_let_go_before_the_retry_trains(tmp_p
             if len(models) == 1:
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    prompts = tmp_path / "train.jsonl"
-    write_jsonl(prompts, [to_prompt_completion(r) for r in make_rows(8)])
     config = resolve_config("tiny-cpu", {"train": {"epochs": 1, "batch_size": 2}})
     with heap.frozen():
         train_adapter(
