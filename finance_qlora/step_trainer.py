@@ -2,8 +2,9 @@
 rows (`batching.StepSampler`), computed in micro-batches, with a warm-up that never runs at
 learning rate 0; steps the host never waits for (`sync_free`); one 8-bit optimizer update for
 all adapter weights (`flat_optimizer`); the host's work around a step done once (the FLOPs
-estimate's parameter count, the clip's and the zeroing's weight lists); and the modeling names
-it patches (Liger's kernels) set back after training.
+estimate's parameter count, the clip's and the zeroing's weight lists); and what it leaves in
+process-wide state set back after training: the modeling names it patches (Liger's kernels),
+the embeddings it registers with bitsandbytes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,31 @@ def warmup_that_updates(schedule, warmup_steps: int):
         return schedule(step + 1) if step < warmup_steps else schedule(step)
 
     return factor
+
+
+def forget_optimizer_overrides(model) -> None:
+    """Drop the model's modules from bitsandbytes' process-wide optimizer overrides. With an
+    8-bit optimizer, transformers' Trainer registers every nn.Embedding of the model there (to
+    be optimized in 32 bits), and the registry keeps each module for the life of the process:
+    every training in a worker left its embeddings on the card, 0.25 GiB for a 7B model
+    (benchmarks/results/held-memory-NVIDIA-H200-2026-11-30-*.json). Also what an optimizer
+    derived from them, keyed by the parameters' ids, which a later model's weights may reuse."""
+    registry = sys.modules.get("bitsandbytes.optim.optimizer")
+    if registry is None:  # never imported: nothing registered
+        return
+    manager = registry.GlobalOptimManager.get_instance()
+    mine = {id(module) for module in model.modules()}
+    dropped = [t for t in manager.module_weight_config_triple if id(t[0]) in mine]
+    if not dropped:
+        return
+    configs = {id(config) for _, _, config in dropped}
+    for module, name, _ in dropped:
+        manager.pid2config.pop(id(getattr(module, name, None)), None)
+    for key in [k for k, config in manager.index2config.items() if id(config) in configs]:
+        del manager.index2config[key]
+    manager.module_weight_config_triple[:] = [
+        t for t in manager.module_weight_config_triple if id(t[0]) not in mine
+    ]
 
 
 def drop_gradients(weights: list) -> None:
@@ -192,6 +218,7 @@ def step_trainer_class():
                 if put_back is not None:
                     put_back()
                 self.modeling_names.restore()
+                forget_optimizer_overrides(self.model)
 
         def get_train_dataloader(self):
             # The Trainer's private column filter: what its own loader would feed the collator.

@@ -154,6 +154,59 @@ def test_a_training_runs_with_the_heap_frozen_and_lets_its_model_go(prompts, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "adamw_bnb_8bit"])
+def test_an_8bit_training_leaves_no_embeddings_in_the_optimizer_registry(
+    optimizer, prompts, tmp_path
+):
+    """transformers registers each embedding with bitsandbytes' process-wide optimizer
+    registry, which kept it (on the card) for the life of the worker: let go with the model."""
+    from bitsandbytes.optim import GlobalOptimManager
+    from transformers import TrainerCallback
+
+    seen: dict = {}
+
+    class Watch(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            registered = GlobalOptimManager.get_instance().module_weight_config_triple
+            seen["registered"] = [module for module, _, _ in registered]
+            seen["embeddings"] = weakref.ref(model.get_input_embeddings())
+
+    config = resolve_config("tiny-cpu", {"train": {"epochs": 1, "optimizer": optimizer}})
+    train_adapter(
+        prompts, config.model, config.lora, config.train, tmp_path / "out", callbacks=[Watch()]
+    )
+    # registered while training (the override still reached the optimizer)
+    assert any(module is seen["embeddings"]() for module in seen.pop("registered"))
+    gc.collect()
+    assert seen["embeddings"]() is None
+
+
+def test_forgetting_a_models_optimizer_overrides_keeps_every_other_models(monkeypatch):
+    """What an optimizer derived from the overrides goes with the model's modules: keyed by
+    parameter ids (a later model's may reuse them) and by the optimizer's positions."""
+    import torch
+    from bitsandbytes.optim import Adam8bit, GlobalOptimManager
+
+    from finance_qlora.step_trainer import forget_optimizer_overrides
+
+    monkeypatch.setattr(GlobalOptimManager, "_instance", None)  # a registry of the test's own
+    manager = GlobalOptimManager.get_instance()
+    models = [torch.nn.Sequential(torch.nn.Embedding(300, 64)) for _ in range(2)]
+    for model in models:
+        manager.register_module_override(model[0], "weight", {"optim_bits": 32})
+        Adam8bit(model.parameters()).check_overrides()  # as an optimizer's first step does
+    assert set(manager.pid2config) == {id(m[0].weight) for m in models}
+    assert manager.index2config  # (group, position) -> the last optimizer's config
+
+    forget_optimizer_overrides(models[1])
+    assert [module for module, _, _ in manager.module_weight_config_triple] == [models[0][0]]
+    assert set(manager.pid2config) == {id(models[0][0].weight)}
+    assert manager.index2config == {}  # the position was the forgotten model's
+    forget_optimizer_overrides(models[0])
+    assert manager.module_weight_config_triple == [] and manager.pid2config == {}
+
+
+@pytest.mark.slow
 def test_an_out_of_memory_attempts_model_is_let_go_before_the_retry_trains(prompts, tmp_path):
     """Inside the flow's scope, the back-off's next attempt never trains beside the failed
     attempt's model (its GPU memory)."""

@@ -233,6 +233,11 @@ def test_every_benchmark_variant_is_a_configuration_at_the_recipes_schedule():
         assert config.rows_per_step == 16, name
         if config.compile:
             compiled.add(name)
-    # the preset's own train section: as shipped, and with the heap as before finance_qlora.heap
-    preset = {"llama2-7b-h100", "llama2-7b-h100-heap-as-before"}
+    # the preset's own train section: as shipped, and with the heap (finance_qlora.heap) or the
+    # optimizer registry (step_trainer.forget_optimizer_overrides) as before
+    preset = {
+        "llama2-7b-h100",
+        "llama2-7b-h100-heap-as-before",
+        "llama2-7b-h100-registry-as-before",
+    }
     assert compiled == {n for n in TRAIN_VARIANTS if "compiled" in n or n in preset}
