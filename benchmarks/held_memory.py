@@ -7,8 +7,9 @@ with the Python stack that allocated it).
 
 After each training and its release: the memory still allocated, each training's speed, the
 blocks alive that came since the previous training's end, grouped by where they were
-allocated, and for the largest the Python tensors on them and what refers to those.
-Results: <out>/held-memory-<gpu>-<date>.json.
+allocated (a block is new unless one of the same address and size was alive before), and for
+the largest the Python tensors on them and what keeps those alive.
+Results: <out>/held-memory-<gpu>-<date><tag>.json.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def paths_up(start, ignore: set[int], depth: int = 12, limit: int = 3000) -> lis
             and not isinstance(r, types.FrameType)
             and r is not queue
             and r is not ups
+            and r is not nodes
         ]
         is_globals = isinstance(obj, dict) and "__name__" in obj and "__loader__" in obj
         if is_globals or not ups:
@@ -158,6 +160,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--variant", default="llama2-7b-h100", choices=TRAIN_VARIANTS)
     parser.add_argument("--trainings", type=int, default=4)
+    parser.add_argument("--tag", default="", help="added to the file's name: -before, -after")
     parser.add_argument("--profile", default="", help="unused; Setup's runner reads it")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "a CUDA device is needed"
@@ -210,7 +213,7 @@ def main() -> None:
         "trainings": trainings,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"held-memory-{gpu}-{date}.json"
+    path = args.out / f"held-memory-{gpu}-{date}{args.tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(path)
 

@@ -215,10 +215,12 @@ def step_trainer_class():
             try:
                 return super().train(*args, **kwargs)
             finally:
-                if put_back is not None:
-                    put_back()
-                self.modeling_names.restore()
-                forget_optimizer_overrides(self.model)
+                try:
+                    if put_back is not None:
+                        put_back()
+                    self.modeling_names.restore()
+                finally:
+                    forget_optimizer_overrides(self.model)
 
         def get_train_dataloader(self):
             # The Trainer's private column filter: what its own loader would feed the collator.
