@@ -69,6 +69,8 @@ TRAIN_VARIANTS["llama2-7b-h100-heap-as-before"] = TRAIN_VARIANTS["llama2-7b-h100
 # the preset with each training's embeddings left in bitsandbytes' optimizer registry (before
 # step_trainer.forget_optimizer_overrides)
 TRAIN_VARIANTS["llama2-7b-h100-registry-as-before"] = TRAIN_VARIANTS["llama2-7b-h100"]
+# a diagnostic: the preset with dynamo's guards left unchecked at each compiled layer's call
+TRAIN_VARIANTS["llama2-7b-h100-guards-skipped"] = TRAIN_VARIANTS["llama2-7b-h100"]
 # the same settings with the host's work around a step as before 2026-11-29 (see
 # host_as_before): each beside the setting as it is
 TRAIN_VARIANTS |= {
@@ -159,6 +161,16 @@ def registry_as_before():
         step_trainer.forget_optimizer_overrides = forget
 
 
+@contextmanager
+def guards_skipped():
+    """A diagnostic of the host time dynamo's guards cost at each compiled layer's call:
+    torch.compiler.set_stance's `skip_guard_eval_unsafe` (only the guards that tell cache
+    entries apart are checked). Not for a product: an input the graph does not fit would run it
+    anyway."""
+    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+        yield
+
+
 def inductor_wrapper(cpp: bool, combo: bool = False):
     """A TrainerCallback factory: the compiled layers' kernels called from inductor's C++
     wrapper (`cpp`) or its Python one; with `combo`, independent kernels of a graph launched as
@@ -198,6 +210,7 @@ VARIANT_CALLBACKS = {
     "llama2-7b-h100": [inductor_wrapper(False)],
     "llama2-7b-h100-heap-as-before": [inductor_wrapper(False)],
     "llama2-7b-h100-registry-as-before": [inductor_wrapper(False)],
+    "llama2-7b-h100-guards-skipped": [inductor_wrapper(False)],
     "llama2-7b-h100-compiled-noliger": [inductor_wrapper(False)],
     "llama2-7b-h100-compiled-noliger-cppwrapper": [inductor_wrapper(True)],
     "llama2-7b-h100-compiled-noliger-combo": [inductor_wrapper(False, combo=True)],
@@ -211,6 +224,7 @@ VARIANT_CALLBACKS = {
 VARIANT_CONTEXTS = {
     "llama2-7b-h100-heap-as-before": heap_as_before,
     "llama2-7b-h100-registry-as-before": registry_as_before,
+    "llama2-7b-h100-guards-skipped": guards_skipped,
     "llama2-7b-h100-eager-host-as-before": host_as_before,
     "llama2-7b-h100-compiled-noliger-cppwrapper-host-as-before": host_as_before,
 }
