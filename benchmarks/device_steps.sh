@@ -215,5 +215,27 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
     # preset's compiled layers since 2026-11-29, eager Liger layers before)
     python3 benchmarks/multi_gpu.py --data $DATA --work /tmp/bench --out "$OUT" --arch llama2-7b \
       --phase flow --flow-data ${FLOW_DATA:-default} --flow-gpus ${FLOW_GPUS:-1 2} ;;
+  host-stacks) # one GPU: where the host's time goes in the preset's warm steps (py-spy, carried
+    # in .whl2; $STACKS_VARIANT, default the preset)
+    CUDA_VISIBLE_DEVICES=0 PATH=/tmp/site/bin:$PATH python3 benchmarks/host_stacks.py \
+      --data $DATA --work /tmp/bench --out "$OUT" --variant ${STACKS_VARIANT:-llama2-7b-h100} \
+      --runs 2 ${STACKS_ARGS:-} ;;
+  mm-host) # one torch.mm of the layers' shapes in a bare process (no wheels needed): the host's
+    # time a call; then with cuBLASLt's heuristics cache 8 times larger
+    python3 benchmarks/mm_host.py --out "$OUT"
+    CUBLASLT_HEURISTICS_CACHE_CAPACITY=65536 python3 benchmarks/mm_host.py --out "$OUT" \
+      --tag=-capacity65536 ;;
+  mm-timed) # one GPU: the preset with each matrix product's host time recorded, in turn with
+    # cuBLASLt's heuristics cache 8 times larger
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+      --out "$OUT" --sections train --runs 3 --interleave --reference-rows 4 \
+      --variants llama2-7b-h100-mm-timed,llama2-7b-h100-heuristics-65536 ;;
+  workspace) # does naming CUBLAS_WORKSPACE_CONFIG (for the deterministic generation) change
+    # what a product computes (bit for bit, the layers' shapes)? then the preset as it is (the
+    # variable named, its products timed) in turn with it taken away while it trains
+    python3 benchmarks/mm_host.py --out "$OUT" --same-results
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+      --out "$OUT" --sections train --runs 3 --interleave --reference-rows 4 \
+      --variants llama2-7b-h100-mm-timed,llama2-7b-h100-workspace-unnamed ;;
   *) echo "unknown step $1"; exit 2 ;;
 esac

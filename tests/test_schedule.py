@@ -240,5 +240,8 @@ def test_every_benchmark_variant_is_a_configuration_at_the_recipes_schedule():
         "llama2-7b-h100-heap-as-before",
         "llama2-7b-h100-registry-as-before",
         "llama2-7b-h100-guards-skipped",  # a diagnostic of dynamo's guards
+        "llama2-7b-h100-mm-timed",  # diagnostics of the matrix products' host time
+        "llama2-7b-h100-heuristics-65536",
+        "llama2-7b-h100-workspace-unnamed",
     }
     assert compiled == {n for n in TRAIN_VARIANTS if "compiled" in n or n in preset}

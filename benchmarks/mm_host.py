@@ -1,0 +1,308 @@
+"""The host's time for one matrix product of a compiled layer's shapes (bf16, LLaMA-2-7B's
+widths, a packed micro-batch of n tokens): what `extern_kernels.mm` costs the thread that
+issues it, apart from the GPU's time.
+
+    python benchmarks/mm_host.py --out benchmarks/results
+
+Each call is timed on the host alone (the GPU synchronised before, so no full launch queue
+waits in it), for: one shape again and again; a token count not met before in the process
+(as each packed step brings); token counts met before; and, for comparison, an elementwise
+kernel. Then calls issued back to back without synchronising, as a training step does: the
+host's time a call once the GPU falls behind (a full launch queue makes the host wait).
+cuBLAS and cuBLASLt (torch.backends.cuda.preferred_blas_library) each. Then calls cycling over
+more and more token counts (cuBLASLt's heuristics cache, 8,192 shapes by default: run again
+with CUBLASLT_HEURISTICS_CACHE_CAPACITY=65536 to compare). First of all (alone with
+--operands-only): one shape with each of 32 layers' own operands against one set again and
+again, the GPU idle or busy, the LoRA weights' gradients' layouts, and under autocast.
+Results: <out>/mm-host-<gpu>-<date><tag>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from statistics import median
+
+import torch
+
+WIDTHS = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 16), (16, 4096)]
+
+
+def host_us(call, repeats: int = 1) -> float:
+    """Median host microseconds of `call`, the GPU idle before each."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return round(1e6 * median(times), 1)
+
+
+def measure(tokens: list[int], fresh: list[int]) -> dict:
+    dev, dtype = "cuda", torch.bfloat16
+    weights = {w: torch.randn(*w, device=dev, dtype=dtype) for w in WIDTHS}
+    inputs = {n: torch.randn(n, 11008, device=dev, dtype=dtype) for n in tokens + fresh}
+
+    def mm(n: int, w: tuple[int, int]):
+        x = inputs[n][:, : w[0]]
+        return lambda: torch.mm(x, weights[w])
+
+    for n in tokens:  # every shape of `tokens` met once
+        for w in WIDTHS:
+            mm(n, w)()
+    result = {}
+    for w in WIDTHS:
+        name = f"{w[0]}x{w[1]}"
+        result[name] = {
+            "same_shape_us": host_us(mm(tokens[0], w), 50),
+            "met_before_us": median(host_us(mm(n, w)) for n in tokens),
+            # each first call of a token count in the process
+            "new_tokens_us": median(host_us(mm(n, w)) for n in fresh),
+        }
+    a = inputs[tokens[0]]
+    result["elementwise_add_us"] = host_us(lambda: a.add(a), 50)
+    # back to back, as a step issues them: the host's time a call with the GPU behind
+    big = weights[(11008, 4096)]
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(2000):
+        torch.mm(inputs[tokens[0]], big)
+    issued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    done = time.perf_counter() - start
+    result["back_to_back_2000"] = {
+        "host_us_a_call": round(1e6 * issued / 2000, 1),
+        "gpu_us_a_call": round(1e6 * done / 2000, 1),
+    }
+    return result
+
+
+def heuristics_cache_capacity() -> int | None:
+    """cuBLASLt's heuristics cache capacity (cublasLtHeuristicsCacheGetCapacity), from the
+    library torch loaded; None where it is not found."""
+    import ctypes
+
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if "libcublasLt" in line:
+            lib = ctypes.CDLL(line.split()[-1])
+            capacity = ctypes.c_size_t()
+            lib.cublasLtHeuristicsCacheGetCapacity(ctypes.byref(capacity))
+            return capacity.value
+    return None
+
+
+def cycles(counts: list[int], start: int = 4001) -> dict:
+    """Calls cycling over `count` token counts (as a run's steps bring them, one after the
+    other): the host's median time a call in the second pass, when each shape was met once,
+    count shapes ago. A least-recently-used cache smaller than the cycle misses every call."""
+    weight = torch.randn(512, 512, device="cuda", dtype=torch.bfloat16)  # GPU time small
+    pool = torch.randn(start + sum(counts) + 16, 512, device="cuda", dtype=torch.bfloat16)
+    result = {}
+    for count in counts:
+        tokens = list(range(start, start + count))
+        start += count
+        for n in tokens:  # first pass: every shape met once
+            torch.mm(pool[:n], weight)
+        result[str(count)] = median(host_us(lambda n=n: torch.mm(pool[:n], weight)) for n in tokens)
+    return result
+
+
+def operands(n: int = 2200, layers: int = 32) -> dict:
+    """One shape, as the 32 layers call it: each layer's own weight, input and output (other
+    addresses each call), against one set of operands again and again; each with the GPU idle
+    before the call, and with the GPU busy (a long product queued first, the launch queue far
+    from full). Beside the host's times, the GPU's (gpu_*): a setting that saves the host time
+    must not cost the card more."""
+    dev, dtype = "cuda", torch.bfloat16
+    weights = [torch.randn(4096, 4096, device=dev, dtype=dtype) for _ in range(layers)]
+    inputs = [torch.randn(n, 4096, device=dev, dtype=dtype) for _ in range(layers)]
+    outs = [torch.empty(n, 4096, device=dev, dtype=dtype) for _ in range(layers)]
+    big = torch.randn(16384, 16384, device=dev, dtype=dtype)
+    for i in range(layers):
+        torch.mm(inputs[i], weights[i], out=outs[i])
+
+    def busy_us(calls) -> float:
+        torch.cuda.synchronize()
+        torch.mm(big, big)  # about 10 ms of GPU work ahead of the timed calls
+        start = time.perf_counter()
+        for call in calls:
+            call()
+        seconds = time.perf_counter() - start
+        torch.cuda.synchronize()
+        return round(1e6 * seconds / len(calls), 1)
+
+    lora = torch.randn(n, 16, device=dev, dtype=dtype)
+    grad_a = torch.empty(4096, 16, device=dev, dtype=dtype)
+    grad_b = torch.empty(16, 4096, device=dev, dtype=dtype)
+    # the LoRA weights' gradients of the backward: a long reduction (n) into a small output
+    weight_grads = [
+        lambda i=i: torch.mm(inputs[i].t(), lora, out=grad_a) for i in range(layers)
+    ] + [lambda i=i: torch.mm(lora.t(), inputs[i], out=grad_b) for i in range(layers)]
+    for call in weight_grads:
+        call()
+    same = [lambda: torch.mm(inputs[0], weights[0], out=outs[0])] * layers
+    each = [lambda i=i: torch.mm(inputs[i], weights[i], out=outs[i]) for i in range(layers)]
+    # the MLP's products (up and down projections), four layers' weights
+    ups = [torch.randn(4096, 11008, device=dev, dtype=dtype) for _ in range(4)]
+    downs = [torch.randn(11008, 4096, device=dev, dtype=dtype) for _ in range(4)]
+    hidden = torch.empty(n, 11008, device=dev, dtype=dtype)
+    mlp = [lambda i=i: torch.mm(inputs[i], ups[i], out=hidden) for i in range(4)] + [
+        lambda i=i: torch.mm(hidden, downs[i], out=outs[i]) for i in range(4)
+    ]
+    for call in mlp:
+        call()
+
+    def gpu_us(calls) -> float:
+        """The GPU's time a call, the calls back to back (CUDA events)."""
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for call in calls * 3:
+            call()
+        end.record()
+        torch.cuda.synchronize()
+        return round(1e3 * start.elapsed_time(end) / (3 * len(calls)), 1)
+
+    return {
+        "gpu_each_layers_operands_us": gpu_us(each),
+        "gpu_lora_weight_grads_us": gpu_us(weight_grads),
+        "idle_mlp_us": median(host_us(c) for c in mlp * 3),
+        "gpu_mlp_us": gpu_us(mlp),
+        "idle_same_operands_us": median(host_us(c) for c in same * 3),
+        "idle_each_layers_operands_us": median(host_us(c) for c in each * 3),
+        "busy_same_operands_us": median(busy_us(same) for _ in range(5)),
+        "busy_each_layers_operands_us": median(busy_us(each) for _ in range(5)),
+        "idle_lora_weight_grads_us": median(host_us(c) for c in weight_grads * 2),
+        "idle_under_autocast_us": autocast_us(each),
+    }
+
+
+def autocast_us(calls) -> float:
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        return median(host_us(c) for c in calls * 3)
+
+
+def workspace_named_later(n: int = 2200) -> dict:
+    """Does cuBLAS read CUBLAS_WORKSPACE_CONFIG at each call, or once? The host's time a
+    product with the variable unset, then named in this process (os.environ), then unset
+    again, then in a new thread (a new cuBLAS handle) while it is named and after."""
+    import os
+    import threading
+
+    weight = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(n, 4096, device="cuda", dtype=torch.bfloat16)
+    call = lambda: torch.mm(x, weight)  # noqa: E731
+    call()
+    result = {"unset_us": host_us(call, 50)}
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    result["named_us"] = host_us(call, 50)
+
+    def in_thread(key: str) -> None:
+        call()
+        result[key] = host_us(call, 50)
+
+    thread = threading.Thread(target=in_thread, args=("named_new_thread_us",))
+    thread.start()
+    thread.join()
+    del os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    result["unset_again_us"] = host_us(call, 50)
+    thread = threading.Thread(target=in_thread, args=("unset_new_thread_us",))
+    thread.start()
+    thread.join()
+    return result
+
+
+def same_results() -> dict:
+    """Does naming the variable change what a product computes (cuBLAS's kernel choice)? Every
+    product shape of a 7B layer's forward and backward with LoRA r=16 (the transposed operands
+    as the backward passes them), at several token counts, computed with it named and unnamed
+    in turn: bit for bit equal or not."""
+    import os
+
+    dev, dtype = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=dev, dtype=dtype, generator=g)
+
+    pairs = []
+    for n in (1531, 2200, 2987, 4096):
+        x, h, lora = rand(n, 4096), rand(n, 11008), rand(n, 16)
+        w, up, down = rand(4096, 4096), rand(4096, 11008), rand(11008, 4096)
+        a, b = rand(4096, 16), rand(16, 4096)
+        pairs += [
+            (x, w),
+            (x, up),
+            (h, down),
+            (x, a),
+            (lora, b),  # forward
+            (x, w.t()),
+            (h, up.t()),
+            (x, down.t()),
+            (lora, a.t()),
+            (x, b.t()),  # input grads
+            (x.t(), lora),
+            (lora.t(), x),
+            (x.t(), x[:, :4096]),
+            (x.t(), h),  # weight grads
+        ]
+    results = {}
+    for named in (True, False, True):
+        if named:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+        else:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        results.setdefault(named, []).append([torch.mm(p, q) for p, q in pairs])
+    same = [torch.equal(u, v) for u, v in zip(results[True][0], results[False][0], strict=True)]
+    again = [torch.equal(u, v) for u, v in zip(results[True][0], results[True][1], strict=True)]
+    return {"products": len(pairs), "equal_named_unnamed": sum(same), "equal_again": sum(again)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--operands-only", action="store_true")
+    parser.add_argument("--workspace-named-later", action="store_true")
+    parser.add_argument("--same-results", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    tokens = list(range(2048, 2048 + 40 * 7, 7))  # 40 token counts, met before
+    fresh = list(range(3001, 3001 + 40 * 11, 11))  # 40 more, each new when timed
+    gpu = torch.cuda.get_device_name(0).replace(" ", "-")
+    date = datetime.now(UTC).date().isoformat()
+    out = {"machine": gpu, "date": date, "command": " ".join(sys.argv)}
+    out["torch"], out["cuda"] = torch.__version__, torch.version.cuda
+    out["default_blas"] = str(torch.backends.cuda.preferred_blas_library())
+    if args.same_results:  # alone: it changes the process's environment
+        print("same results", same_results(), flush=True)
+        return
+    if args.workspace_named_later:  # alone: it changes the process's environment
+        print("workspace named later", workspace_named_later(), flush=True)
+        return
+    out["operands"] = operands()
+    print("operands", out["operands"], flush=True)
+    half = len(fresh) // 2
+    for backend in [] if args.operands_only else ["cublas", "cublaslt"]:
+        torch.backends.cuda.preferred_blas_library(backend)
+        part = fresh[:half] if backend == "cublas" else fresh[half:]
+        out[backend] = measure(tokens, part)
+        print(backend, json.dumps(out[backend]), flush=True)
+    out["heuristics_cache_capacity"] = heuristics_cache_capacity()
+    if not args.operands_only:
+        out["cycle_second_pass_us"] = cycles([64, 512, 2048, 6144, 12288])
+        print(out["heuristics_cache_capacity"], out["cycle_second_pass_us"], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"mm-host-{gpu}-{date}{args.tag}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
