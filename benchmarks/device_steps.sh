@@ -233,7 +233,7 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
   workspace) # does naming CUBLAS_WORKSPACE_CONFIG (for the deterministic generation) change
     # what a product computes (bit for bit, the layers' shapes)? then the preset as it is (the
     # variable named, its products timed) in turn with it taken away while it trains
-    python3 benchmarks/mm_host.py --out "$OUT" --same-results
+    python3 benchmarks/workspace_config.py --out "$OUT" --same-results
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
       --out "$OUT" --sections train --runs 3 --interleave --reference-rows 4 \
       --variants llama2-7b-h100-mm-timed,llama2-7b-h100-workspace-unnamed ;;

@@ -69,14 +69,15 @@ def short(path: str) -> str:
 
 
 def summarize(
-    raw: str, rate: float, steps: int, within: str = "_inner_training_loop", top: int = 40
+    raw: str, rate: float, steps: int, within: str = "_inner_training_loop", top: int = 80
 ) -> list[dict]:
     """Per thread, busiest first: busy milliseconds a step, and the functions (inclusive: a
     sample counts once for every function on its stack) and lines (self: the innermost frame)
     that took most of its samples, with each line's source where this machine has the file.
     The main thread's samples count only within the function `within` (the steps, not the
-    model's build and release around each run); other threads' (the autograd engine's, which
-    runs the backward) all count."""
+    model's build and release around each run); every other thread's all count: the autograd
+    engine's, which runs the backward, and any other busy in the window (a model load's copy
+    threads, the data loader's pinning thread), each reported apart."""
     threads = []
     for thread, stacks in parse(raw).items():
         if thread.endswith("MainThread"):
@@ -89,7 +90,8 @@ def summarize(
         inclusive: Counter = Counter()
         own: Counter = Counter()
         for frames, count in stacks:
-            for key in {(function[:160], file) for function, file, _ in frames}:
+            # each function once a sample, in stack order (ties then sort the same every time)
+            for key in dict.fromkeys((function, file) for function, file, _ in frames):
                 inclusive[key] += count
             if frames:
                 own[frames[-1]] += count
@@ -105,7 +107,7 @@ def summarize(
                 "self": [
                     {
                         "share": round(n / samples, 4),
-                        "function": f[:160],
+                        "function": f,
                         "at": f"{short(p)}:{line}",
                         "source": linecache.getline(p, line).strip() if line else "",
                     }
@@ -191,11 +193,15 @@ def main() -> None:
     record += ["--format", "raw", "--threads", "--nonblocking", "--full-filenames"]
     spying = subprocess.Popen([*record, "-o", str(raw_path)])
     time.sleep(3)  # attached
-    started = time.perf_counter()
-    timed = [run(str(i)) for i in range(args.runs)]
-    window = time.perf_counter() - started
-    spying.send_signal(signal.SIGINT)
-    spying.wait(timeout=120)
+    if spying.poll() is not None:
+        raise SystemExit(f"py-spy could not sample this process (exit {spying.returncode})")
+    try:
+        started = time.perf_counter()
+        timed = [run(str(i)) for i in range(args.runs)]
+        window = time.perf_counter() - started
+    finally:  # py-spy writes its samples when interrupted
+        spying.send_signal(signal.SIGINT)
+        spying.wait(timeout=120)
     steps = sum(t["steps"] for t in timed)
     result = {
         "machine": gpu,

@@ -11,10 +11,11 @@ kernel. Then calls issued back to back without synchronising, as a training step
 host's time a call once the GPU falls behind (a full launch queue makes the host wait).
 cuBLAS and cuBLASLt (torch.backends.cuda.preferred_blas_library) each. Then calls cycling over
 more and more token counts (cuBLASLt's heuristics cache, 8,192 shapes by default: run again
-with CUBLASLT_HEURISTICS_CACHE_CAPACITY=65536 to compare). First of all (alone with
---operands-only): one shape with each of 32 layers' own operands against one set again and
-again, the GPU idle or busy, the LoRA weights' gradients' layouts, and under autocast.
-Results: <out>/mm-host-<gpu>-<date><tag>.json.
+with CUBLASLT_HEURISTICS_CACHE_CAPACITY=65536 to compare; through torch's default library since
+2026-11-30: before, through cuBLASLt). First of all (alone with --operands-only): one shape
+with each of 32 layers' own operands against one set again and again, the GPU idle or busy,
+the LoRA weights' gradients' layouts, and under autocast. CUBLAS_WORKSPACE_CONFIG's part:
+workspace_config.py. Results: <out>/mm-host-<gpu>-<date><tag>.json.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def operands(n: int = 2200, layers: int = 32) -> dict:
         call()
 
     def gpu_us(calls) -> float:
-        """The GPU's time a call, the calls back to back (CUDA events)."""
+        """The GPU's time a call, the calls back to back (CUDA events); for products smaller than
+        their launch (the LoRA weights' gradients), the host's pace instead."""
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -188,89 +190,11 @@ def autocast_us(calls) -> float:
         return median(host_us(c) for c in calls * 3)
 
 
-def workspace_named_later(n: int = 2200) -> dict:
-    """Does cuBLAS read CUBLAS_WORKSPACE_CONFIG at each call, or once? The host's time a
-    product with the variable unset, then named in this process (os.environ), then unset
-    again, then in a new thread (a new cuBLAS handle) while it is named and after."""
-    import os
-    import threading
-
-    weight = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(n, 4096, device="cuda", dtype=torch.bfloat16)
-    call = lambda: torch.mm(x, weight)  # noqa: E731
-    call()
-    result = {"unset_us": host_us(call, 50)}
-    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-    result["named_us"] = host_us(call, 50)
-
-    def in_thread(key: str) -> None:
-        call()
-        result[key] = host_us(call, 50)
-
-    thread = threading.Thread(target=in_thread, args=("named_new_thread_us",))
-    thread.start()
-    thread.join()
-    del os.environ["CUBLAS_WORKSPACE_CONFIG"]
-    result["unset_again_us"] = host_us(call, 50)
-    thread = threading.Thread(target=in_thread, args=("unset_new_thread_us",))
-    thread.start()
-    thread.join()
-    return result
-
-
-def same_results() -> dict:
-    """Does naming the variable change what a product computes (cuBLAS's kernel choice)? Every
-    product shape of a 7B layer's forward and backward with LoRA r=16 (the transposed operands
-    as the backward passes them), at several token counts, computed with it named and unnamed
-    in turn: bit for bit equal or not."""
-    import os
-
-    dev, dtype = "cuda", torch.bfloat16
-    g = torch.Generator(device=dev).manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, device=dev, dtype=dtype, generator=g)
-
-    pairs = []
-    for n in (1531, 2200, 2987, 4096):
-        x, h, lora = rand(n, 4096), rand(n, 11008), rand(n, 16)
-        w, up, down = rand(4096, 4096), rand(4096, 11008), rand(11008, 4096)
-        a, b = rand(4096, 16), rand(16, 4096)
-        pairs += [
-            (x, w),
-            (x, up),
-            (h, down),
-            (x, a),
-            (lora, b),  # forward
-            (x, w.t()),
-            (h, up.t()),
-            (x, down.t()),
-            (lora, a.t()),
-            (x, b.t()),  # input grads
-            (x.t(), lora),
-            (lora.t(), x),
-            (x.t(), x[:, :4096]),
-            (x.t(), h),  # weight grads
-        ]
-    results = {}
-    for named in (True, False, True):
-        if named:
-            os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-        else:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-        results.setdefault(named, []).append([torch.mm(p, q) for p, q in pairs])
-    same = [torch.equal(u, v) for u, v in zip(results[True][0], results[False][0], strict=True)]
-    again = [torch.equal(u, v) for u, v in zip(results[True][0], results[True][1], strict=True)]
-    return {"products": len(pairs), "equal_named_unnamed": sum(same), "equal_again": sum(again)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default="")
     parser.add_argument("--operands-only", action="store_true")
-    parser.add_argument("--workspace-named-later", action="store_true")
-    parser.add_argument("--same-results", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     tokens = list(range(2048, 2048 + 40 * 7, 7))  # 40 token counts, met before
@@ -279,13 +203,8 @@ def main() -> None:
     date = datetime.now(UTC).date().isoformat()
     out = {"machine": gpu, "date": date, "command": " ".join(sys.argv)}
     out["torch"], out["cuda"] = torch.__version__, torch.version.cuda
-    out["default_blas"] = str(torch.backends.cuda.preferred_blas_library())
-    if args.same_results:  # alone: it changes the process's environment
-        print("same results", same_results(), flush=True)
-        return
-    if args.workspace_named_later:  # alone: it changes the process's environment
-        print("workspace named later", workspace_named_later(), flush=True)
-        return
+    default = torch.backends.cuda.preferred_blas_library()
+    out["default_blas"] = str(default)
     out["operands"] = operands()
     print("operands", out["operands"], flush=True)
     half = len(fresh) // 2
@@ -294,6 +213,7 @@ def main() -> None:
         part = fresh[:half] if backend == "cublas" else fresh[half:]
         out[backend] = measure(tokens, part)
         print(backend, json.dumps(out[backend]), flush=True)
+    torch.backends.cuda.preferred_blas_library(default)  # the cycles through torch's default
     out["heuristics_cache_capacity"] = heuristics_cache_capacity()
     if not args.operands_only:
         out["cycle_second_pass_us"] = cycles([64, 512, 2048, 6144, 12288])

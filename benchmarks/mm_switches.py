@@ -12,8 +12,9 @@ import torch
 @contextmanager
 def mm_timed():
     """A diagnostic: the host's time of every `extern_kernels.mm` the compiled layers' code calls
-    (forward and backward), printed after the run with how many shapes it met. The wrapper
-    costs about a microsecond a call."""
+    (forward and backward), printed after the run with how many shapes it met. The wrapper adds
+    a timer pair and a set insertion to each call (its own cost not measured): compare runs
+    that both have it."""
     import time
     from statistics import median
 
@@ -64,6 +65,9 @@ def heuristics_capacity(capacity: int = 65536):
     lib, before = cublaslt(), ctypes.c_size_t()
     lib.cublasLtHeuristicsCacheGetCapacity(ctypes.byref(before))
     lib.cublasLtHeuristicsCacheSetCapacity(ctypes.c_size_t(capacity))
+    now = ctypes.c_size_t()
+    lib.cublasLtHeuristicsCacheGetCapacity(ctypes.byref(now))
+    assert now.value == capacity, f"cuBLASLt kept its heuristics cache at {now.value}"
     try:
         with mm_timed():
             yield
@@ -77,8 +81,10 @@ def workspace_unnamed():
     variable once for its deterministic algorithms, at the process's first matrix product (a
     C++ static): one product is made first while it is named, so a deterministic generation
     later in the process still finds it was. Something reads it at every product (the host's
-    time a product follows it: mm_host.py --workspace-named-later), so the runs' products do not
-    pay for it. Does nothing where it is unset."""
+    time a product follows it: workspace_config.py --named-later), so the runs' products do not
+    pay for it. Does nothing where it is unset. Where the variable sets the size of torch's cuBLAS
+    workspace, taking it away leaves torch's default: the same 32 MiB as `:4096:8` on Hopper and
+    later cards, less on older ones."""
     import os
 
     value = os.environ.get("CUBLAS_WORKSPACE_CONFIG")

@@ -24,8 +24,9 @@ from finance_qlora.modeling import release_memory, stop_token_ids
 log = logging.getLogger(__name__)
 # cuBLAS's workspace for reproducible matmuls (`reproducible`), named before the process's first
 # matmul, when torch checks it once; the size of its default on an H100/H200 (32 MiB). While it
-# is named, each matmul of the process costs the host about 28 us more (training's too; an
-# H200, torch 2.11: benchmarks/README.md, "Where the host's time goes in a warm step").
+# is named, each matmul costs the host about 28 us more in a bare process (an H200, torch 2.11;
+# in training: not measured yet; benchmarks/README.md, "Where the host's time goes in a warm
+# step").
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 

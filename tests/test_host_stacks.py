@@ -41,40 +41,12 @@ def test_the_main_threads_samples_count_only_within_the_training_loop():
     assert backward["samples"] == 3 and backward["busy_ms_a_step"] == 15.0
 
 
-def test_timing_the_layers_matrix_products_changes_no_result_and_puts_torch_back(capsys):
-    """benchmarks.mm_switches.mm_timed times what the compiled code's extern_kernels.mm costs the
-    host, for the run it wraps only."""
-    import torch
-    from torch._inductor.select_algorithm import extern_kernels
-
-    from benchmarks.mm_switches import mm_timed
-
-    before = extern_kernels.mm
-    a, b = torch.randn(3, 4), torch.randn(4, 5)
-    with mm_timed():
-        assert extern_kernels.mm is not before
-        out = torch.empty(3, 5)
-        extern_kernels.mm(a, b, out=out)
-        extern_kernels.mm(b.t(), a.t())
-    assert extern_kernels.mm is before
-    assert torch.equal(out, a @ b)
-    printed = capsys.readouterr().out
-    assert "mm host: 2 calls" in printed and "2 shapes" in printed
-
-
-def test_the_workspace_variable_is_away_for_the_run_only(monkeypatch, capsys):
-    """benchmarks.mm_switches.workspace_unnamed: CUBLAS_WORKSPACE_CONFIG (which the deterministic
-    generation needs named) is gone while the run trains and named again after; a process that
-    never named it is left alone."""
-    import os
-
-    from benchmarks.mm_switches import workspace_unnamed
-
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
-    with workspace_unnamed():
-        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
-    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
-    with workspace_unnamed():
-        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
-    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+def test_threads_come_busiest_first_whatever_their_order_in_the_samples():
+    raw = "\n".join(
+        [
+            "thread (2);backward (/w/r.py:5) 3",
+            "thread (3);pin (/w/p.py:1) 9",
+            "thread (4);f (/w/f.py:2) 1",
+        ]
+    )
+    assert [t["samples"] for t in summarize(raw, rate=100, steps=1)] == [9, 3, 1]

@@ -1,0 +1,111 @@
+"""CUBLAS_WORKSPACE_CONFIG and the host's time of a matrix product (bf16, LLaMA-2-7B's widths,
+a packed micro-batch), each experiment alone in its process (each changes its environment):
+
+    python benchmarks/workspace_config.py --named-later   # read at each product, or once?
+    python benchmarks/workspace_config.py --same-results  # the same bits named and unnamed?
+
+`finance_qlora.generation` names the variable for its deterministic generation; mm_host.py
+--operands-only, run with it named and unset, gives its cost. Results:
+<out>/workspace-config-<gpu>-<date>-<experiment>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.mm_host import host_us  # noqa: E402
+
+VARIABLE = "CUBLAS_WORKSPACE_CONFIG"
+
+
+def workspace_named_later(n: int = 2200) -> dict:
+    """Is CUBLAS_WORKSPACE_CONFIG read at each product, or once? The host's time a product as
+    the process started (named or not: `named_at_start`), then named in this process
+    (os.environ), then in a new thread (a new cuBLAS handle) while named, then unset, then in
+    a new thread again."""
+    weight = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(n, 4096, device="cuda", dtype=torch.bfloat16)
+    call = lambda: torch.mm(x, weight)  # noqa: E731
+    call()
+    result = {"named_at_start": VARIABLE in os.environ, "at_start_us": host_us(call, 50)}
+    os.environ[VARIABLE] = ":4096:8"
+    result["named_us"] = host_us(call, 50)
+
+    def in_thread(key: str) -> None:
+        call()
+        result[key] = host_us(call, 50)
+
+    thread = threading.Thread(target=in_thread, args=("named_new_thread_us",))
+    thread.start()
+    thread.join()
+    del os.environ[VARIABLE]
+    result["unset_again_us"] = host_us(call, 50)
+    thread = threading.Thread(target=in_thread, args=("unset_new_thread_us",))
+    thread.start()
+    thread.join()
+    return result
+
+
+def same_results() -> dict:
+    """Does naming the variable change what a product computes (cuBLAS's kernel choice)? Every
+    product shape of a 7B layer's QLoRA forward and backward (LoRA r=16; the base weights get no
+    gradient; the transposed operands as the backward passes them), at several token counts,
+    computed with it named, unnamed, named again: bit for bit equal or not."""
+    dev, dtype = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=dev, dtype=dtype, generator=g)
+
+    pairs = []
+    for n in (1531, 2200, 2987, 4096):
+        x, h, lora = rand(n, 4096), rand(n, 11008), rand(n, 16)
+        w, up, down = rand(4096, 4096), rand(4096, 11008), rand(11008, 4096)
+        a, b = rand(4096, 16), rand(16, 4096)
+        forward = [(x, w), (x, up), (h, down), (x, a), (lora, b)]
+        input_grads = [(x, w.t()), (h, up.t()), (x, down.t()), (lora, a.t()), (x, b.t())]
+        lora_weight_grads = [(x.t(), lora), (lora.t(), x)]
+        pairs += forward + input_grads + lora_weight_grads
+    results = {}
+    for named in (True, False, True):
+        if named:
+            os.environ[VARIABLE] = ":4096:8"
+        else:
+            os.environ.pop(VARIABLE, None)
+        results.setdefault(named, []).append([torch.mm(p, q) for p, q in pairs])
+    same = [torch.equal(u, v) for u, v in zip(results[True][0], results[False][0], strict=True)]
+    again = [torch.equal(u, v) for u, v in zip(results[True][0], results[True][1], strict=True)]
+    return {"products": len(pairs), "equal_named_unnamed": sum(same), "equal_again": sum(again)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--named-later", action="store_true")
+    which.add_argument("--same-results", action="store_true")
+    args = parser.parse_args()
+    experiment = "named-later" if args.named_later else "same-results"
+    gpu = torch.cuda.get_device_name(0).replace(" ", "-")
+    date = datetime.now(UTC).date().isoformat()
+    out = {"machine": gpu, "date": date, "command": " ".join(sys.argv), "torch": torch.__version__}
+    out[experiment] = workspace_named_later() if args.named_later else same_results()
+    print(experiment, out[experiment], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"workspace-config-{gpu}-{date}-{experiment}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
