@@ -14,7 +14,6 @@ Results: <out>/held-memory-<gpu>-<date><tag>.json.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import sys
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu_throughput import runner  # noqa: E402
 from benchmarks.variants import TRAIN_VARIANTS  # noqa: E402
-from benchmarks.workload import ARCHS, GIB, Setup, release  # noqa: E402
+from benchmarks.workload import GIB, Setup, one_variant_parser, release  # noqa: E402
 
 MIB = 1024**2
 
@@ -153,15 +152,8 @@ def cache_entries() -> dict[str, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--arch", choices=ARCHS, default="llama2-7b")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/finance-qlora-bench"))
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--variant", default="llama2-7b-h100", choices=TRAIN_VARIANTS)
+    parser = one_variant_parser(__doc__.splitlines()[0], TRAIN_VARIANTS)
     parser.add_argument("--trainings", type=int, default=4)
-    parser.add_argument("--tag", default="", help="added to the file's name: -before, -after")
-    parser.add_argument("--profile", default="", help="unused; Setup's runner reads it")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "a CUDA device is needed"
 

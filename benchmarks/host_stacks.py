@@ -16,7 +16,6 @@ repository gzipped). `python benchmarks/host_stacks.py --again RESULT.json` sums
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gzip
 import json
@@ -164,18 +163,11 @@ def main() -> None:
 
     from benchmarks.gpu_throughput import runner
     from benchmarks.variants import TRAIN_VARIANTS
-    from benchmarks.workload import ARCHS, Setup, release
+    from benchmarks.workload import Setup, one_variant_parser, release
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--arch", choices=ARCHS, default="llama2-7b")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/finance-qlora-bench"))
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--variant", default="llama2-7b-h100", choices=TRAIN_VARIANTS)
+    parser = one_variant_parser(__doc__.splitlines()[0], TRAIN_VARIANTS)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--rate", type=int, default=500, help="samples a second")
-    parser.add_argument("--tag", default="")
-    parser.add_argument("--profile", default="", help="unused; Setup's runner reads it")
     args = parser.parse_args()
     spy = shutil.which("py-spy")
     assert spy, "py-spy is needed: pip install py-spy"

@@ -30,6 +30,10 @@ from statistics import median
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.mm_switches import heuristics_cache_capacity  # noqa: E402
+
 WIDTHS = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 16), (16, 4096)]
 
 
@@ -82,20 +86,6 @@ def measure(tokens: list[int], fresh: list[int]) -> dict:
         "gpu_us_a_call": round(1e6 * done / 2000, 1),
     }
     return result
-
-
-def heuristics_cache_capacity() -> int | None:
-    """cuBLASLt's heuristics cache capacity (cublasLtHeuristicsCacheGetCapacity), from the
-    library torch loaded; None where it is not found."""
-    import ctypes
-
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        if "libcublasLt" in line:
-            lib = ctypes.CDLL(line.split()[-1])
-            capacity = ctypes.c_size_t()
-            lib.cublasLtHeuristicsCacheGetCapacity(ctypes.byref(capacity))
-            return capacity.value
-    return None
 
 
 def cycles(counts: list[int], start: int = 4001) -> dict:

@@ -5,6 +5,7 @@ context manager around one training run)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import cache
 
 import torch
 
@@ -44,6 +45,7 @@ def mm_timed():
             )
 
 
+@cache
 def cublaslt():
     """The cuBLASLt library this process loaded (ctypes), loading it first if needed."""
     import ctypes
@@ -56,23 +58,30 @@ def cublaslt():
     raise RuntimeError("libcublasLt is not loaded")
 
 
+def heuristics_cache_capacity() -> int:
+    """cuBLASLt's heuristics cache capacity (cublasLtHeuristicsCacheGetCapacity)."""
+    import ctypes
+
+    capacity = ctypes.c_size_t()
+    cublaslt().cublasLtHeuristicsCacheGetCapacity(ctypes.byref(capacity))
+    return capacity.value
+
+
 @contextmanager
 def heuristics_capacity(capacity: int = 65536):
     """cuBLASLt's heuristics cache (each matrix product's kernel choice, kept by shape; 8,192
     shapes by default) set to `capacity` for a run, then set back; with mm_timed."""
     import ctypes
 
-    lib, before = cublaslt(), ctypes.c_size_t()
-    lib.cublasLtHeuristicsCacheGetCapacity(ctypes.byref(before))
-    lib.cublasLtHeuristicsCacheSetCapacity(ctypes.c_size_t(capacity))
-    now = ctypes.c_size_t()
-    lib.cublasLtHeuristicsCacheGetCapacity(ctypes.byref(now))
-    assert now.value == capacity, f"cuBLASLt kept its heuristics cache at {now.value}"
+    before = heuristics_cache_capacity()
+    cublaslt().cublasLtHeuristicsCacheSetCapacity(ctypes.c_size_t(capacity))
+    now = heuristics_cache_capacity()
+    assert now == capacity, f"cuBLASLt kept its heuristics cache at {now}"
     try:
         with mm_timed():
             yield
     finally:
-        lib.cublasLtHeuristicsCacheSetCapacity(before)
+        cublaslt().cublasLtHeuristicsCacheSetCapacity(ctypes.c_size_t(before))
 
 
 @contextmanager

@@ -4,6 +4,7 @@ own train_adapter."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import statistics
 from collections.abc import Iterator
@@ -41,6 +42,21 @@ ARCHS = {
 }
 # the 7B layer twice: compiled layers compile one graph a layer class, as for 32
 ARCHS["llama2-7b-layers2"] = ARCHS["llama2-7b"] | {"num_hidden_layers": 2}
+
+
+def one_variant_parser(description: str, variants) -> argparse.ArgumentParser:
+    """The options of a tool that trains one of `variants` (benchmarks/variants.py) in one
+    process, as held_memory.py and host_stacks.py do; each adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--arch", choices=ARCHS, default="llama2-7b")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/finance-qlora-bench"))
+    results = Path(__file__).resolve().parent / "results"
+    parser.add_argument("--out", type=Path, default=results)
+    parser.add_argument("--variant", default="llama2-7b-h100", choices=variants)
+    parser.add_argument("--tag", default="", help="added to the file's name: -before, -after")
+    parser.add_argument("--profile", default="", help="unused; Setup's runner reads it")
+    return parser
 
 
 def build_model(arch: str, folder: Path, texts: list[str]) -> None:
