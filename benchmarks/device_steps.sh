@@ -225,17 +225,24 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
     python3 benchmarks/mm_host.py --out "$OUT"
     CUBLASLT_HEURISTICS_CACHE_CAPACITY=65536 python3 benchmarks/mm_host.py --out "$OUT" \
       --tag=-capacity65536 ;;
+  workspace-speed) # one GPU: the preset (the workspace variable away while it trains) in turn
+    # with it named as before, 5 runs each
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
+      --out "$OUT" --sections train --runs 5 --interleave --reference-rows 4 \
+      --variants llama2-7b-h100,llama2-7b-h100-workspace-named ;;
   mm-timed) # one GPU: the preset with each matrix product's host time recorded, in turn with
     # cuBLASLt's heuristics cache 8 times larger
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
       --out "$OUT" --sections train --runs 3 --interleave --reference-rows 4 \
       --variants llama2-7b-h100-mm-timed,llama2-7b-h100-heuristics-65536 ;;
-  workspace) # does naming CUBLAS_WORKSPACE_CONFIG (for the deterministic generation) change
-    # what a product computes (bit for bit, the layers' shapes)? then the preset as it is (the
-    # variable named, its products timed) in turn with it taken away while it trains
+  workspace) # does naming CUBLAS_WORKSPACE_CONFIG change what a product computes (bit for bit,
+    # the layers' shapes)? its GPU tests (a deterministic generation after a training without
+    # it); then the preset (the variable away while it trains, finance_qlora.cublas_workspace)
+    # in turn with it named as before, untimed and with the products' host time recorded
     python3 benchmarks/workspace_config.py --out "$OUT" --same-results
+    CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -p no:cacheprovider tests/test_cublas_workspace.py
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu_throughput.py --data $DATA --work /tmp/bench \
-      --out "$OUT" --sections train --runs 3 --interleave --reference-rows 4 \
-      --variants llama2-7b-h100-mm-timed,llama2-7b-h100-workspace-unnamed ;;
+      --out "$OUT" --sections train --runs 3 --interleave --reference-rows 4 --variants \
+      llama2-7b-h100,llama2-7b-h100-workspace-named,llama2-7b-h100-mm-timed,llama2-7b-h100-mm-timed-workspace-named ;;
   *) echo "unknown step $1"; exit 2 ;;
 esac

@@ -1,6 +1,6 @@
 """Switches around the compiled layers' matrix products, for benchmarks/variants.py: their host
-time recorded, cuBLASLt's heuristics cache resized, CUBLAS_WORKSPACE_CONFIG taken away (each a
-context manager around one training run)."""
+time recorded, cuBLASLt's heuristics cache resized, CUBLAS_WORKSPACE_CONFIG left named in the
+training as before (each a context manager around one training run)."""
 
 from __future__ import annotations
 
@@ -85,27 +85,19 @@ def heuristics_capacity(capacity: int = 65536):
 
 
 @contextmanager
-def workspace_unnamed():
-    """CUBLAS_WORKSPACE_CONFIG taken away for a run, then named again as it was. torch reads the
-    variable once for its deterministic algorithms, at the process's first matrix product (a
-    C++ static): one product is made first while it is named, so a deterministic generation
-    later in the process still finds it was. Something reads it at every product (the host's
-    time a product follows it: workspace_config.py --named-later), so the runs' products do not
-    pay for it. Does nothing where it is unset. Where the variable sets the size of torch's cuBLAS
-    workspace, taking it away leaves torch's default: the same 32 MiB as `:4096:8` on Hopper and
-    later cards, less on older ones."""
-    import os
+def workspace_named(timed: bool = False):
+    """The training with CUBLAS_WORKSPACE_CONFIG left named (as until 2026-11-30: each of its
+    products then parses it, finance_qlora.cublas_workspace), its products' host time recorded
+    where `timed`; then as it was."""
+    from contextlib import nullcontext
 
-    value = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    if value is None:
-        yield
-        return
-    if torch.cuda.is_available():
-        probe = torch.ones(8, 8, device="cuda", dtype=torch.bfloat16)
-        torch.mm(probe, probe)
-    del os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    from finance_qlora import cublas_workspace
+
+    before = cublas_workspace.UNNAMED_IN_TRAINING
+    cublas_workspace.UNNAMED_IN_TRAINING = False
+    cublas_workspace.name()
     try:
-        with mm_timed():
+        with mm_timed() if timed else nullcontext():
             yield
     finally:
-        os.environ["CUBLAS_WORKSPACE_CONFIG"] = value
+        cublas_workspace.UNNAMED_IN_TRAINING = before

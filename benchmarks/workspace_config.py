@@ -3,6 +3,7 @@ a packed micro-batch), each experiment alone in its process (each changes its en
 
     python benchmarks/workspace_config.py --named-later   # read at each product, or once?
     python benchmarks/workspace_config.py --same-results  # the same bits named and unnamed?
+    python benchmarks/workspace_config.py --deterministic-check  # when does torch refuse?
 
 `finance_qlora.generation` names the variable for its deterministic generation; mm_host.py
 --operands-only, run with it named and unset, gives its cost. Results:
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import threading
 from datetime import UTC, datetime
@@ -88,18 +90,64 @@ def same_results() -> dict:
     return {"products": len(pairs), "equal_named_unnamed": sum(same), "equal_again": sum(again)}
 
 
+# each case in a fresh process: what happens to the variable before the deterministic product
+CASES = {
+    "never_named": "",
+    "first_product_unnamed_then_named": "torch.mm(x, x); os.environ[V] = ':4096:8'",
+    "first_product_named_then_unnamed": (
+        "os.environ[V] = ':4096:8'; torch.mm(x, x); del os.environ[V]"
+    ),
+    "named_before_the_first_product": "os.environ[V] = ':4096:8'",
+}
+CASE_CODE = """
+import os, torch
+V = "CUBLAS_WORKSPACE_CONFIG"
+x = torch.randn(64, 64, device="cuda", dtype=torch.{dtype})
+{setup}
+torch.use_deterministic_algorithms(True)
+try:
+    torch.mm(x, x)
+    torch.cuda.synchronize()
+    print("ran")
+except RuntimeError as error:
+    print("refused: " + str(error).splitlines()[0][:160])
+"""
+
+
+def deterministic_check() -> dict:
+    """Does torch refuse a product under deterministic algorithms for want of the variable, and
+    does it read it once (at the process's first product) or at each? Each case in a fresh
+    process that starts without it."""
+    env = {k: v for k, v in os.environ.items() if k != VARIABLE}
+    result = {}
+    for dtype in ("bfloat16", "float16", "float32"):
+        for case, setup in CASES.items():
+            code = CASE_CODE.format(dtype=dtype, setup=setup)
+            done = subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True
+            )
+            result[f"{dtype}.{case}"] = done.stdout.strip() or done.stderr.strip()[-300:]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--named-later", action="store_true")
     which.add_argument("--same-results", action="store_true")
+    which.add_argument("--deterministic-check", action="store_true")
     args = parser.parse_args()
-    experiment = "named-later" if args.named_later else "same-results"
+    experiments = {
+        "named-later": workspace_named_later,
+        "same-results": same_results,
+        "deterministic-check": deterministic_check,
+    }
+    experiment = next(e for e in experiments if getattr(args, e.replace("-", "_")))
     gpu = torch.cuda.get_device_name(0).replace(" ", "-")
     date = datetime.now(UTC).date().isoformat()
     out = {"machine": gpu, "date": date, "command": " ".join(sys.argv), "torch": torch.__version__}
-    out[experiment] = workspace_named_later() if args.named_later else same_results()
+    out[experiment] = experiments[experiment]()
     print(experiment, out[experiment], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"workspace-config-{gpu}-{date}-{experiment}.json"

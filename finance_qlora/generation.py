@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,6 +14,7 @@ from typing import NamedTuple
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from finance_qlora import cublas_workspace
 from finance_qlora.config import GenerationSettings
 from finance_qlora.decode_attention import decode_kernel
 from finance_qlora.decode_graphs import decode_graphs
@@ -23,11 +23,8 @@ from finance_qlora.modeling import release_memory, stop_token_ids
 
 log = logging.getLogger(__name__)
 # cuBLAS's workspace for reproducible matmuls (`reproducible`), named before the process's first
-# matmul, when torch checks it once; the size of its default on an H100/H200 (32 MiB). While it
-# is named, each matmul costs the host about 28 us more in a bare process (an H200, torch 2.11;
-# in training: not measured yet; benchmarks/README.md, "Where the host's time goes in a warm
-# step").
-os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+# matmul, when torch checks it once (finance_qlora.cublas_workspace; training takes it away)
+cublas_workspace.name()
 
 
 class Generated(NamedTuple):
@@ -143,14 +140,14 @@ def decoding(generation: GenerationSettings) -> dict:
 def reproducible(enabled: bool, device: torch.device) -> Iterator[None]:
     """torch's deterministic algorithms on a CUDA device while it lasts, then the process's
     own setting again. Strict, not warn-only: memory-efficient attention (the kernel for
-    left-padded batches) takes its reproducible path only then. torch refuses a matmul in
-    this mode unless cuBLAS's workspace is named (set when this module is imported)."""
+    left-padded batches) takes its reproducible path only then. Older torch versions refuse a
+    matmul in this mode unless cuBLAS's workspace is named (finance_qlora.cublas_workspace)."""
     if not enabled or device.type != "cuda":
         yield
         return
     before = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    cublas_workspace.name()
     torch.use_deterministic_algorithms(True)
     try:
         yield

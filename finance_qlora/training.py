@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from finance_qlora import compile_cache, heap
+from finance_qlora import compile_cache, cublas_workspace, heap
 from finance_qlora.config import LoraSettings, ModelConfig, TrainSettings
 from finance_qlora.errors import ConfigError, TrainingError
 from finance_qlora.files import atomic_dir, fingerprint, read_jsonl
@@ -371,7 +371,8 @@ def train_in_process(
         )
         started = time.perf_counter()
         try:
-            with uncast_adapter_inputs(trainer):
+            # the steps' products do not parse cuBLAS's workspace variable (cublas_workspace)
+            with uncast_adapter_inputs(trainer), cublas_workspace.unnamed(trainer.args.device):
                 trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             seconds = time.perf_counter() - started
             final = out_dir / FINAL

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch._inductor.select_algorithm import extern_kernels
 
-from benchmarks.mm_switches import mm_timed, workspace_unnamed
+from benchmarks.mm_switches import mm_timed, workspace_named
+from finance_qlora import cublas_workspace
 
 
 def test_timing_the_layers_matrix_products_changes_no_result_and_puts_torch_back(capsys):
@@ -27,27 +28,23 @@ def test_timing_the_layers_matrix_products_changes_no_result_and_puts_torch_back
     assert "mm host: 2 calls" in printed and "2 shapes" in printed
 
 
-def test_the_workspace_variable_is_away_for_the_run_only(monkeypatch, capsys):
-    """workspace_unnamed: CUBLAS_WORKSPACE_CONFIG (which the deterministic generation needs
-    named) is gone while the run trains and named again after; a process that never named it is
-    left alone."""
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
-    with workspace_unnamed():
-        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
-    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
-    with workspace_unnamed():
-        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
-    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+def test_the_workspace_variable_stays_named_in_the_run_only(monkeypatch):
+    """workspace_named: the training leaves CUBLAS_WORKSPACE_CONFIG named (as before), for the
+    run it wraps only."""
+    monkeypatch.delenv(cublas_workspace.VARIABLE, raising=False)
+    assert cublas_workspace.UNNAMED_IN_TRAINING
+    with workspace_named():
+        assert not cublas_workspace.UNNAMED_IN_TRAINING
+        assert os.environ[cublas_workspace.VARIABLE] == cublas_workspace.VALUE
+    assert cublas_workspace.UNNAMED_IN_TRAINING
 
 
-def test_a_failed_run_puts_the_products_and_the_workspace_variable_back(monkeypatch):
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+def test_a_failed_run_puts_the_products_and_the_training_back():
     before = extern_kernels.mm
-    with pytest.raises(RuntimeError), workspace_unnamed():
-        assert extern_kernels.mm is not before  # the run's products are timed too
+    with pytest.raises(RuntimeError), workspace_named(timed=True):
+        assert extern_kernels.mm is not before  # the run's products are timed
         raise RuntimeError("out of memory")
-    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert cublas_workspace.UNNAMED_IN_TRAINING
     assert extern_kernels.mm is before
     with pytest.raises(RuntimeError), mm_timed():
         raise RuntimeError("out of memory")

@@ -242,6 +242,7 @@ def test_every_benchmark_variant_is_a_configuration_at_the_recipes_schedule():
         "llama2-7b-h100-guards-skipped",  # a diagnostic of dynamo's guards
         "llama2-7b-h100-mm-timed",  # diagnostics of the matrix products' host time
         "llama2-7b-h100-heuristics-65536",
-        "llama2-7b-h100-workspace-unnamed",
+        "llama2-7b-h100-workspace-named",  # the workspace variable named while it trains
+        "llama2-7b-h100-mm-timed-workspace-named",
     }
     assert compiled == {n for n in TRAIN_VARIANTS if "compiled" in n or n in preset}
