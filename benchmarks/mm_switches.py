@@ -4,6 +4,7 @@ training as before (each a context manager around one training run)."""
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from functools import cache
 
@@ -93,7 +94,7 @@ def workspace_named(timed: bool = False):
 
     from finance_qlora import cublas_workspace
 
-    before = cublas_workspace.UNNAMED_IN_TRAINING
+    before, value = cublas_workspace.UNNAMED_IN_TRAINING, os.environ.get(cublas_workspace.VARIABLE)
     cublas_workspace.UNNAMED_IN_TRAINING = False
     cublas_workspace.name()
     try:
@@ -101,3 +102,5 @@ def workspace_named(timed: bool = False):
             yield
     finally:
         cublas_workspace.UNNAMED_IN_TRAINING = before
+        if value is None:
+            os.environ.pop(cublas_workspace.VARIABLE, None)

@@ -74,7 +74,9 @@ TRAIN_VARIANTS["llama2-7b-h100-registry-as-before"] = TRAIN_VARIANTS["llama2-7b-
 # a diagnostic: the preset with dynamo's guards left unchecked at each compiled layer's call
 TRAIN_VARIANTS["llama2-7b-h100-guards-skipped"] = TRAIN_VARIANTS["llama2-7b-h100"]
 # diagnostics: the preset with the host's time of each matrix product the compiled layers call
-# recorded (mm_timed), and the same with cuBLASLt's heuristics cache 8 times its default
+# recorded (mm_timed), and the same with cuBLASLt's heuristics cache 8 times its default (both
+# train without CUBLAS_WORKSPACE_CONFIG since 2026-11-30, as the preset does; their committed
+# results had it named: -mm-timed-workspace-named)
 TRAIN_VARIANTS["llama2-7b-h100-mm-timed"] = TRAIN_VARIANTS["llama2-7b-h100"]
 TRAIN_VARIANTS["llama2-7b-h100-heuristics-65536"] = TRAIN_VARIANTS["llama2-7b-h100"]
 # the preset with CUBLAS_WORKSPACE_CONFIG left named while it trains (as until 2026-11-30,

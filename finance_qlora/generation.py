@@ -23,7 +23,8 @@ from finance_qlora.modeling import release_memory, stop_token_ids
 
 log = logging.getLogger(__name__)
 # cuBLAS's workspace for reproducible matmuls (`reproducible`), named before the process's first
-# matmul, when torch checks it once (finance_qlora.cublas_workspace; training takes it away)
+# matmul, when older torch versions check it once (finance_qlora.cublas_workspace; training
+# takes it away)
 cublas_workspace.name()
 
 

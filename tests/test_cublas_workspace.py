@@ -19,22 +19,45 @@ from finance_qlora.cublas_workspace import VARIABLE, unnamed
 CUDA = torch.device("cuda", 0)
 
 
+@pytest.fixture(autouse=True)
+def fresh_state(monkeypatch):
+    """No training inside `unnamed` left over from another test."""
+    monkeypatch.setattr(cublas_workspace, "_depth", 0)
+    monkeypatch.setattr(cublas_workspace, "_taken", None)
+
+
 @pytest.fixture
 def probes(monkeypatch) -> list:
-    """The variable as each first product (torch's once-only check) saw it; no GPU needed."""
+    """The variable as each first product (torch's once-only check) saw it, on a card whose
+    default workspace is the size the project names (an H100/H200); no GPU needed."""
     seen = []
     monkeypatch.setattr(
         cublas_workspace, "first_product", lambda device: seen.append(os.environ.get(VARIABLE))
     )
+    monkeypatch.setattr(cublas_workspace, "default_is_named_size", lambda device: True)
     return seen
 
 
 def test_a_cuda_training_runs_without_the_variable_after_one_product_with_it(monkeypatch, probes):
-    monkeypatch.setenv(VARIABLE, ":16:8")  # the user's value
+    monkeypatch.setenv(VARIABLE, ":4096:8")
     with unnamed(CUDA):
         assert VARIABLE not in os.environ
-    assert probes == [":16:8"]  # torch's check saw it named
-    assert os.environ[VARIABLE] == ":16:8"
+    assert probes == [":4096:8"]  # torch's check saw it named
+    assert os.environ[VARIABLE] == ":4096:8"
+
+
+def test_it_stays_where_its_size_is_not_torchs_default(monkeypatch, probes):
+    """torch tells cuBLAS the size the variable gives at each product, but sized each buffer
+    once: where taking it away changes that size (the user's own value, a card whose default is
+    another size), it stays named."""
+    monkeypatch.setenv(VARIABLE, ":16:8")  # the user's value
+    with unnamed(CUDA):
+        assert os.environ[VARIABLE] == ":16:8"
+    monkeypatch.setenv(VARIABLE, ":4096:8")
+    monkeypatch.setattr(cublas_workspace, "default_is_named_size", lambda device: False)
+    with unnamed(CUDA):
+        assert os.environ[VARIABLE] == ":4096:8"
+    assert probes == []
 
 
 def test_the_cpu_a_process_that_never_named_it_and_the_benchmarks_switch_leave_it(
@@ -66,21 +89,33 @@ def test_overlapping_trainings_give_it_back_when_the_last_ends(monkeypatch, prob
     monkeypatch.setenv(VARIABLE, ":4096:8")
     inside, release = threading.Event(), threading.Event()
 
-    def other() -> None:
+    def first() -> None:
         with unnamed(CUDA):
             inside.set()
             release.wait(10)
 
-    thread = threading.Thread(target=other)
+    thread = threading.Thread(target=first)
     thread.start()
-    inside.wait(10)
+    assert inside.wait(10)
     with unnamed(CUDA):
-        pass
-    assert VARIABLE not in os.environ  # the other training still runs
-    release.set()
-    thread.join()
+        release.set()
+        thread.join()  # the first training ended
+        assert VARIABLE not in os.environ  # this one still runs
     assert os.environ[VARIABLE] == ":4096:8"
     assert len(probes) == 1
+
+
+def test_a_generation_during_a_training_leaves_it_away_until_the_training_ends(monkeypatch, probes):
+    """`reproducible` names the variable (`name()`); inside a training that took it away, the
+    training names it again when it ends instead."""
+    monkeypatch.setenv(VARIABLE, ":4096:8")
+    with unnamed(CUDA):
+        cublas_workspace.name()
+        assert VARIABLE not in os.environ
+    assert os.environ[VARIABLE] == ":4096:8"
+    monkeypatch.delenv(VARIABLE)
+    cublas_workspace.name()
+    assert os.environ[VARIABLE] == cublas_workspace.VALUE
 
 
 @pytest.mark.slow
@@ -127,23 +162,26 @@ def run_on_gpu(code: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_deterministic_generation_after_a_training_without_it():
-    """On a GPU, in a fresh process: after a training's products made without the variable, a
-    product under torch's deterministic algorithms runs, and the variable is named again.
-    (torch 2.11 runs it even where the variable was never named, measured on an H200; older
-    versions check it once, at the first product, which `unnamed` makes while it is named.)"""
+def test_on_a_gpu_a_deterministic_product_runs_after_a_training_without_it():
+    """On a GPU, in a fresh process: on a card whose default workspace is the named size (an
+    H100/H200) the variable is away while a training's products run, then named again, and a
+    product under torch's deterministic algorithms runs. The first product's part it cannot
+    show: torch 2.11 runs that product even where the variable was never named
+    (benchmarks/workspace_config.py --deterministic-check, an H200)."""
     code = f"""
 import os, torch
 from finance_qlora import cublas_workspace
 from finance_qlora.generation import reproducible
-x = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
-with cublas_workspace.unnamed(torch.device("cuda", 0)):
-    assert "{VARIABLE}" not in os.environ
+cuda = torch.device("cuda", 0)
+x = torch.randn(64, 64, device=cuda, dtype=torch.bfloat16)
+with cublas_workspace.unnamed(cuda):
+    away = "{VARIABLE}" not in os.environ
     torch.mm(x, x)  # a training's product
+assert away == cublas_workspace.default_is_named_size(cuda), away
 assert os.environ["{VARIABLE}"] == "{cublas_workspace.VALUE}"
-with reproducible(True, torch.device("cuda", 0)):
+with reproducible(True, cuda):
     torch.mm(x, x)
-print("deterministic product ran")
+print("away" if away else "named", "in training; deterministic product ran")
 """
     done = run_on_gpu(code)
     assert done.returncode == 0, done.stderr[-2000:]

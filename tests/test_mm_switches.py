@@ -37,6 +37,7 @@ def test_the_workspace_variable_stays_named_in_the_run_only(monkeypatch):
         assert not cublas_workspace.UNNAMED_IN_TRAINING
         assert os.environ[cublas_workspace.VARIABLE] == cublas_workspace.VALUE
     assert cublas_workspace.UNNAMED_IN_TRAINING
+    assert cublas_workspace.VARIABLE not in os.environ  # as it was
 
 
 def test_a_failed_run_puts_the_products_and_the_training_back():
