@@ -237,9 +237,10 @@ print(torch.__version__, triton.__version__, prefect.__version__, bitsandbytes._
       --out "$OUT" --sections train --runs 3 --interleave --reference-rows 4 \
       --variants llama2-7b-h100-mm-timed,llama2-7b-h100-heuristics-65536 ;;
   workspace) # does naming CUBLAS_WORKSPACE_CONFIG change what a product computes (bit for bit,
-    # the layers' shapes)? does torch refuse a deterministic product without it? its GPU tests (a deterministic generation after a training without
-    # it); then the preset (the variable away while it trains, finance_qlora.cublas_workspace)
-    # in turn with it named as before, untimed and with the products' host time recorded
+    # the layers' shapes)? does torch refuse a deterministic product without it? its GPU tests
+    # (a deterministic generation after a training without it); then the preset (the variable
+    # away while it trains, finance_qlora.cublas_workspace) in turn with it named as before,
+    # untimed and with the products' host time recorded
     python3 benchmarks/workspace_config.py --out "$OUT" --same-results
     python3 benchmarks/workspace_config.py --out "$OUT" --deterministic-check
     CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -p no:cacheprovider tests/test_cublas_workspace.py

@@ -17,8 +17,9 @@ runs in turn (benchmarks/README.md, "The training without CUBLAS_WORKSPACE_CONFI
 where that leaves torch's workspace the same size: torch sizes each (handle, stream)'s buffer
 once, at its first product, but tells cuBLAS the size the variable gives at every product, so
 a size that changed could let cuBLAS write past a buffer. That is our `:4096:8` (32 MiB) on a
-compute capability 9.0 card (H100, H200), where torch's default has been 32 MiB since 2.0; on
-other cards, under ROCm, or with a value of the user's own, the variable stays named. Before
+compute capability 9.0 card (H100, H200), where torch's default has been 32 MiB since 2.0
+(pytorch PR 91564); on other cards, under ROCm, or with a value of the user's own, the variable
+stays named. Before
 taking it away it makes one product while it is named, so an older torch's once-only check has
 passed and a later deterministic generation in the process still runs. Every product shape of
 a 7B layer's QLoRA forward and backward, at four token counts, computed the same bits with and
