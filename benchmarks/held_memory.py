@@ -15,11 +15,9 @@ Results: <out>/held-memory-<gpu>-<date><tag>.json.
 from __future__ import annotations
 
 import gc
-import json
 import sys
 import types
 from collections import defaultdict
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu_throughput import runner  # noqa: E402
+from benchmarks.result_file import result_path, stamp, write_json  # noqa: E402
 from benchmarks.variants import TRAIN_VARIANTS  # noqa: E402
 from benchmarks.workload import GIB, Setup, one_variant_parser, release  # noqa: E402
 
@@ -193,21 +192,12 @@ def main() -> None:
         )
         before = after
     torch.cuda.memory._record_memory_history(enabled=None)
-    gpu = torch.cuda.get_device_name(0).replace(" ", "-")
-    date = datetime.now(UTC).date().isoformat()
-    result = {
-        "machine": gpu,
-        "date": date,
-        "command": " ".join(sys.argv),
+    result = stamp() | {
         "variant": args.variant,
         "settings": TRAIN_VARIANTS[args.variant],
-        "torch": torch.__version__,
         "trainings": trainings,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"held-memory-{gpu}-{date}{args.tag}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(path)
+    print(write_json(result_path(args.out, "held-memory", result, args.tag), result))
 
 
 if __name__ == "__main__":

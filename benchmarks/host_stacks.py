@@ -28,11 +28,12 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.result_file import result_path, stamp, write_json  # noqa: E402
 
 FRAME = re.compile(r"^(?P<function>.*) \((?P<file>.*):(?P<line>\d+)\)$")
 PR_SET_PTRACER, PR_SET_PTRACER_ANY = 0x59616D61, -1
@@ -136,14 +137,14 @@ def allow_tracing() -> None:
         pass
 
 
-def summarize_again(result_path: Path) -> None:
+def summarize_again(kept: Path) -> None:
     """Sum a kept result's raw samples again (after a change to summarize), keeping the source
     lines it read on its own machine where this one lacks the files."""
-    result = json.loads(result_path.read_text())
+    result = json.loads(kept.read_text())
     sources = {
         row["at"]: row["source"] for t in result["threads"] for row in t["self"] if row["source"]
     }
-    raw = result_path.with_suffix(".txt")
+    raw = kept.with_suffix(".txt")
     text = (
         gzip.decompress(raw.with_suffix(".txt.gz").read_bytes()).decode()
         if not raw.exists()
@@ -153,13 +154,12 @@ def summarize_again(result_path: Path) -> None:
     for thread in result["threads"]:
         for row in thread["self"]:
             row["source"] = row["source"] or sources.get(row["at"], "")
-    result_path.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(kept, result)
 
 
 def main() -> None:
     if sys.argv[1:2] == ["--again"]:
         return summarize_again(Path(sys.argv[2]))
-    import torch
 
     from benchmarks.gpu_throughput import runner
     from benchmarks.variants import TRAIN_VARIANTS
@@ -176,10 +176,8 @@ def main() -> None:
     run = runner(setup, args.variant, setup.config(train=TRAIN_VARIANTS[args.variant]), None)
     warm = run("warmup")
     release()
-    gpu = torch.cuda.get_device_name(0).replace(" ", "-") if torch.cuda.is_available() else "cpu"
-    date = datetime.now(UTC).date().isoformat()
-    args.out.mkdir(parents=True, exist_ok=True)
-    raw_path = args.out / f"host-stacks-{gpu}-{date}{args.tag}.txt"
+    stamped = stamp()
+    raw_path = result_path(args.out, "host-stacks", stamped, args.tag, suffix=".txt")
     allow_tracing()
     record = [spy, "record", "--pid", str(os.getpid()), "--rate", str(args.rate)]
     record += ["--format", "raw", "--threads", "--nonblocking", "--full-filenames"]
@@ -195,13 +193,9 @@ def main() -> None:
         spying.send_signal(signal.SIGINT)
         spying.wait(timeout=120)
     steps = sum(t["steps"] for t in timed)
-    result = {
-        "machine": gpu,
-        "date": date,
-        "command": " ".join(sys.argv),
+    result = stamped | {
         "variant": args.variant,
         "settings": TRAIN_VARIANTS[args.variant],
-        "torch": torch.__version__,
         "rate": args.rate,
         "steps_sampled": steps,
         "train_seconds": [t["seconds"] for t in timed],
@@ -211,8 +205,7 @@ def main() -> None:
         "window_seconds": round(window, 2),
         "threads": summarize(raw_path.read_text(), args.rate, steps),
     }
-    path = raw_path.with_suffix(".json")
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = write_json(raw_path.with_suffix(".json"), result)
     keep_compiled_code(result["threads"], raw_path.with_suffix(""))
     for thread in result["threads"][:3]:
         print(thread["thread"], thread["busy_ms_a_step"], "ms a step")

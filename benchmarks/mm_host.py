@@ -24,7 +24,6 @@ import argparse
 import json
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from statistics import median
 
@@ -33,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.mm_switches import heuristics_cache_capacity  # noqa: E402
+from benchmarks.result_file import result_path, stamp, write_json  # noqa: E402
 
 WIDTHS = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 16), (16, 4096)]
 
@@ -189,10 +189,8 @@ def main() -> None:
     torch.manual_seed(0)
     tokens = list(range(2048, 2048 + 40 * 7, 7))  # 40 token counts, met before
     fresh = list(range(3001, 3001 + 40 * 11, 11))  # 40 more, each new when timed
-    gpu = torch.cuda.get_device_name(0).replace(" ", "-")
-    date = datetime.now(UTC).date().isoformat()
-    out = {"machine": gpu, "date": date, "command": " ".join(sys.argv)}
-    out["torch"], out["cuda"] = torch.__version__, torch.version.cuda
+    out = stamp()
+    out["cuda"] = torch.version.cuda
     default = torch.backends.cuda.preferred_blas_library()
     out["default_blas"] = str(default)
     out["operands"] = operands()
@@ -208,10 +206,7 @@ def main() -> None:
     if not args.operands_only:
         out["cycle_second_pass_us"] = cycles([64, 512, 2048, 6144, 12288])
         print(out["heuristics_cache_capacity"], out["cycle_second_pass_us"], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"mm-host-{gpu}-{date}{args.tag}.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(path)
+    print(write_json(result_path(args.out, "mm-host", out, args.tag), out))
 
 
 if __name__ == "__main__":

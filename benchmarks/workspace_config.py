@@ -13,12 +13,10 @@ a packed micro-batch), each experiment alone in its process (each changes its en
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.mm_host import host_us  # noqa: E402
+from benchmarks.result_file import result_path, stamp, write_json  # noqa: E402
 
 VARIABLE = "CUBLAS_WORKSPACE_CONFIG"
 
@@ -144,15 +143,10 @@ def main() -> None:
         "deterministic-check": deterministic_check,
     }
     experiment = next(e for e in experiments if getattr(args, e.replace("-", "_")))
-    gpu = torch.cuda.get_device_name(0).replace(" ", "-")
-    date = datetime.now(UTC).date().isoformat()
-    out = {"machine": gpu, "date": date, "command": " ".join(sys.argv), "torch": torch.__version__}
+    out = stamp()
     out[experiment] = experiments[experiment]()
     print(experiment, out[experiment], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"workspace-config-{gpu}-{date}-{experiment}.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(path)
+    print(write_json(result_path(args.out, "workspace-config", out, f"-{experiment}"), out))
 
 
 if __name__ == "__main__":
